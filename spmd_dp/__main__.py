@@ -1,0 +1,14 @@
+"""`python -m spmd_dp` / `torchrun ... -m spmd_dp`: see spmd_dp/cli.py and spmd_dp/run.py."""
+
+import os
+import sys
+
+from spmd_dp.cli import main
+
+if __name__ == "__main__":  # vLLM spawns its engine process: this module must be import-safe
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if code != 0:
+        os._exit(code)  # a peer may be gone mid-collective: never wait on it at interpreter exit
+    sys.exit(code)

@@ -1,0 +1,84 @@
+"""The command line: `python -m spmd_dp [options] [key=value ...]` (also under torchrun or srun).
+
+Options: `--cfg job` prints the resolved config and exits; `-cn/--config-name`
+and `-cp/--config-path` pick another YAML file (Hydra's flags); everything else
+is a Hydra override. Exit codes: 0 success, 2 bad config/input/environment
+(one line on stderr, before a model loads), 1 any other failure.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from typing import List, Optional, Sequence
+
+from spmd_dp.config import load_config, to_yaml
+from spmd_dp.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, RunFailure, UsageError
+from spmd_dp.log import logger, setup_logging
+
+USAGE = """usage: torchrun --nproc-per-node=N -m spmd_dp [--cfg job] [-cn NAME] [-cp DIR] [key=value ...]
+       python -m spmd_dp [...]                      (one process)
+
+Runs vLLM offline batch inference over ${data_dir}/${input_data_path} on every rank
+and writes ${output_dir}/${name}.jsonl. Overrides are Hydra's: batch_size=64,
+engine_options.gpus_per_dp_rank=2, +engine_options.vllm_kwargs.enforce_eager=true.
+  --cfg job          print the resolved config and exit
+  -cn, --config-name NAME   use conf/NAME.yaml (default: config)
+  -cp, --config-path DIR    look for the config in DIR (default: the conf/ of spmd_dp)
+"""
+
+
+def _parse(argv: Sequence[str]) -> tuple[List[str], Optional[str], str, Optional[str]]:
+    overrides: List[str] = []
+    cfg_what, name, path = None, "config", None
+    it = iter(argv)
+    for arg in it:
+        flag, eq, val = arg.partition("=")
+        if arg in ("-h", "--help"):
+            raise SystemExit(print(USAGE) or EXIT_OK)
+        if flag in ("--cfg", "-c", "--config-name", "-cn", "--config-path", "-cp"):
+            value = val if eq else next(it, None)
+            if value is None:
+                raise UsageError(f"usage error: {flag} needs a value; see --help")
+            if flag in ("--cfg", "-c"):
+                if value != "job":
+                    raise UsageError(f"usage error: --cfg {value}: only --cfg job is supported")
+                cfg_what = value
+            elif flag in ("--config-name", "-cn"):
+                name = value.removesuffix(".yaml")
+            else:
+                path = value
+        elif arg.startswith("-"):
+            raise UsageError(f"usage error: unknown option {arg}; options are --cfg job, -cn NAME, -cp DIR "
+                             f"(config values are key=value overrides)")
+        else:
+            overrides.append(arg)
+    return overrides, cfg_what, name, path
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    setup_logging()
+    try:
+        overrides, cfg_what, name, path = _parse(sys.argv[1:] if argv is None else argv)
+        cfg = load_config(overrides, config_name=name, config_dir=path)
+        if cfg_what == "job":
+            print(to_yaml(cfg), end="")
+            return EXIT_OK
+        from spmd_dp.run import run  # torch is imported only for a real run
+
+        return run(cfg)
+    except UsageError as e:
+        if str(e):
+            print(f"spmd_dp: {e}", file=sys.stderr, flush=True)
+        return EXIT_USAGE
+    except RunFailure as e:
+        logger.error("%s", e)
+        print(f"spmd_dp: error: {e}", file=sys.stderr, flush=True)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        print("spmd_dp: interrupted; rerun with the same output_dir to resume", file=sys.stderr, flush=True)
+        return 130
+    except Exception as e:  # a bug or an engine crash: keep the traceback for the report
+        traceback.print_exc()
+        print(f"spmd_dp: error: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        return EXIT_FAILURE

@@ -1,0 +1,251 @@
+"""The run's configuration: typed dataclasses (the schema), Hydra composition, validation.
+
+Key names and defaults are those of the seed documents (seed 000's text_prompt
+node and engine options). `load_config(overrides)` composes `conf/<name>.yaml`
+over the schema with Hydra's compose API, applies the overrides, and returns a
+validated `RunConfig`; every mistake becomes a one-line `UsageError`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+from spmd_dp.errors import UsageError
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+ASSETS_DIR = PACKAGE_DIR / "assets"
+
+ENGINES = ("vllm_dp", "echo")
+SCHEDULES = ("dynamic", "static")
+DEVICES = ("auto", "cuda", "cpu")
+OUTPUT_FORMATS = ("jsonl",)
+ON_BAD_RECORD = ("fail",)
+DEFAULT_MODEL = "spmd-dp/tiny-llama"
+
+
+@dataclass
+class EngineOptions:
+    # seed 000, "Engine Options"
+    data_parallel_size: Optional[int] = None  # null: WORLD_SIZE; when set it must equal WORLD_SIZE
+    gpus_per_dp_rank: int = 1  # = vLLM tensor_parallel_size inside a rank
+    dp_master_ip: str = "127.0.0.1"
+    dp_master_port: Optional[int] = None  # null: chosen for you
+    enable_data_parallel: bool = True
+    disable_progress_bars: bool = True
+    # seed 000, "Additional vLLM parameters"
+    trust_remote_code: bool = False
+    gpu_memory_utilization: float = 0.9
+    max_model_len: Optional[int] = None
+    dtype: str = "auto"
+    # more engine arguments
+    max_num_seqs: Optional[int] = None  # null: vLLM's default
+    vllm_kwargs: Dict[str, Any] = field(default_factory=dict)  # any other vllm.LLM(...) argument
+    # the device slice of a rank
+    device: str = "auto"  # auto | cuda | cpu
+    cpu_cores_per_dp_rank: Optional[int] = None  # CPU only; null: the node's cores / ranks per node
+    cpu_kvcache_space_gib: Optional[float] = None  # CPU only; null: $VLLM_CPU_KVCACHE_SPACE or 1
+    # the echo engine (inference_engine=echo): a dry run with no model
+    echo_delay_s: float = 0.0  # seconds slept per word returned
+    echo_fail_ranks: List[int] = field(default_factory=list)  # fault injection: engine start fails here
+
+
+@dataclass
+class GenerationOptions:
+    """vLLM SamplingParams. Fields left null are not passed (vLLM's default applies)."""
+
+    temperature: Optional[float] = 0.7
+    top_p: Optional[float] = None
+    top_k: Optional[int] = None
+    min_p: Optional[float] = None
+    max_tokens: int = 512
+    min_tokens: Optional[int] = None
+    n: int = 1
+    # Per-record seed = hash(seed, primary key): the same record gets the same text
+    # whatever the layout, schedule or restart. null: unseeded sampling.
+    seed: Optional[int] = 0
+    stop: Optional[List[str]] = None
+    stop_token_ids: Optional[List[int]] = None
+    ignore_eos: Optional[bool] = None
+    presence_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
+    repetition_penalty: Optional[float] = None
+    skip_special_tokens: Optional[bool] = None
+    extra: Dict[str, Any] = field(default_factory=dict)  # any other SamplingParams field
+
+
+@dataclass
+class RunConfig:
+    # seed 000, workflow level
+    name: str = "generate_responses"
+    data_dir: str = str(ASSETS_DIR)
+    output_dir: str = "outputs"
+    prompts_dir: Optional[str] = None
+    # seed 000, load node
+    input_data_path: str = "sample.jsonl"
+    primary_key: str = "id"
+    prompt_field: str = "prompt"
+    # seed 000, text_prompt node
+    model_name: str = DEFAULT_MODEL
+    inference_engine: str = "vllm_dp"
+    engine_options: EngineOptions = field(default_factory=EngineOptions)
+    batch_size: int = 32
+    batch_timeout: float = 600.0
+    generation_options: GenerationOptions = field(default_factory=GenerationOptions)
+    # spmd_dp
+    schedule: str = "dynamic"
+    overwrite: bool = False
+    output_format: str = "jsonl"
+    on_bad_record: str = "fail"
+    log_level: str = "INFO"
+
+    @property
+    def input_path(self) -> Path:
+        return Path(self.data_dir).expanduser() / Path(self.input_data_path).expanduser()
+
+    @property
+    def output_path(self) -> Path:
+        return Path(self.output_dir).expanduser() / f"{self.name}.{self.output_format}"
+
+    @property
+    def metrics_path(self) -> Path:
+        return Path(self.output_dir).expanduser() / f"{self.name}.metrics.json"
+
+
+ConfigStore.instance().store(name="spmd_dp_schema", node=RunConfig)
+
+
+def find_config_dir() -> Path:
+    """`conf/` beside the package (source checkout) or inside it (wheel install)."""
+    for candidate in (PACKAGE_DIR.parent / "conf", PACKAGE_DIR / "conf"):
+        if (candidate / "config.yaml").is_file():
+            return candidate
+    raise UsageError(f"config error: no config.yaml in {PACKAGE_DIR.parent / 'conf'}; reinstall spmd_dp")
+
+
+def compose_config(overrides: List[str], config_name: str = "config", config_dir: str | None = None) -> DictConfig:
+    """Hydra composition of `<config_dir>/<config_name>.yaml` + overrides (not validated)."""
+    cdir = Path(config_dir).resolve() if config_dir else find_config_dir()
+    if not (cdir / f"{config_name}.yaml").is_file():
+        raise UsageError(f"config error: no config file {cdir / (config_name + '.yaml')}; pass --config-dir/--config-name")
+    try:
+        with initialize_config_dir(version_base=None, config_dir=str(cdir), job_name="spmd_dp"):
+            return compose(config_name=config_name, overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as e:
+        raise UsageError(_one_line(e)) from None
+
+
+def load_config(overrides: List[str], config_name: str = "config", config_dir: str | None = None) -> RunConfig:
+    cfg = compose_config(overrides, config_name, config_dir)
+    _reject_unknown(cfg, OmegaConf.structured(RunConfig))
+    try:
+        run_cfg = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        raise UsageError(_one_line(e)) from None
+    assert isinstance(run_cfg, RunConfig), type(run_cfg)
+    validate(run_cfg)
+    return run_cfg
+
+
+def _one_line(e: BaseException) -> str:
+    """Hydra/OmegaConf errors span several lines; keep the key, the value and the reason."""
+    cause = e.__cause__ or e.__context__
+    if isinstance(cause, OmegaConfBaseException) and not isinstance(e, OmegaConfBaseException):
+        e = cause
+    text = str(e).strip()
+    first = text.splitlines()[0] if text else type(e).__name__
+    key = getattr(e, "full_key", None)
+    if isinstance(e, (ConfigKeyError, ConfigAttributeError)) and key:
+        return _unknown_key(key)
+    if "Error parsing override" in text:
+        return f"config error: {first}; write overrides as key=value, e.g. batch_size=64"
+    where = f"{key}: " if key else ""
+    return f"config error: {where}{first}"
+
+
+def _unknown_key(key: str) -> str:
+    parent = key.rsplit(".", 1)[0] if "." in key else ""
+    node: Any = OmegaConf.structured(RunConfig)
+    for part in filter(None, parent.split(".")):
+        node = node[part] if isinstance(node, DictConfig) and part in node else None
+    if isinstance(node, DictConfig) and OmegaConf.get_type(node) is dict:
+        return f"config error: {key} is a new key in the mapping {parent}: add it with a plus, +{key}=..."
+    valid = ", ".join(node.keys()) if isinstance(node, DictConfig) else "(none)"
+    return f"config error: unknown key '{key}'; valid keys{' under ' + parent if parent else ''}: {valid}"
+
+
+def _reject_unknown(cfg: DictConfig, schema: DictConfig, prefix: str = "") -> None:
+    """`+key=value` appends even to a structured config; only dict-typed fields may grow."""
+    for k in cfg.keys():
+        full = f"{prefix}{k}"
+        if k not in schema:
+            raise UsageError(_unknown_key(full))
+        sub, sub_schema = cfg[k], schema[k]
+        if isinstance(sub, DictConfig) and isinstance(sub_schema, DictConfig) and OmegaConf.get_type(sub_schema) is not dict:
+            _reject_unknown(sub, sub_schema, full + ".")
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise UsageError(f"config error: {key}={value!r} is not allowed; {allowed}")
+
+
+def validate(cfg: RunConfig) -> None:
+    """Checks that need no environment (WORLD_SIZE and GPUs are checked by the plan)."""
+    eo, go = cfg.engine_options, cfg.generation_options
+    _check(bool(cfg.name) and "/" not in cfg.name, "name", cfg.name, "use a non-empty file name (no '/')")
+    _check(cfg.inference_engine in ENGINES, "inference_engine", cfg.inference_engine, f"use one of {', '.join(ENGINES)}")
+    _check(cfg.schedule in SCHEDULES, "schedule", cfg.schedule, f"use one of {', '.join(SCHEDULES)}")
+    _check(cfg.output_format in OUTPUT_FORMATS, "output_format", cfg.output_format, f"use one of {', '.join(OUTPUT_FORMATS)}")
+    _check(cfg.on_bad_record in ON_BAD_RECORD, "on_bad_record", cfg.on_bad_record, f"use one of {', '.join(ON_BAD_RECORD)}")
+    _check(cfg.batch_size >= 1, "batch_size", cfg.batch_size, "use an integer >= 1 (the seed's default is 32)")
+    _check(cfg.batch_timeout > 0, "batch_timeout", cfg.batch_timeout, "use seconds > 0 (the seed's default is 600.0)")
+    _check(bool(cfg.primary_key), "primary_key", cfg.primary_key, "name the field that identifies a record, e.g. id")
+    _check(bool(cfg.prompt_field), "prompt_field", cfg.prompt_field, "name the field that holds the prompt, e.g. prompt")
+    _check(bool(cfg.model_name), "model_name", cfg.model_name, f"give a hub id, a local path or {DEFAULT_MODEL}")
+    _check(eo.gpus_per_dp_rank >= 1, "engine_options.gpus_per_dp_rank", eo.gpus_per_dp_rank, "use an integer >= 1")
+    _check(eo.data_parallel_size is None or eo.data_parallel_size >= 1, "engine_options.data_parallel_size",
+           eo.data_parallel_size, "use null (= WORLD_SIZE) or the number of ranks torchrun starts")
+    _check(eo.dp_master_port is None or 0 < eo.dp_master_port < 65536, "engine_options.dp_master_port",
+           eo.dp_master_port, "use null (chosen for you) or a port in 1..65535")
+    _check(0 < eo.gpu_memory_utilization <= 1, "engine_options.gpu_memory_utilization", eo.gpu_memory_utilization,
+           "use a fraction in (0, 1], e.g. 0.9")
+    _check(eo.max_model_len is None or eo.max_model_len >= 1, "engine_options.max_model_len", eo.max_model_len,
+           "use null (the model's) or an integer >= 1")
+    _check(eo.max_num_seqs is None or eo.max_num_seqs >= 1, "engine_options.max_num_seqs", eo.max_num_seqs,
+           "use null (vLLM's default) or an integer >= 1")
+    _check(eo.device in DEVICES, "engine_options.device", eo.device, f"use one of {', '.join(DEVICES)}")
+    _check(eo.cpu_cores_per_dp_rank is None or eo.cpu_cores_per_dp_rank >= 1, "engine_options.cpu_cores_per_dp_rank",
+           eo.cpu_cores_per_dp_rank, "use null or an integer >= 1")
+    _check(eo.cpu_kvcache_space_gib is None or eo.cpu_kvcache_space_gib > 0, "engine_options.cpu_kvcache_space_gib",
+           eo.cpu_kvcache_space_gib, "use null or GiB > 0")
+    _check(eo.echo_delay_s >= 0, "engine_options.echo_delay_s", eo.echo_delay_s, "use seconds >= 0")
+    _check(go.max_tokens >= 1, "generation_options.max_tokens", go.max_tokens, "use an integer >= 1")
+    _check(go.n >= 1, "generation_options.n", go.n, "use an integer >= 1")
+    _check(go.temperature is None or go.temperature >= 0, "generation_options.temperature", go.temperature,
+           "use a float >= 0 (0 = greedy)")
+    _check(go.top_p is None or 0 < go.top_p <= 1, "generation_options.top_p", go.top_p, "use a float in (0, 1]")
+    overlap = set(go.extra) & {f for f in GenerationOptions.__dataclass_fields__ if f != "extra"}
+    _check(not overlap, "generation_options.extra", sorted(overlap), "set these fields directly under generation_options")
+
+
+def sampling_kwargs(go: GenerationOptions) -> Dict[str, Any]:
+    """The SamplingParams keyword arguments (null fields left out, `seed` handled per record)."""
+    out = {k: v for k, v in vars(go).items() if k not in ("extra", "seed") and v is not None}
+    out.update(go.extra)
+    return out
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+__all__ = ["RunConfig", "EngineOptions", "GenerationOptions", "load_config", "compose_config", "validate",
+           "sampling_kwargs", "to_yaml"]

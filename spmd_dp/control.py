@@ -1,0 +1,128 @@
+"""The control plane: a thread per rank that streams finished batches to rank 0 and agrees on the end.
+
+Each round, on its own gloo group, every rank all-gathers a small status vector
+(engine state, done flag, payload size); ranks with finished batches then send
+them (JSON bytes) to rank 0, which hands them to its sink (the committer) at
+once. Rank 0 therefore holds only the batches of one round, never the dataset.
+The loop ends in the round where every rank says done: that is the termination
+agreement. A dead or stuck peer makes a collective fail within the group's
+timeout, and the error reaches the generation loop, so nothing hangs.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from spmd_dp.log import logger
+
+STARTING, READY, FAILED = 0, 1, 2
+STATE_NAMES = {STARTING: "starting", READY: "ready", FAILED: "failed"}
+MAX_ROUND_BYTES = 8 << 20  # a rank sends at most this much per round (more waits for the next)
+
+
+def broadcast_json(obj: Any, group=None, src: int = 0) -> Any:
+    """Broadcast a JSON-able object from src (no pickle: nothing received is ever unpickled)."""
+    rank = dist.get_rank()
+    data = json.dumps(obj).encode() if rank == src else b""
+    size = torch.tensor([len(data)], dtype=torch.int64)
+    dist.broadcast(size, src=src, group=group)
+    buf = torch.frombuffer(bytearray(data), dtype=torch.uint8) if rank == src else torch.empty(int(size), dtype=torch.uint8)
+    if int(size):
+        dist.broadcast(buf, src=src, group=group)
+    return json.loads(buf.numpy().tobytes()) if rank != src else obj
+
+
+class ControlPlane(threading.Thread):
+    """Streams each rank's outbox to rank 0's sink; tracks every rank's state; ends when all are done."""
+
+    def __init__(self, group, rank: int, world: int, sink: Optional[Callable[[List[Dict]], None]],
+                 tick_s: float = 0.2) -> None:
+        super().__init__(name="spmd_dp-control", daemon=True)
+        self.group, self.rank, self.world, self.sink, self.tick_s = group, rank, world, sink, tick_s
+        self.outbox: "queue.Queue[Dict]" = queue.Queue()
+        self.state = STARTING
+        self.finished = False  # set by the generation loop after its last put()
+        self.peer_states: List[int] = [STARTING] * world
+        self.all_done = threading.Event()
+        self.error: Optional[BaseException] = None
+        self.rounds = 0
+
+    # -- called from the generation loop -------------------------------------------------
+    def put(self, item: Dict) -> None:
+        self.outbox.put(item)
+
+    def finish(self) -> None:
+        self.finished = True
+
+    def check(self) -> None:
+        """Raise the control plane's error in the caller's thread."""
+        if self.error is not None:
+            raise RuntimeError(f"control plane failed: {self.error}") from self.error
+
+    def ranks_in(self, state: int) -> List[int]:
+        return [r for r, s in enumerate(self.peer_states) if s == state]
+
+    # -- the thread ---------------------------------------------------------------------------
+    def _drain(self) -> List[Dict]:
+        items, size = [], 0
+        try:
+            items.append(self.outbox.get(timeout=self.tick_s))
+            while size < MAX_ROUND_BYTES:
+                items.append(self.outbox.get_nowait())
+                size += items[-1].get("nbytes", 0)
+        except queue.Empty:
+            pass
+        return items
+
+    def run(self) -> None:
+        try:
+            while True:
+                finished = self.finished  # read before draining: everything put before it is drained now
+                items = self._drain()
+                done = finished and self.outbox.empty()
+                payload = json.dumps(items).encode() if items else b""
+                mine = torch.tensor([self.state, int(done), len(payload)], dtype=torch.int64)
+                table = [torch.zeros(3, dtype=torch.int64) for _ in range(self.world)]
+                dist.all_gather(table, mine, group=self.group)
+                self.peer_states = [int(t[0]) for t in table]
+                received = self._to_rank0(payload, [int(t[2]) for t in table])
+                if received is not None and self.sink is not None:
+                    for r, data in enumerate(received):
+                        if data:
+                            self.sink(json.loads(data))
+                self.rounds += 1
+                if all(int(t[1]) for t in table):
+                    break
+        except BaseException as e:  # handed to the generation loop, which fails the rank
+            self.error = e
+            logger.error("control plane failed: %s", e)
+        finally:
+            self.all_done.set()
+
+    def _to_rank0(self, payload: bytes, sizes: List[int]) -> Optional[List[bytes]]:
+        if self.rank != 0:
+            if payload:
+                dist.send(torch.frombuffer(bytearray(payload), dtype=torch.uint8), dst=0, group=self.group)
+            return None
+        received: List[bytes] = [b""] * self.world
+        received[0] = payload
+        pending = []
+        for r in range(1, self.world):
+            if sizes[r]:
+                buf = torch.empty(sizes[r], dtype=torch.uint8)
+                pending.append((r, buf, dist.irecv(buf, src=r, group=self.group)))
+        for r, buf, work in pending:
+            work.wait()
+            received[r] = buf.numpy().tobytes()
+        return received
+
+    def wait_done(self, timeout: float) -> None:
+        if not self.all_done.wait(timeout):
+            raise RuntimeError(f"ranks did not agree on the end within {timeout:.0f}s")
+        self.check()

@@ -1,0 +1,126 @@
+"""The device slice of a rank: its GPUs, or on a machine without GPUs its CPU cores.
+
+Rank `local_rank` owns GPUs `[local_rank*g, (local_rank+1)*g)` of the GPUs the
+node makes visible (inside a pre-set CUDA_VISIBLE_DEVICES), with g =
+`engine_options.gpus_per_dp_rank` = vLLM's tensor_parallel_size. Without GPUs
+the same rule hands out CPU cores (vLLM CPU binds its threads to
+VLLM_CPU_OMP_THREADS_BIND, one `|`-separated group per tensor-parallel worker).
+`DeviceSlice.environ()` is what the rank exports before anything touches CUDA.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from typing import Dict, Mapping, Optional, Sequence, Tuple
+
+from spmd_dp.errors import UsageError
+
+VLLM_PORT_STRIDE = 100  # vLLM ports per rank: each rank's engine scans only its own range
+
+
+@dataclass(frozen=True)
+class DeviceSlice:
+    kind: str  # "cuda" | "cpu"
+    ids: Tuple[str, ...]  # GPU ids as CUDA_VISIBLE_DEVICES names them, or CPU core ids
+    tensor_parallel_size: int
+
+    def environ(self) -> Dict[str, str]:
+        if self.kind == "cuda":
+            return {"CUDA_VISIBLE_DEVICES": ",".join(self.ids)}
+        per_worker = len(self.ids) // self.tensor_parallel_size
+        groups = [self.ids[i * per_worker:(i + 1) * per_worker] for i in range(self.tensor_parallel_size)]
+        return {"VLLM_CPU_OMP_THREADS_BIND": "|".join(_ranges(g) for g in groups), "CUDA_VISIBLE_DEVICES": ""}
+
+    def describe(self) -> str:
+        if not self.ids:
+            return "no device (echo engine)"
+        what = "GPUs" if self.kind == "cuda" else "CPU cores"
+        return f"{what} {','.join(self.ids)} (tensor_parallel_size={self.tensor_parallel_size})"
+
+
+def visible_gpus(environ: Mapping[str, str]) -> Optional[Tuple[str, ...]]:
+    """The node's GPUs: CUDA_VISIBLE_DEVICES when set, else what nvidia-smi lists; None: no GPUs."""
+    preset = environ.get("CUDA_VISIBLE_DEVICES")
+    if preset is not None:
+        ids = tuple(x.strip() for x in preset.split(",") if x.strip())
+        return ids or None
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=60, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    ids = tuple(line.strip() for line in out.splitlines() if line.strip())
+    return ids or None
+
+
+def gpu_slice(local_rank: int, ranks_per_node: int, g: int, gpus: Sequence[str]) -> DeviceSlice:
+    need = ranks_per_node * g
+    if need > len(gpus):
+        raise UsageError(
+            f"environment error: {ranks_per_node} ranks per node x gpus_per_dp_rank={g} need {need} GPUs but "
+            f"{len(gpus)} are visible ({','.join(gpus)}); use --nproc-per-node={max(1, len(gpus) // g)} or "
+            f"engine_options.gpus_per_dp_rank={max(1, len(gpus) // ranks_per_node)}")
+    return DeviceSlice("cuda", tuple(gpus[local_rank * g:(local_rank + 1) * g]), g)
+
+
+def cpu_slice(local_rank: int, ranks_per_node: int, g: int, cores: Sequence[int],
+              cores_per_rank: Optional[int] = None) -> DeviceSlice:
+    """Contiguous cores per rank; with more ranks than cores (auto sizing) ranks share cores round-robin."""
+    n = len(cores)
+    per_rank = cores_per_rank or max(1, n // ranks_per_node)
+    if cores_per_rank and cores_per_rank * ranks_per_node > n:
+        raise UsageError(
+            f"environment error: {ranks_per_node} ranks x cpu_cores_per_dp_rank={cores_per_rank} need "
+            f"{cores_per_rank * ranks_per_node} cores but {n} are available; lower it or leave it null")
+    if per_rank < g:
+        raise UsageError(
+            f"environment error: a rank has {per_rank} CPU cores for gpus_per_dp_rank={g} tensor-parallel "
+            f"workers; use engine_options.gpus_per_dp_rank=1 on CPU or give each rank at least {g} cores")
+    per_rank -= per_rank % g
+    start = (local_rank * per_rank) % n
+    ids = tuple(str(cores[(start + i) % n]) for i in range(per_rank))
+    return DeviceSlice("cpu", ids, g)
+
+
+def plan_device_slice(device: str, local_rank: int, ranks_per_node: int, g: int, cores_per_rank: Optional[int],
+                      environ: Mapping[str, str] | None = None) -> DeviceSlice:
+    env = os.environ if environ is None else environ
+    gpus = visible_gpus(env) if device in ("auto", "cuda") else None
+    if device == "cuda" and not gpus:
+        raise UsageError("environment error: engine_options.device=cuda but no GPU is visible "
+                         "(CUDA_VISIBLE_DEVICES / nvidia-smi); use engine_options.device=cpu or auto")
+    if gpus:
+        return gpu_slice(local_rank, ranks_per_node, g, gpus)
+    cores = sorted(os.sched_getaffinity(0))
+    return cpu_slice(local_rank, ranks_per_node, g, cores, cores_per_rank)
+
+
+def vllm_port_base(master_port: int, local_rank: int, environ: Mapping[str, str]) -> int:
+    """A disjoint range of ports for each rank's engine on a node (vLLM scans upward from VLLM_PORT).
+
+    Engines that start together and scan from the same port race for it (vLLM issues
+    #43206, #39015); a per-rank range makes that impossible between our ranks.
+    """
+    base = int(environ.get("VLLM_PORT") or (master_port or 29500) + 1000)
+    port = base + local_rank * VLLM_PORT_STRIDE
+    if port + VLLM_PORT_STRIDE > 65535:
+        port = 20000 + (port % 40000)
+    return port
+
+
+def _ranges(ids: Sequence[str]) -> str:
+    """'0,1,2,5' -> '0-2,5' (the form VLLM_CPU_OMP_THREADS_BIND takes)."""
+    nums = [int(i) for i in ids]
+    out, i = [], 0
+    while i < len(nums):
+        j = i
+        while j + 1 < len(nums) and nums[j + 1] == nums[j] + 1:
+            j += 1
+        out.append(str(nums[i]) if i == j else f"{nums[i]}-{nums[j]}")
+        i = j + 1
+    return ",".join(out)

@@ -1,0 +1,24 @@
+"""Inference engines behind one small interface (`Engine`): add requests, step, collect.
+
+`vllm_dp` is real vLLM (`vllm.LLM`'s engine fed request by request, so it stays
+full across batch boundaries); `echo` is a deterministic dry run with no vLLM
+import, for validating a pipeline, for tests and for benchmarks.
+"""
+
+from __future__ import annotations
+
+from spmd_dp.engines.base import Completion, Engine, EngineStartError, Request
+
+
+def build_engine(cfg, device_slice, rank: int) -> Engine:
+    """Start the engine of `cfg.inference_engine` on this rank's device slice."""
+    if cfg.inference_engine == "echo":
+        from spmd_dp.engines.echo import EchoEngine
+
+        return EchoEngine(cfg.engine_options, cfg.batch_size, rank)
+    from spmd_dp.engines.vllm_engine import VllmEngine
+
+    return VllmEngine(cfg, device_slice)
+
+
+__all__ = ["Completion", "Engine", "EngineStartError", "Request", "build_engine"]

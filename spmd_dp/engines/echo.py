@@ -1,0 +1,51 @@
+"""The echo engine: a deterministic dry run with no model and no vLLM import.
+
+A request's text is the first `max_tokens` whitespace-separated words of its
+prompt joined by single spaces; the engine sleeps `echo_delay_s` per word it
+returns, so its time grows with output length like a real engine's. Requests
+run one after another. `echo_fail_ranks` lists ranks whose engine fails at start
+(fault injection, to rehearse a rank that cannot start).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import Deque, List, Optional
+
+from spmd_dp.engines.base import Completion, EngineStartError, Request
+
+
+class EchoEngine:
+    def __init__(self, options, batch_size: int, rank: int) -> None:
+        if rank in options.echo_fail_ranks:
+            raise EngineStartError(f"echo engine: rank {rank} is listed in engine_options.echo_fail_ranks")
+        self.delay = options.echo_delay_s
+        self.capacity = batch_size
+        self.queue: Deque[Request] = deque()
+
+    def add(self, request: Request) -> Optional[Completion]:
+        if not isinstance(request.prompt, str):
+            return Completion(request.request_id, error="echo engine: prompt must be text")
+        self.queue.append(request)
+        return None
+
+    def step(self) -> List[Completion]:
+        if not self.queue:
+            return []
+        req = self.queue.popleft()
+        words = req.prompt.split()
+        max_tokens = int(req.sampling.get("max_tokens", 16))
+        out = words[:max_tokens]
+        if self.delay:
+            time.sleep(self.delay * len(out))
+        text = " ".join(out)
+        n = int(req.sampling.get("n", 1))
+        return [Completion(req.request_id, [text] * n, prompt_tokens=len(words), output_tokens=len(out) * n,
+                           finish_reason="length" if len(words) >= max_tokens else "stop")]
+
+    def has_unfinished(self) -> bool:
+        return bool(self.queue)
+
+    def close(self) -> None:
+        self.queue.clear()

@@ -1,0 +1,95 @@
+"""Real vLLM: `vllm.LLM` on this rank's device slice, fed request by request.
+
+`LLM.generate()` over one small batch drains the engine at every batch end
+(measured: 0.31x on CPU, 0.33x on H200 at batch_size 32). Instead the
+generation loop adds requests to `LLM.llm_engine` as earlier ones finish and
+calls `step()`, so vLLM's scheduler always has more than `max_num_seqs` waiting.
+Requests return only when finished (RequestOutputKind.FINAL_ONLY).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Dict, List, Optional
+
+from spmd_dp.engines.base import Completion, EngineStartError, Request
+from spmd_dp.log import logger
+from spmd_dp.model import resolve_model
+
+
+def engine_kwargs(cfg, tensor_parallel_size: int) -> Dict[str, Any]:
+    eo = cfg.engine_options
+    kwargs: Dict[str, Any] = {
+        "model": resolve_model(cfg.model_name),
+        "tensor_parallel_size": tensor_parallel_size,
+        "trust_remote_code": eo.trust_remote_code,
+        "dtype": eo.dtype,
+        "gpu_memory_utilization": eo.gpu_memory_utilization,
+        "disable_log_stats": True,
+    }
+    if eo.max_model_len is not None:
+        kwargs["max_model_len"] = eo.max_model_len
+    if eo.max_num_seqs is not None:
+        kwargs["max_num_seqs"] = eo.max_num_seqs
+    kwargs.update(eo.vllm_kwargs)
+    return kwargs
+
+
+class VllmEngine:
+    def __init__(self, cfg, device_slice) -> None:
+        if device_slice.kind == "cpu":
+            space = cfg.engine_options.cpu_kvcache_space_gib
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(space) if space else os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")
+        if cfg.engine_options.disable_progress_bars:
+            for name in ("vllm", "transformers"):
+                logging.getLogger(name).setLevel(logging.WARNING)
+        try:
+            from vllm import LLM, SamplingParams
+            from vllm.sampling_params import RequestOutputKind
+        except ImportError as e:
+            raise EngineStartError(f"vLLM is not installed ({e}); install it (README) or use inference_engine=echo")
+        self._SamplingParams, self._final_only = SamplingParams, RequestOutputKind.FINAL_ONLY
+        kwargs = engine_kwargs(cfg, device_slice.tensor_parallel_size)
+        logger.info("starting vLLM on %s: %s", device_slice.describe(),
+                    ", ".join(f"{k}={v}" for k, v in kwargs.items()))
+        try:
+            self.llm = LLM(**kwargs)
+        except Exception as e:  # vLLM raises many types at start (OOM, bad config, ...)
+            raise EngineStartError(f"vLLM failed to start: {type(e).__name__}: {_first_line(e)}") from e
+        self.engine = self.llm.llm_engine
+        self.capacity = int(self.engine.vllm_config.scheduler_config.max_num_seqs)
+
+    def add(self, request: Request) -> Optional[Completion]:
+        try:
+            params = self._SamplingParams(**request.sampling, output_kind=self._final_only)
+            prompt = request.prompt if isinstance(request.prompt, str) else {"prompt_token_ids": request.prompt}
+            self.engine.add_request(request.request_id, prompt, params)
+        except (ValueError, TypeError) as e:
+            return Completion(request.request_id, error=_first_line(e))
+        return None
+
+    def step(self) -> List[Completion]:
+        done = []
+        for out in self.engine.step():
+            if not out.finished:
+                continue
+            texts = [c.text for c in out.outputs]
+            done.append(Completion(
+                out.request_id, texts, prompt_tokens=len(out.prompt_token_ids or ()),
+                output_tokens=sum(len(c.token_ids) for c in out.outputs),
+                finish_reason=out.outputs[0].finish_reason if out.outputs else None))
+        return done
+
+    def has_unfinished(self) -> bool:
+        return self.engine.has_unfinished_requests()
+
+    def close(self) -> None:
+        core = getattr(self.engine, "engine_core", None)
+        if core is not None:
+            core.shutdown()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

@@ -1,0 +1,18 @@
+"""The two kinds of failure a user sees, and the exit codes they map to.
+
+`UsageError` is bad config, bad input or a bad environment: it is found before a
+model loads, its message is one line naming the place and the fix, and the
+process exits with code 2. Anything else is a run failure (exit code 1).
+"""
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """Bad config, input or environment: one line that names the place and the fix."""
+
+
+class RunFailure(Exception):
+    """The run could not finish (no engine started, a batch timed out, ...)."""

@@ -1,0 +1,39 @@
+"""The one logger of spmd_dp: `[rank R/W +ELAPSEDs] LEVEL message` on stderr.
+
+Every module logs through `logger`; `setup_logging` is called once per process,
+first without a rank (`[rank ?]`), then again once the rank is known.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+logger = logging.getLogger("spmd_dp")
+
+_START = time.time()  # process start, for the elapsed time in the prefix
+
+
+class _RankFormatter(logging.Formatter):
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def format(self, record: logging.LogRecord) -> str:
+        elapsed = record.created - _START
+        head = f"[{self.prefix} +{elapsed:.1f}s] {record.levelname}"
+        msg = f"{head} {record.getMessage()}"
+        if record.exc_info:
+            msg += "\n" + self.formatException(record.exc_info)
+        return msg
+
+
+def setup_logging(rank: int | None = None, world_size: int | None = None, level: str = "INFO") -> None:
+    """(Re)configure the spmd_dp logger with the rank in its prefix."""
+    prefix = "rank ?" if rank is None else f"rank {rank}/{world_size}"
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_RankFormatter(prefix))
+    logger.handlers[:] = [handler]
+    logger.setLevel(level)
+    logger.propagate = False

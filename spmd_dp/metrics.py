@@ -1,0 +1,86 @@
+"""Run metrics, kept by rank 0 from what the control plane brings: per rank and in total.
+
+`${output_dir}/${name}.metrics.json` holds per-rank and total records, tokens,
+busy time, throughput and the imbalance (max busy time / mean busy time of the
+ranks that generated); `Report.table()` is the summary printed at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional
+
+
+@dataclass
+class RankMetrics:
+    rank: int
+    records: int = 0
+    batches: int = 0
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    engine_start_s: float = 0.0
+    busy_s: float = 0.0
+    engine_failed: Optional[str] = None
+
+    @property
+    def output_tokens_per_s(self) -> float:
+        return self.output_tokens / self.busy_s if self.busy_s > 0 else 0.0
+
+
+@dataclass
+class Report:
+    ranks: List[RankMetrics]
+    total: Dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        ranks = [{**asdict(r), "output_tokens_per_s": round(r.output_tokens_per_s, 2)} for r in self.ranks]
+        return json.dumps({"ranks": ranks, "total": self.total}, indent=2) + "\n"
+
+    def table(self) -> str:
+        head = f"{'rank':>6} {'records':>9} {'batches':>8} {'out tokens':>11} {'busy s':>9} {'tok/s':>10} {'start s':>8}"
+        rows = [head]
+        for r in self.ranks:
+            note = f"  engine failed: {r.engine_failed}" if r.engine_failed else ""
+            rows.append(f"{r.rank:>6} {r.records:>9} {r.batches:>8} {r.output_tokens:>11} {r.busy_s:>9.2f} "
+                        f"{r.output_tokens_per_s:>10.1f} {r.engine_start_s:>8.1f}{note}")
+        t = self.total
+        rows.append(f"{'total':>6} {t['records']:>9} {t['batches']:>8} {t['output_tokens']:>11} "
+                    f"{t['wall_s']:>9.2f} {t['output_tokens_per_s']:>10.1f}   imbalance {t['imbalance']:.3f}")
+        return "\n".join(rows)
+
+
+class Metrics:
+    def __init__(self, world: int, todo: int) -> None:
+        self.ranks = [RankMetrics(r) for r in range(world)]
+        self.todo = todo
+        self.started = time.monotonic()
+
+    def add_batch(self, item: Dict[str, Any]) -> None:
+        r = self.ranks[item["rank"]]
+        r.records += item["records"]
+        r.batches += 1
+        r.prompt_tokens += item["prompt_tokens"]
+        r.output_tokens += item["output_tokens"]
+
+    def add_rank(self, item: Dict[str, Any]) -> None:
+        r = self.ranks[item["rank"]]
+        r.engine_start_s, r.busy_s, r.engine_failed = item["engine_start_s"], item["busy_s"], item["engine_failed"]
+
+    def report(self) -> Report:
+        wall = time.monotonic() - self.started
+        busy = [r.busy_s for r in self.ranks if r.busy_s > 0]
+        out_tokens = sum(r.output_tokens for r in self.ranks)
+        total = {
+            "records": sum(r.records for r in self.ranks),
+            "batches": sum(r.batches for r in self.ranks),
+            "prompt_tokens": sum(r.prompt_tokens for r in self.ranks),
+            "output_tokens": out_tokens,
+            "wall_s": round(wall, 3),
+            "output_tokens_per_s": round(out_tokens / wall, 2) if wall > 0 else 0.0,
+            "max_busy_s": max(busy, default=0.0),
+            "imbalance": round(max(busy) / (sum(busy) / len(busy)), 4) if busy else 1.0,
+            "failed_ranks": [r.rank for r in self.ranks if r.engine_failed],
+        }
+        return Report(self.ranks, total)

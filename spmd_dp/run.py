@@ -1,0 +1,221 @@
+"""One rank's run, start to end: the whole data flow of spmd_dp in one place.
+
+  RankEnv (launcher env) + config -> device slice (CUDA_VISIBLE_DEVICES / CPU cores)
+  -> gloo group + rendezvous store -> rank 0 scans the input, opens the journal,
+     broadcasts the index and what is left to do -> batches
+  -> control plane thread (stream results to rank 0, agree on the end)
+  -> engine on the slice -> generation loop -> rank 0 assembles the output + metrics
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch.distributed as dist
+
+from spmd_dp.commit import Journal, atomic_write, fingerprint
+from spmd_dp.config import RunConfig, to_yaml
+from spmd_dp.control import FAILED, READY, ControlPlane, broadcast_json
+from spmd_dp.data import InputIndex, RecordSpec, scan_input
+from spmd_dp.devices import DeviceSlice, plan_device_slice, vllm_port_base
+from spmd_dp.distributed import RankEnv, scrub_launcher_env
+from spmd_dp.engines import EngineStartError, build_engine
+from spmd_dp.errors import RunFailure, UsageError
+from spmd_dp.log import logger, setup_logging
+from spmd_dp.metrics import Metrics
+from spmd_dp.model import is_embedded
+from spmd_dp.work import BatchQueue, make_batches
+from spmd_dp.worker import Generator, RankStats
+
+
+@dataclass(frozen=True)
+class RankPlan:
+    """Everything a rank derives from its environment and the config, once, before any work."""
+
+    env: RankEnv
+    device: DeviceSlice
+    vllm_port: int
+
+    def describe(self) -> str:
+        e = self.env
+        return (f"rank {e.rank}/{e.world_size} (local {e.local_rank}/{e.local_world_size}, {e.launcher}) "
+                f"on {self.device.describe()}")
+
+
+def make_plan(cfg: RunConfig, environ=None) -> RankPlan:
+    environ = os.environ if environ is None else environ
+    eo = cfg.engine_options
+    env = RankEnv.from_environ(environ, eo.dp_master_ip, eo.dp_master_port)
+    if eo.data_parallel_size is not None and eo.data_parallel_size != env.world_size:
+        raise UsageError(
+            f"config error: engine_options.data_parallel_size={eo.data_parallel_size} but WORLD_SIZE="
+            f"{env.world_size}; launch {eo.data_parallel_size} ranks (torchrun --nproc-per-node=... x --nnodes) "
+            f"or leave data_parallel_size null")
+    if not eo.enable_data_parallel and env.world_size > 1:
+        raise UsageError(f"config error: engine_options.enable_data_parallel=false runs one engine but "
+                         f"WORLD_SIZE={env.world_size}; launch one process or set enable_data_parallel=true")
+    if cfg.inference_engine == "echo":
+        device = DeviceSlice("cpu", (), 1)  # the echo engine uses no device
+    else:
+        device = plan_device_slice(eo.device, env.local_rank, env.local_world_size, eo.gpus_per_dp_rank,
+                                   eo.cpu_cores_per_dp_rank, environ)
+    return RankPlan(env, device, vllm_port_base(env.master_port, env.local_rank, environ))
+
+
+def preflight(cfg: RunConfig) -> None:
+    """Checks on the local machine that need no process group (every rank runs them)."""
+    if cfg.inference_engine == "vllm_dp" and not is_embedded(cfg.model_name):
+        looks_local = cfg.model_name.startswith(("/", "./", "../", "~"))
+        if looks_local and not Path(cfg.model_name).expanduser().exists():
+            raise UsageError(f"config error: model_name={cfg.model_name!r} is a path that does not exist; "
+                             f"give an existing model folder or a hub id")
+
+
+def _init_process_group(env: RankEnv, timeout: timedelta):
+    """The gloo world and the rendezvous store (keys namespaced by run and restart)."""
+    if env.launcher == "single":
+        store = dist.HashStore()
+    else:
+        store = dist.TCPStore(env.master_addr, env.master_port, world_size=env.world_size,
+                              is_master=env.is_master and not env.agent_store, timeout=timeout,
+                              wait_for_workers=False)
+    root = dist.PrefixStore(env.store_prefix, store)
+    dist.init_process_group("gloo", store=dist.PrefixStore("pg", root), rank=env.rank, world_size=env.world_size,
+                            timeout=timeout)
+    return dist.PrefixStore("work", root)
+
+
+def _rank0_setup(cfg: RunConfig) -> Tuple[Dict[str, Any], Optional[Journal]]:
+    """Rank 0 scans the input, opens the journal and says what is left to do (or why not)."""
+    try:
+        index = scan_input(cfg.input_path, RecordSpec(cfg.primary_key, cfg.prompt_field), cfg.batch_size)
+        journal = Journal(Path(cfg.output_dir), cfg.name, fingerprint(cfg, index.sha256, index.n_records),
+                          cfg.output_path)
+        journal.open(overwrite=cfg.overwrite)
+        pending = [] if journal.complete else journal.missing(index.n_records)
+        atomic_write(Path(cfg.output_dir) / f"{cfg.name}.config.yaml", [to_yaml(cfg).encode()])
+        return {"index": index.to_json(), "pending": pending, "complete": journal.complete}, journal
+    except UsageError as e:
+        return {"usage_error": str(e)}, None
+    except OSError as e:
+        return {"usage_error": f"output error: {e.strerror}: {e.filename}; check output_dir"}, None
+
+
+def run(cfg: RunConfig) -> int:
+    plan = make_plan(cfg)
+    env = plan.env
+    setup_logging(env.rank, env.world_size, cfg.log_level)
+    preflight(cfg)
+    os.environ.update(plan.device.environ())
+    os.environ["VLLM_PORT"] = str(plan.vllm_port)
+    os.environ["VLLM_USE_V1"] = "1"
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    timeout = timedelta(seconds=cfg.batch_timeout)
+    work_store = _init_process_group(env, timeout)
+    if env.is_master:
+        logger.info("Starting %d data parallel workers (%s, schedule=%s, batch_size=%d)", env.world_size,
+                    cfg.inference_engine, cfg.schedule, cfg.batch_size)
+    logger.info("%s", plan.describe())
+
+    setup, journal = _rank0_setup(cfg) if env.is_master else (None, None)
+    setup = broadcast_json(setup)
+    if "usage_error" in setup:
+        if env.is_master:
+            raise UsageError(setup["usage_error"])
+        raise UsageError("")  # rank 0 says why
+    index = InputIndex.from_json(setup["index"])
+    if setup["complete"]:
+        if env.is_master:
+            logger.info("%s is complete already (journal %s); nothing to do", cfg.output_path,
+                        Path(cfg.output_dir) / f"{cfg.name}.journal.jsonl")
+        dist.destroy_process_group()
+        return 0
+    batches = make_batches(cfg.schedule, setup["pending"], env.world_size, cfg.batch_size)
+    queue = BatchQueue(work_store, batches, cfg.schedule, env.rank, env.world_size)
+    todo = sum(b.size for b in batches)
+    if env.is_master and todo < index.n_records:
+        logger.info("resuming: %d of %d records committed already, %d to go", index.n_records - todo,
+                    index.n_records, todo)
+    if cfg.schedule == "static":
+        logger.info("Assigned %d prompts to rank %d", queue.share(env.rank), env.rank)
+
+    committer = _Committer(cfg, journal, index, todo, env.world_size) if journal is not None else None
+    control = ControlPlane(dist.new_group(backend="gloo", timeout=timeout), env.rank, env.world_size,
+                           committer.sink if committer else None)
+    control.start()
+
+    stats = RankStats(env.rank)
+    scrub_launcher_env()
+    t0 = time.monotonic()
+    engine = None
+    try:
+        engine = build_engine(cfg, plan.device, env.rank)
+    except EngineStartError as e:
+        stats.engine_failed = str(e)
+        logger.error("engine failed to start on rank %d: %s; this rank takes no work", env.rank, e)
+        control.state = FAILED
+    stats.engine_start_s = round(time.monotonic() - t0, 3)
+    try:
+        if engine is not None:
+            control.state = READY
+            logger.info("Worker rank %d is ready (engine started in %.1fs)", env.rank, stats.engine_start_s)
+            Generator(cfg, engine, queue, index, control, env.rank, stats).run()
+        control.put(stats.as_item())
+        control.finish()
+        control.wait_done(timeout=cfg.batch_timeout)
+    finally:
+        if engine is not None:
+            engine.close()
+
+    failed = control.ranks_in(FAILED)
+    if len(failed) == env.world_size:
+        raise RunFailure(f"no rank could start its engine ({stats.engine_failed}); see the log of each rank")
+    if committer is not None:
+        committer.finish()
+    elif failed:
+        logger.warning("ranks %s could not start their engines; the others did their share", failed)
+    dist.destroy_process_group()
+    return 0
+
+
+class _Committer:
+    """Rank 0's sink: commits each round's batches, logs them, keeps the metrics."""
+
+    def __init__(self, cfg: RunConfig, journal: Journal, index: InputIndex, todo: int, world: int) -> None:
+        self.cfg, self.journal, self.index = cfg, journal, index
+        self.metrics = Metrics(world, todo)
+        self.failed: Dict[int, str] = {}
+
+    def sink(self, items: List[Dict[str, Any]]) -> None:
+        batches = [it for it in items if it["kind"] == "batch"]
+        if batches:
+            self.journal.commit(batches)
+        for it in items:
+            if it["kind"] == "batch":
+                logger.info("Received results for batch %d from rank %d (%d records)", it["index"], it["rank"],
+                            it["records"])
+                self.metrics.add_batch(it)
+            elif it["kind"] == "stats":
+                self.metrics.add_rank(it)
+                if it.get("engine_failed"):
+                    self.failed[it["rank"]] = it["engine_failed"]
+
+    def finish(self) -> None:
+        missing = self.journal.missing(self.index.n_records)
+        if missing:
+            raise RunFailure(f"{sum(b - a for a, b in missing)} records were not generated (first span "
+                             f"{missing[0][0]}..{missing[0][1] - 1}); rerun with the same output_dir to resume")
+        self.journal.assemble(self.index.n_records)
+        self.journal.close()
+        report = self.metrics.report()
+        atomic_write(self.cfg.metrics_path, [report.to_json().encode()])
+        for line in report.table().splitlines():
+            logger.info("%s", line)
+        if self.failed:
+            logger.warning("ranks %s could not start their engines (%s); the others did their share",
+                           sorted(self.failed), "; ".join(f"rank {r}: {m}" for r, m in sorted(self.failed.items())))

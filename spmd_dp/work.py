@@ -1,0 +1,137 @@
+"""The work: records cut into batches, and who takes which batch.
+
+A batch is `batch_size` contiguous records, the unit of scheduling, commit and
+resume. Only records not yet committed (the `pending` spans) are cut.
+
+- `schedule=static`: the seed's balanced contiguous split of the pending records
+  over the ranks (33 over 4 -> 9,8,8,8), each rank's share cut into batches.
+- `schedule=dynamic`: the pending records cut into batches that ranks claim at run
+  time from an atomic counter in the rendezvous store, so a fast rank takes more.
+
+Either way the batches form one global list (batch Y of the logs is its index),
+claimed through counters in the store: static keeps one queue per rank and lets
+the others take the queue of a rank whose engine failed to start.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, List, Optional, Sequence, Tuple
+
+Span = Tuple[int, int]  # [start, stop) of record positions
+
+
+@dataclass(frozen=True)
+class Batch:
+    index: int  # position in this run's batch list: "batch Y" in the logs
+    start: int  # first record (position among the input's records)
+    stop: int
+    owner: int = -1  # static: the rank whose share it is; dynamic: -1
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+
+def balanced_split(n: int, world: int) -> List[Span]:
+    """The seed's split: rank r starts at r*floor + min(r, remainder)."""
+    if world < 1 or n < 0:
+        raise ValueError(f"balanced_split(n={n}, world={world})")
+    floor, rem = divmod(n, world)
+    spans = []
+    for r in range(world):
+        start = r * floor + min(r, rem)
+        spans.append((start, start + floor + (1 if r < rem else 0)))
+    return spans
+
+
+def pending_spans(n: int, committed: Iterable[Span]) -> List[Span]:
+    """The parts of [0, n) not covered by the committed spans."""
+    out, pos = [], 0
+    for start, stop in sorted(committed):
+        if start > pos:
+            out.append((pos, min(start, n)))
+        pos = max(pos, stop)
+    if pos < n:
+        out.append((pos, n))
+    return [s for s in out if s[0] < s[1]]
+
+
+def cut(spans: Sequence[Span], batch_size: int) -> List[Span]:
+    """Cut spans into pieces of at most batch_size records; no piece crosses a gap."""
+    out = []
+    for start, stop in spans:
+        for s in range(start, stop, batch_size):
+            out.append((s, min(s + batch_size, stop)))
+    return out
+
+
+def _take(spans: Sequence[Span], offset: int, count: int) -> List[Span]:
+    """The records at positions [offset, offset+count) of the spans laid end to end."""
+    out, seen = [], 0
+    for start, stop in spans:
+        length = stop - start
+        lo, hi = max(offset, seen), min(offset + count, seen + length)
+        if lo < hi:
+            out.append((start + lo - seen, start + hi - seen))
+        seen += length
+    return out
+
+
+def static_batches(pending: Sequence[Span], world: int, batch_size: int) -> List[Batch]:
+    total = sum(stop - start for start, stop in pending)
+    batches: List[Batch] = []
+    for rank, (lo, hi) in enumerate(balanced_split(total, world)):
+        for start, stop in cut(_take(pending, lo, hi - lo), batch_size):
+            batches.append(Batch(len(batches), start, stop, owner=rank))
+    return batches
+
+
+def dynamic_batches(pending: Sequence[Span], batch_size: int) -> List[Batch]:
+    return [Batch(i, start, stop) for i, (start, stop) in enumerate(cut(pending, batch_size))]
+
+
+def make_batches(schedule: str, pending: Sequence[Span], world: int, batch_size: int) -> List[Batch]:
+    if schedule == "static":
+        return static_batches(pending, world, batch_size)
+    return dynamic_batches(pending, batch_size)
+
+
+class BatchQueue:
+    """Claims batches through atomic counters in a c10d Store (`store.add` is atomic).
+
+    dynamic: one queue over all batches. static: one queue per rank (its share);
+    `claim(also_from=...)` lets a rank also take what remains of other ranks'
+    queues (the ranks whose engines failed to start).
+    """
+
+    def __init__(self, store, batches: Sequence[Batch], schedule: str, rank: int, world: int) -> None:
+        self.store, self.rank = store, rank
+        if schedule == "static":
+            self.queues = {r: [b for b in batches if b.owner == r] for r in range(world)}
+        else:
+            self.queues = {-1: list(batches)}
+        self.exhausted: set = set()
+
+    def _claim_from(self, owner: int) -> Optional[Batch]:
+        queue = self.queues.get(owner, [])
+        if owner in self.exhausted or not queue:
+            return None
+        i = self.store.add(f"next/{owner}", 1) - 1
+        if i < len(queue):
+            return queue[i]
+        self.exhausted.add(owner)
+        return None
+
+    def claim(self, also_from: Iterable[int] = ()) -> Optional[Batch]:
+        own = -1 if -1 in self.queues else self.rank
+        batch = self._claim_from(own)
+        for other in also_from:
+            if batch is not None:
+                break
+            batch = self._claim_from(other)
+        return batch
+
+    def share(self, rank: int) -> int:
+        """Records in a rank's static share (0 under dynamic)."""
+        return sum(b.size for b in self.queues.get(rank, []))

@@ -1,0 +1,162 @@
+"""The generation loop of one rank: claim batches, keep the engine full, hand finished batches on.
+
+The loop keeps enough claimed batches in flight that the engine always has more
+than its `capacity` (vLLM's max_num_seqs) requests queued: a new batch is
+claimed as soon as the queue falls below capacity + batch_size. A batch is done
+when its last request finishes; its output lines go to the control plane, which
+streams them to rank 0. A batch older than `batch_timeout` fails the rank.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from spmd_dp.config import RunConfig, sampling_kwargs
+from spmd_dp.control import FAILED, STARTING, ControlPlane
+from spmd_dp.data import InputIndex, read_batch
+from spmd_dp.engines import Completion, Engine, Request
+from spmd_dp.errors import RunFailure
+from spmd_dp.log import logger
+from spmd_dp.work import Batch, BatchQueue
+
+
+@dataclass
+class RankStats:
+    rank: int
+    records: int = 0
+    batches: int = 0
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    engine_start_s: float = 0.0
+    busy_s: float = 0.0  # first claim to last finished batch
+    engine_failed: Optional[str] = None
+
+    def as_item(self) -> Dict[str, Any]:
+        return {"kind": "stats", **vars(self)}
+
+
+@dataclass
+class _InFlight:
+    batch: Batch
+    records: List[Dict[str, Any]]
+    claimed_at: float
+    done: List[Optional[Completion]] = field(default_factory=list)
+    remaining: int = 0
+
+
+def record_seed(seed: int, key: Any) -> int:
+    """A per-record sampling seed that depends only on the run's seed and the record's key."""
+    digest = hashlib.blake2b(f"{seed}\x00{key}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little") & 0x7FFFFFFF
+
+
+class Generator:
+    def __init__(self, cfg: RunConfig, engine: Engine, queue: BatchQueue, index: InputIndex,
+                 control: ControlPlane, rank: int, stats: RankStats) -> None:
+        self.cfg, self.engine, self.queue, self.index, self.control, self.rank = cfg, engine, queue, index, control, rank
+        self.stats = stats
+        self.sampling = sampling_kwargs(cfg.generation_options)
+        self.inflight: Dict[int, _InFlight] = {}
+        self.queued = 0  # requests added and not finished
+        self.target = engine.capacity + cfg.batch_size
+
+    def _request(self, batch: Batch, i: int, record: Dict[str, Any]) -> Request:
+        sampling = dict(self.sampling)
+        seed = self.cfg.generation_options.seed
+        if seed is not None:
+            sampling["seed"] = record_seed(seed, record[self.cfg.primary_key])
+        return Request(f"{batch.index}:{i}", record[self.cfg.prompt_field], sampling)
+
+    def _claim(self) -> bool:
+        failed = self.control.ranks_in(FAILED) if self.cfg.schedule == "static" else ()
+        batch = self.queue.claim(also_from=failed)
+        if batch is None:
+            return False
+        if self.cfg.schedule == "dynamic":
+            logger.info("Assigned %d prompts to rank %d (batch %d)", batch.size, self.rank, batch.index)
+        elif batch.owner != self.rank:
+            logger.info("Assigned %d prompts to rank %d (batch %d of failed rank %d)",
+                        batch.size, self.rank, batch.index, batch.owner)
+        records = read_batch(self.index, batch.start, batch.stop)
+        job = _InFlight(batch, records, time.monotonic(), [None] * len(records), len(records))
+        self.inflight[batch.index] = job
+        for i, record in enumerate(records):
+            rejected = self.engine.add(self._request(batch, i, record))
+            if rejected is not None:
+                self._finish_request(rejected)
+            else:
+                self.queued += 1
+        return True
+
+    def _finish_request(self, c: Completion) -> None:
+        batch_index, i = (int(x) for x in c.request_id.split(":"))
+        job = self.inflight[batch_index]
+        if c.error is not None:
+            rec = job.records[i]
+            raise RunFailure(f"record {self.cfg.primary_key}={rec[self.cfg.primary_key]!r} (batch {batch_index}) "
+                             f"was rejected by the engine: {c.error}")
+        job.done[i] = c
+        job.remaining -= 1
+        if job.remaining == 0:
+            self._emit(self.inflight.pop(batch_index))
+
+    def _emit(self, job: _InFlight) -> None:
+        name, n = self.cfg.name, self.cfg.generation_options.n
+        lines = []
+        prompt_tokens = output_tokens = 0
+        for record, c in zip(job.records, job.done):
+            assert c is not None
+            out = dict(record)
+            out[name] = c.texts if n > 1 else (c.texts[0] if c.texts else "")
+            lines.append(json.dumps(out, ensure_ascii=False))
+            prompt_tokens += c.prompt_tokens
+            output_tokens += c.output_tokens
+        b = job.batch
+        self.control.put({"kind": "batch", "index": b.index, "start": b.start, "stop": b.stop, "rank": self.rank,
+                          "lines": lines, "records": len(lines), "prompt_tokens": prompt_tokens,
+                          "output_tokens": output_tokens, "nbytes": sum(len(x) for x in lines) + len(lines),
+                          "elapsed_s": round(time.monotonic() - job.claimed_at, 3)})
+        s = self.stats
+        s.records += len(lines)
+        s.batches += 1
+        s.prompt_tokens += prompt_tokens
+        s.output_tokens += output_tokens
+
+    def _check_timeouts(self) -> None:
+        now = time.monotonic()
+        for job in self.inflight.values():
+            if now - job.claimed_at > self.cfg.batch_timeout:
+                raise RunFailure(f"batch {job.batch.index} (records {job.batch.start}..{job.batch.stop - 1}) on "
+                                 f"rank {self.rank} exceeded batch_timeout={self.cfg.batch_timeout}s")
+
+    def _more_may_come(self) -> bool:
+        """Static: a rank still starting may yet fail, and then its share is ours to take."""
+        return self.cfg.schedule == "static" and STARTING in self.control.peer_states
+
+    def run(self) -> RankStats:
+        start = time.monotonic()
+        exhausted = False
+        while True:
+            self.control.check()
+            while not exhausted and self.queued < self.target:
+                if not self._claim():
+                    exhausted = True
+            if not self.inflight:
+                if exhausted and self._more_may_come():
+                    time.sleep(self.control.tick_s)
+                    exhausted = False
+                    continue
+                if exhausted:
+                    break
+                continue
+            for c in self.engine.step():
+                self.queued -= 1
+                self._finish_request(c)
+            self._check_timeouts()
+        if self.stats.batches:
+            self.stats.busy_s = round(time.monotonic() - start, 3)
+        return self.stats
