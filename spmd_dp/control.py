@@ -19,6 +19,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
+from spmd_dp.errors import RunFailure
 from spmd_dp.log import logger
 
 STARTING, READY, FAILED = 0, 1, 2
@@ -63,7 +64,9 @@ class ControlPlane(threading.Thread):
     def check(self) -> None:
         """Raise the control plane's error in the caller's thread."""
         if self.error is not None:
-            raise RuntimeError(f"control plane failed: {self.error}") from self.error
+            first = str(self.error).strip().splitlines()[0] if str(self.error).strip() else type(self.error).__name__
+            raise RunFailure(f"rank {self.rank} lost the other ranks ({first}); a rank failed or died: see its "
+                             f"log. Rerun with the same output_dir (or torchrun --max-restarts) to resume") from self.error
 
     def ranks_in(self, state: int) -> List[int]:
         return [r for r, s in enumerate(self.peer_states) if s == state]
@@ -101,7 +104,6 @@ class ControlPlane(threading.Thread):
                     break
         except BaseException as e:  # handed to the generation loop, which fails the rank
             self.error = e
-            logger.error("control plane failed: %s", e)
         finally:
             self.all_done.set()
 
@@ -124,5 +126,5 @@ class ControlPlane(threading.Thread):
 
     def wait_done(self, timeout: float) -> None:
         if not self.all_done.wait(timeout):
-            raise RuntimeError(f"ranks did not agree on the end within {timeout:.0f}s")
+            raise RunFailure(f"rank {self.rank}: the ranks did not agree on the end within {timeout:.0f}s")
         self.check()

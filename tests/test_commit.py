@@ -1,0 +1,75 @@
+"""The journal: atomic parts, exactly-once, resume, a torn last line, refusal of another run's journal."""
+
+import json
+
+import pytest
+
+from spmd_dp.commit import Journal
+from spmd_dp.errors import UsageError
+
+FP = {"input_sha256": "abc", "n_records": 10}
+
+
+def batch(start, stop):
+    return {"start": start, "stop": stop, "lines": [json.dumps({"i": i}) for i in range(start, stop)]}
+
+
+def journal(tmp_path, fp=FP):
+    return Journal(tmp_path, "t", fp, tmp_path / "t.jsonl")
+
+
+def test_commit_resume_and_assemble_in_input_order(tmp_path):
+    j = journal(tmp_path)
+    j.open(overwrite=False)
+    j.commit([batch(6, 10), batch(0, 3)])
+    j.commit([batch(0, 3)])  # a duplicate delivery is committed once
+    j.close()
+    j2 = journal(tmp_path)
+    j2.open(overwrite=False)
+    assert j2.committed_spans() == [(0, 3), (6, 10)]
+    assert j2.missing(10) == [(3, 6)]
+    with pytest.raises(RuntimeError, match="not committed"):
+        j2.assemble(10)
+    j2.commit([batch(3, 6)])
+    j2.assemble(10)
+    assert [json.loads(x)["i"] for x in (tmp_path / "t.jsonl").read_text().splitlines()] == list(range(10))
+    assert not (tmp_path / "t.parts").exists()
+    j3 = journal(tmp_path)
+    j3.open(overwrite=False)
+    assert j3.complete
+
+
+def test_torn_last_line_and_orphan_part_are_redone(tmp_path):
+    j = journal(tmp_path)
+    j.open(overwrite=False)
+    j.commit([batch(0, 5)])
+    j.close()
+    (tmp_path / "t.parts" / "part-00000007.jsonl").write_text("orphan\n")  # renamed, never journaled
+    with open(tmp_path / "t.journal.jsonl", "ab") as f:
+        f.write(b'{"part": "part-0000')  # crash mid-append
+    j2 = journal(tmp_path)
+    j2.open(overwrite=False)
+    assert j2.committed_spans() == [(0, 5)]
+    assert not (tmp_path / "t.parts" / "part-00000007.jsonl").exists()
+    j2.commit([batch(5, 10)])
+    j2.assemble(10)
+    assert len((tmp_path / "t.jsonl").read_text().splitlines()) == 10
+
+
+def test_another_runs_journal_is_refused_unless_overwrite(tmp_path):
+    j = journal(tmp_path)
+    j.open(overwrite=False)
+    j.commit([batch(0, 5)])
+    j.close()
+    with pytest.raises(UsageError, match=r"different run \(input_sha256 changed\).*overwrite=true"):
+        journal(tmp_path, {**FP, "input_sha256": "def"}).open(overwrite=False)
+    j2 = journal(tmp_path, {**FP, "input_sha256": "def"})
+    j2.open(overwrite=True)
+    assert j2.committed_spans() == []
+
+
+def test_existing_output_without_journal_is_never_overwritten(tmp_path):
+    (tmp_path / "t.jsonl").write_text("precious\n")
+    with pytest.raises(UsageError, match="exists and no journal"):
+        journal(tmp_path).open(overwrite=False)
+    assert (tmp_path / "t.jsonl").read_text() == "precious\n"

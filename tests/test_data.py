@@ -1,0 +1,45 @@
+"""Input scanning: validation in one pass, errors naming file and line, reading batches by offset."""
+
+import json
+
+import pytest
+
+from spmd_dp.data import RecordSpec, read_batch, scan_input
+from spmd_dp.errors import UsageError
+
+SPEC = RecordSpec("id", "prompt")
+
+
+def test_scan_and_read_any_span(tmp_path):
+    p = tmp_path / "in.jsonl"
+    lines = [json.dumps({"id": i, "prompt": f"p{i}"}) for i in range(23)]
+    lines.insert(5, "")  # blank lines are not records
+    lines.insert(12, "   ")
+    p.write_text("\n".join(lines) + "\n")
+    idx = scan_input(p, SPEC, stride=4)
+    assert idx.n_records == 23 and len(idx.offsets) == 6
+    for start, stop in [(0, 23), (3, 9), (8, 12), (22, 23), (5, 6)]:
+        assert [r["id"] for r in read_batch(idx, start, stop)] == list(range(start, stop))
+
+
+@pytest.mark.parametrize("content,expected", [
+    (b'{"id": 1, "prompt": "a"}\n{"id": 2, "prompt": \n', "in.jsonl:2: malformed JSON"),
+    (b'[1, 2]\n', "in.jsonl:1: a record must be a JSON object, got list"),
+    (b'{"prompt": "a"}\n', "in.jsonl:1: no primary key field 'id'"),
+    (b'{"id": 1, "prompt": "a"}\n\n{"id": 1, "prompt": "b"}\n', "in.jsonl:3: duplicate primary key 1 (first at line 1)"),
+    (b'{"id": 1}\n', "in.jsonl:1: no prompt field 'prompt'"),
+    (b'{"id": 1, "prompt": 5}\n', "in.jsonl:1: prompt field 'prompt' must be a string, got int"),
+    (b'{"id": 1, "prompt": "\xff"}\n', "in.jsonl:1: invalid UTF-8"),
+    (b'\n\n', "holds no records"),
+])
+def test_bad_input_names_file_and_line(tmp_path, content, expected):
+    p = tmp_path / "in.jsonl"
+    p.write_bytes(content)
+    with pytest.raises(UsageError) as e:
+        scan_input(p, SPEC, stride=4)
+    assert expected in str(e.value) and "\n" not in str(e.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(UsageError, match="does not exist; set data_dir= and input_data_path="):
+        scan_input(tmp_path / "nope.jsonl", SPEC, 4)

@@ -1,0 +1,93 @@
+"""The split of records into shares and batches, and claiming batches through a real c10d store."""
+
+import itertools
+
+import pytest
+import torch.distributed as dist
+
+from spmd_dp.work import BatchQueue, balanced_split, cut, dynamic_batches, make_batches, pending_spans, static_batches
+
+
+def test_seed_split_33_over_4():
+    assert [b - a for a, b in balanced_split(33, 4)] == [9, 8, 8, 8]
+    assert balanced_split(33, 4) == [(0, 9), (9, 17), (17, 25), (25, 33)]
+
+
+@pytest.mark.parametrize("n,world", list(itertools.product([0, 1, 2, 3, 7, 31, 32, 33, 100, 1001], [1, 2, 3, 4, 8, 13])))
+def test_balanced_split_covers_once_and_is_balanced(n, world):
+    spans = balanced_split(n, world)
+    assert len(spans) == world
+    covered = [i for a, b in spans for i in range(a, b)]
+    assert covered == list(range(n))  # contiguous, in order, no overlap, nothing missing
+    sizes = [b - a for a, b in spans]
+    assert max(sizes) - min(sizes) <= 1
+    assert sizes == sorted(sizes, reverse=True)  # the first `remainder` ranks take one more
+
+
+def test_fewer_records_than_ranks_leaves_ranks_empty():
+    assert [b - a for a, b in balanced_split(2, 4)] == [1, 1, 0, 0]
+    assert static_batches([(0, 2)], 4, 32) == static_batches([(0, 2)], 4, 32)
+    owners = [b.owner for b in static_batches([(0, 2)], 4, 32)]
+    assert owners == [0, 1]
+
+
+def test_pending_spans():
+    assert pending_spans(10, []) == [(0, 10)]
+    assert pending_spans(10, [(0, 10)]) == []
+    assert pending_spans(10, [(2, 4), (6, 7)]) == [(0, 2), (4, 6), (7, 10)]
+    assert pending_spans(10, [(6, 7), (0, 3), (3, 5)]) == [(5, 6), (7, 10)]
+    assert pending_spans(0, []) == []
+
+
+def test_cut_never_crosses_gaps():
+    assert cut([(0, 5), (7, 12)], 3) == [(0, 3), (3, 5), (7, 10), (10, 12)]
+
+
+@pytest.mark.parametrize("schedule", ["static", "dynamic"])
+@pytest.mark.parametrize("world,bs", [(1, 32), (2, 4), (4, 3), (5, 100)])
+def test_batches_cover_pending_exactly(schedule, world, bs):
+    pending = [(0, 9), (12, 40), (41, 77)]
+    batches = make_batches(schedule, pending, world, bs)
+    covered = sorted(i for b in batches for i in range(b.start, b.stop))
+    assert covered == [i for a, b in pending for i in range(a, b)]
+    assert all(1 <= b.size <= bs for b in batches)
+    assert [b.index for b in batches] == list(range(len(batches)))
+
+
+def test_static_shares_follow_the_seed_split():
+    batches = static_batches([(0, 33)], 4, 32)
+    share = {r: sum(b.size for b in batches if b.owner == r) for r in range(4)}
+    assert share == {0: 9, 1: 8, 2: 8, 3: 8}
+    assert dynamic_batches([(0, 70)], 32)[-1].size == 6
+
+
+def _store():
+    return dist.HashStore()
+
+
+def test_dynamic_queue_hands_each_batch_out_once():
+    store = _store()
+    batches = dynamic_batches([(0, 100)], 8)
+    queues = [BatchQueue(store, batches, "dynamic", r, 3) for r in range(3)]
+    got = []
+    for i in itertools.count():
+        b = queues[i % 3].claim()
+        if b is None and all(q.claim() is None for q in queues):
+            break
+        if b is not None:
+            got.append(b.index)
+    assert sorted(got) == list(range(len(batches)))
+
+
+def test_static_queue_takes_own_share_then_failed_ranks_share():
+    store = _store()
+    batches = static_batches([(0, 40)], 4, 5)
+    q1 = BatchQueue(store, batches, "static", 1, 4)
+    own = [q1.claim() for _ in range(2)]
+    assert all(b.owner == 1 for b in own) and q1.claim() is None
+    stolen = []
+    while (b := q1.claim(also_from=[3])) is not None:
+        stolen.append(b)
+    assert {b.owner for b in stolen} == {3} and sum(b.size for b in stolen) == 10
+    q3 = BatchQueue(store, batches, "static", 3, 4)
+    assert q3.claim() is None  # rank 3's queue was taken by rank 1
