@@ -199,6 +199,7 @@ def fingerprint(cfg, input_sha256: str, n_records: int) -> Dict[str, Any]:
         "model_name": cfg.model_name,
         "inference_engine": cfg.inference_engine,
         "generation_options": asdict(cfg.generation_options),
+        "generation_options_per_rank": cfg.generation_options_per_rank,
         "prompt_field": cfg.prompt_field,
         "primary_key": cfg.primary_key,
         "output_format": cfg.output_format,

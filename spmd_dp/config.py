@@ -51,7 +51,10 @@ class EngineOptions:
     # the device slice of a rank
     device: str = "auto"  # auto | cuda | cpu
     cpu_cores_per_dp_rank: Optional[int] = None  # CPU only; null: the node's cores / ranks per node
-    cpu_kvcache_space_gib: Optional[float] = None  # CPU only; null: $VLLM_CPU_KVCACHE_SPACE or 1
+    cpu_kvcache_space_gib: Optional[int] = None  # CPU only; null: $VLLM_CPU_KVCACHE_SPACE or 1
+    # seed 003's KV cache synchronisation: ranks agree (MIN) on the memory for the KV cache before
+    # the engines start, so every rank runs the same cache size
+    agree_kv_cache: bool = False
     # the echo engine (inference_engine=echo): a dry run with no model
     echo_delay_s: float = 0.0  # seconds slept per word returned
     echo_fail_ranks: List[int] = field(default_factory=list)  # fault injection: engine start fails here
@@ -99,6 +102,9 @@ class RunConfig:
     batch_size: int = 32
     batch_timeout: float = 600.0
     generation_options: GenerationOptions = field(default_factory=GenerationOptions)
+    # seed 003's "different sampling per worker": rank -> generation_options fields, e.g.
+    # +generation_options_per_rank.1.max_tokens=16 (with schedule=dynamic, which rank gets a record varies)
+    generation_options_per_rank: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     # spmd_dp
     schedule: str = "dynamic"
     overwrite: bool = False
@@ -225,21 +231,28 @@ def validate(cfg: RunConfig) -> None:
     _check(eo.cpu_cores_per_dp_rank is None or eo.cpu_cores_per_dp_rank >= 1, "engine_options.cpu_cores_per_dp_rank",
            eo.cpu_cores_per_dp_rank, "use null or an integer >= 1")
     _check(eo.cpu_kvcache_space_gib is None or eo.cpu_kvcache_space_gib > 0, "engine_options.cpu_kvcache_space_gib",
-           eo.cpu_kvcache_space_gib, "use null or GiB > 0")
+           eo.cpu_kvcache_space_gib, "use null or a whole number of GiB >= 1")
     _check(eo.echo_delay_s >= 0, "engine_options.echo_delay_s", eo.echo_delay_s, "use seconds >= 0")
     _check(go.max_tokens >= 1, "generation_options.max_tokens", go.max_tokens, "use an integer >= 1")
     _check(go.n >= 1, "generation_options.n", go.n, "use an integer >= 1")
     _check(go.temperature is None or go.temperature >= 0, "generation_options.temperature", go.temperature,
            "use a float >= 0 (0 = greedy)")
     _check(go.top_p is None or 0 < go.top_p <= 1, "generation_options.top_p", go.top_p, "use a float in (0, 1]")
-    overlap = set(go.extra) & {f for f in GenerationOptions.__dataclass_fields__ if f != "extra"}
+    fields = [f for f in GenerationOptions.__dataclass_fields__ if f != "extra"]
+    overlap = set(go.extra) & set(fields)
     _check(not overlap, "generation_options.extra", sorted(overlap), "set these fields directly under generation_options")
+    for rank, opts in cfg.generation_options_per_rank.items():
+        _check(rank.isdigit(), "generation_options_per_rank", rank, "key it by rank number, e.g. +generation_options_per_rank.1.max_tokens=16")
+        unknown = sorted(set(opts) - set(fields) - set(go.extra))
+        _check(not unknown, f"generation_options_per_rank.{rank}", unknown, f"use generation_options fields: {', '.join(fields)}")
 
 
-def sampling_kwargs(go: GenerationOptions) -> Dict[str, Any]:
-    """The SamplingParams keyword arguments (null fields left out, `seed` handled per record)."""
-    out = {k: v for k, v in vars(go).items() if k not in ("extra", "seed") and v is not None}
+def sampling_kwargs(cfg: "RunConfig", rank: int) -> Dict[str, Any]:
+    """A rank's SamplingParams keyword arguments (null fields left out, `seed` is per record)."""
+    go = cfg.generation_options
+    out = {k: v for k, v in vars(go).items() if k != "extra" and v is not None}
     out.update(go.extra)
+    out.update(cfg.generation_options_per_rank.get(str(rank), {}))
     return out
 
 

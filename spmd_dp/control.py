@@ -7,13 +7,21 @@ once. Rank 0 therefore holds only the batches of one round, never the dataset.
 The loop ends in the round where every rank says done: that is the termination
 agreement. A dead or stuck peer makes a collective fail within the group's
 timeout, and the error reaches the generation loop, so nothing hangs.
+
+The thread is also the rank's watchdog: every round it asks the generation loop
+for its oldest batch; one older than `batch_timeout` fails the rank with a
+message naming rank and batch, even if the engine itself is stuck (then the
+process exits from this thread after a grace period).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import queue
+import sys
 import threading
+import time
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
@@ -25,6 +33,7 @@ from spmd_dp.log import logger
 STARTING, READY, FAILED = 0, 1, 2
 STATE_NAMES = {STARTING: "starting", READY: "ready", FAILED: "failed"}
 MAX_ROUND_BYTES = 8 << 20  # a rank sends at most this much per round (more waits for the next)
+STUCK_GRACE_S = 30.0  # a rank whose generation loop does not react to its own failure exits after this
 
 
 def broadcast_json(obj: Any, group=None, src: int = 0) -> Any:
@@ -39,6 +48,13 @@ def broadcast_json(obj: Any, group=None, src: int = 0) -> Any:
     return json.loads(buf.numpy().tobytes()) if rank != src else obj
 
 
+def min_over_ranks(value: float, group=None) -> float:
+    """The smallest value any rank holds (all-reduce MIN)."""
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
+    return float(t.item())
+
+
 class ControlPlane(threading.Thread):
     """Streams each rank's outbox to rank 0's sink; tracks every rank's state; ends when all are done."""
 
@@ -46,6 +62,8 @@ class ControlPlane(threading.Thread):
                  tick_s: float = 0.2) -> None:
         super().__init__(name="spmd_dp-control", daemon=True)
         self.group, self.rank, self.world, self.sink, self.tick_s = group, rank, world, sink, tick_s
+        self.watchdog: Optional[Callable[[], Optional[str]]] = None  # returns why the rank is late, or None
+        self.acknowledged = threading.Event()  # the generation loop has taken up self.error
         self.outbox: "queue.Queue[Dict]" = queue.Queue()
         self.state = STARTING
         self.finished = False  # set by the generation loop after its last put()
@@ -63,6 +81,10 @@ class ControlPlane(threading.Thread):
 
     def check(self) -> None:
         """Raise the control plane's error in the caller's thread."""
+        if self.error is not None:
+            self.acknowledged.set()
+        if isinstance(self.error, RunFailure):
+            raise self.error
         if self.error is not None:
             first = str(self.error).strip().splitlines()[0] if str(self.error).strip() else type(self.error).__name__
             raise RunFailure(f"rank {self.rank} lost the other ranks ({first}); a rank failed or died: see its "
@@ -102,10 +124,27 @@ class ControlPlane(threading.Thread):
                 self.rounds += 1
                 if all(int(t[1]) for t in table):
                     break
+                self._watch()
         except BaseException as e:  # handed to the generation loop, which fails the rank
-            self.error = e
+            if self.error is None:
+                self.error = e
         finally:
             self.all_done.set()
+        self._exit_if_stuck()
+
+    def _watch(self) -> None:
+        late = self.watchdog() if self.watchdog is not None else None
+        if late is not None and self.error is None:
+            self.error = RunFailure(late)
+            raise self.error
+
+    def _exit_if_stuck(self) -> None:
+        """The generation loop picks up self.error at its next step; if it is stuck, end the process."""
+        if not isinstance(self.error, RunFailure):
+            return
+        if not self.acknowledged.wait(STUCK_GRACE_S) and threading.main_thread().is_alive():
+            print(f"spmd_dp: error: {self.error} (the engine did not return; exiting)", file=sys.stderr, flush=True)
+            os._exit(1)
 
     def _to_rank0(self, payload: bytes, sizes: List[int]) -> Optional[List[bytes]]:
         if self.rank != 0:
@@ -124,7 +163,9 @@ class ControlPlane(threading.Thread):
             received[r] = buf.numpy().tobytes()
         return received
 
-    def wait_done(self, timeout: float) -> None:
-        if not self.all_done.wait(timeout):
-            raise RunFailure(f"rank {self.rank}: the ranks did not agree on the end within {timeout:.0f}s")
+    def wait_done(self) -> None:
+        """Wait for the end agreed by all ranks. Bounded: each round is a collective with a timeout."""
+        while not self.all_done.wait(1.0):
+            if not self.is_alive():
+                break
         self.check()

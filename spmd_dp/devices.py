@@ -14,7 +14,7 @@ import os
 import shutil
 import subprocess
 from dataclasses import dataclass
-from typing import Dict, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from spmd_dp.errors import UsageError
 
@@ -98,6 +98,41 @@ def plan_device_slice(device: str, local_rank: int, ranks_per_node: int, g: int,
         return gpu_slice(local_rank, ranks_per_node, g, gpus)
     cores = sorted(os.sched_getaffinity(0))
     return cpu_slice(local_rank, ranks_per_node, g, cores, cores_per_rank)
+
+
+def cpu_kvcache_gib(options, environ: Mapping[str, str]) -> int:
+    """The KV cache of a CPU engine, in GiB (vLLM CPU's VLLM_CPU_KVCACHE_SPACE)."""
+    return int(options.cpu_kvcache_space_gib or environ.get("VLLM_CPU_KVCACHE_SPACE") or 1)
+
+
+def local_kv_budget(device: DeviceSlice, options, ranks_per_node: int, environ: Mapping[str, str]) -> float:
+    """What this rank can give its engine: GPU: the free fraction of its fullest GPU, capped by
+    gpu_memory_utilization; CPU: GiB for the KV cache, capped by half the node's free memory per rank."""
+    if device.kind == "cuda":
+        return min([options.gpu_memory_utilization] + [free / total for free, total in _gpu_memory(device.ids)])
+    import psutil
+
+    free_gib = psutil.virtual_memory().available / 2**30 / max(1, ranks_per_node)
+    return float(max(1, min(cpu_kvcache_gib(options, environ), int(free_gib / 2))))
+
+
+def _gpu_memory(ids: Sequence[str]) -> List[Tuple[int, int]]:
+    """(free, total) bytes of each GPU, from NVML (no CUDA context is created)."""
+    try:
+        import pynvml
+    except ImportError:
+        return []
+    pynvml.nvmlInit()
+    try:
+        out = []
+        for i in ids:
+            h = (pynvml.nvmlDeviceGetHandleByUUID(i) if i.startswith(("GPU-", "MIG-"))
+                 else pynvml.nvmlDeviceGetHandleByIndex(int(i)))
+            mem = pynvml.nvmlDeviceGetMemoryInfo(h)
+            out.append((mem.free, mem.total))
+        return out
+    finally:
+        pynvml.nvmlShutdown()
 
 
 def vllm_port_base(master_port: int, local_rank: int, environ: Mapping[str, str]) -> int:

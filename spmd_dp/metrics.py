@@ -8,6 +8,7 @@ ranks that generated); `Report.table()` is the summary printed at the end.
 from __future__ import annotations
 
 import json
+import resource
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional
@@ -82,5 +83,6 @@ class Metrics:
             "max_busy_s": max(busy, default=0.0),
             "imbalance": round(max(busy) / (sum(busy) / len(busy)), 4) if busy else 1.0,
             "failed_ranks": [r.rank for r in self.ranks if r.engine_failed],
+            "rank0_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         }
         return Report(self.ranks, total)

@@ -20,9 +20,9 @@ import torch.distributed as dist
 
 from spmd_dp.commit import Journal, atomic_write, fingerprint
 from spmd_dp.config import RunConfig, to_yaml
-from spmd_dp.control import FAILED, READY, ControlPlane, broadcast_json
+from spmd_dp.control import FAILED, READY, ControlPlane, broadcast_json, min_over_ranks
 from spmd_dp.data import InputIndex, RecordSpec, scan_input
-from spmd_dp.devices import DeviceSlice, plan_device_slice, vllm_port_base
+from spmd_dp.devices import DeviceSlice, local_kv_budget, plan_device_slice, vllm_port_base
 from spmd_dp.distributed import RankEnv, scrub_launcher_env
 from spmd_dp.engines import EngineStartError, build_engine
 from spmd_dp.errors import RunFailure, UsageError
@@ -56,6 +56,10 @@ def make_plan(cfg: RunConfig, environ=None) -> RankPlan:
             f"config error: engine_options.data_parallel_size={eo.data_parallel_size} but WORLD_SIZE="
             f"{env.world_size}; launch {eo.data_parallel_size} ranks (torchrun --nproc-per-node=... x --nnodes) "
             f"or leave data_parallel_size null")
+    bad = [r for r in cfg.generation_options_per_rank if int(r) >= env.world_size]
+    if bad:
+        raise UsageError(f"config error: generation_options_per_rank names ranks {', '.join(bad)} but WORLD_SIZE="
+                         f"{env.world_size}; use ranks 0..{env.world_size - 1}")
     if not eo.enable_data_parallel and env.world_size > 1:
         raise UsageError(f"config error: engine_options.enable_data_parallel=false runs one engine but "
                          f"WORLD_SIZE={env.world_size}; launch one process or set enable_data_parallel=true")
@@ -116,7 +120,8 @@ def run(cfg: RunConfig) -> int:
     os.environ["VLLM_USE_V1"] = "1"
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # the seed's switch: VLLM_LOGGING_LEVEL=INFO to debug
-    timeout = timedelta(seconds=cfg.batch_timeout)
+    # Every collective is bounded. Not below 2 minutes: ranks start (import torch, ...) at different times.
+    timeout = timedelta(seconds=max(cfg.batch_timeout, 120.0))
     work_store = _init_process_group(env, timeout)
     if env.is_master:
         logger.info("Starting %d data parallel workers (%s, schedule=%s, batch_size=%d)", env.world_size,
@@ -151,11 +156,12 @@ def run(cfg: RunConfig) -> int:
     control.start()
 
     stats = RankStats(env.rank)
+    kv_budget = _agree_kv_budget(cfg, plan) if cfg.engine_options.agree_kv_cache else None
     scrub_launcher_env()
     t0 = time.monotonic()
     engine = None
     try:
-        engine = build_engine(cfg, plan.device, env.rank)
+        engine = build_engine(cfg, plan.device, env.rank, kv_budget)
     except EngineStartError as e:
         stats.engine_failed = str(e)
         logger.error("engine failed to start on rank %d: %s; this rank takes no work", env.rank, e)
@@ -169,7 +175,7 @@ def run(cfg: RunConfig) -> int:
             Generator(cfg, engine, queue, index, control, env.rank, stats, fair_share).run()
         control.put(stats.as_item())
         control.finish()
-        control.wait_done(timeout=cfg.batch_timeout)
+        control.wait_done()
     finally:
         if engine is not None:
             engine.close()
@@ -183,6 +189,16 @@ def run(cfg: RunConfig) -> int:
         logger.warning("ranks %s could not start their engines; the others did their share", failed)
     dist.destroy_process_group()
     return 0
+
+
+def _agree_kv_budget(cfg: RunConfig, plan: RankPlan) -> float:
+    """Seed 003's KV cache agreement: every rank takes the smallest budget any rank can afford."""
+    local = local_kv_budget(plan.device, cfg.engine_options, plan.env.local_world_size, os.environ)
+    agreed = min_over_ranks(local)
+    unit = "of GPU memory (gpu_memory_utilization)" if plan.device.kind == "cuda" else "GiB (VLLM_CPU_KVCACHE_SPACE)"
+    logger.info("KV cache agreed across %d ranks: %.3g %s; this rank could afford %.3g", plan.env.world_size,
+                agreed, unit, local)
+    return agreed
 
 
 class _Committer:

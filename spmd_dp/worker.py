@@ -59,7 +59,8 @@ class Generator:
                  control: ControlPlane, rank: int, stats: RankStats, fair_share: int) -> None:
         self.cfg, self.engine, self.queue, self.index, self.control, self.rank = cfg, engine, queue, index, control, rank
         self.stats = stats
-        self.sampling = sampling_kwargs(cfg.generation_options)
+        self.sampling = sampling_kwargs(cfg, rank)
+        self.seed = self.sampling.pop("seed", None)
         self.inflight: Dict[int, _InFlight] = {}
         self.queued = 0  # requests added and not finished
         # Keep more requests queued than the engine runs at once, but never claim more than a
@@ -69,9 +70,8 @@ class Generator:
 
     def _request(self, batch: Batch, i: int, record: Dict[str, Any]) -> Request:
         sampling = dict(self.sampling)
-        seed = self.cfg.generation_options.seed
-        if seed is not None:
-            sampling["seed"] = record_seed(seed, record[self.cfg.primary_key])
+        if self.seed is not None:
+            sampling["seed"] = record_seed(self.seed, record[self.cfg.primary_key])
         return Request(f"{batch.index}:{i}", record[self.cfg.prompt_field], sampling)
 
     def _claim(self) -> bool:
@@ -129,18 +129,23 @@ class Generator:
         s.prompt_tokens += prompt_tokens
         s.output_tokens += output_tokens
 
-    def _check_timeouts(self) -> None:
+    def late(self) -> Optional[str]:
+        """Why this rank has failed its batch_timeout, or None (called by the control thread)."""
         now = time.monotonic()
-        for job in self.inflight.values():
+        for job in list(self.inflight.values()):
             if now - job.claimed_at > self.cfg.batch_timeout:
-                raise RunFailure(f"batch {job.batch.index} (records {job.batch.start}..{job.batch.stop - 1}) on "
-                                 f"rank {self.rank} exceeded batch_timeout={self.cfg.batch_timeout}s")
+                b = job.batch
+                return (f"batch {b.index} (records {b.start}..{b.stop - 1}) on rank {self.rank} exceeded "
+                        f"batch_timeout={self.cfg.batch_timeout}s; what was committed is kept: rerun with the "
+                        f"same output_dir to resume")
+        return None
 
     def _more_may_come(self) -> bool:
         """Static: a rank still starting may yet fail, and then its share is ours to take."""
         return self.cfg.schedule == "static" and STARTING in self.control.peer_states
 
     def run(self) -> RankStats:
+        self.control.watchdog = self.late
         start = time.monotonic()
         exhausted = False
         while True:
@@ -159,7 +164,6 @@ class Generator:
             for c in self.engine.step():
                 self.queued -= 1
                 self._finish_request(c)
-            self._check_timeouts()
         if self.stats.batches:
             self.stats.busy_s = round(time.monotonic() - start, 3)
         return self.stats

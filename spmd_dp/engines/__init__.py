@@ -7,10 +7,12 @@ import, for validating a pipeline, for tests and for benchmarks.
 
 from __future__ import annotations
 
+from typing import Optional
+
 from spmd_dp.engines.base import Completion, Engine, EngineStartError, Request
 
 
-def build_engine(cfg, device_slice, rank: int) -> Engine:
+def build_engine(cfg, device_slice, rank: int, kv_budget: Optional[float] = None) -> Engine:
     """Start the engine of `cfg.inference_engine` on this rank's device slice."""
     if cfg.inference_engine == "echo":
         from spmd_dp.engines.echo import EchoEngine
@@ -18,7 +20,7 @@ def build_engine(cfg, device_slice, rank: int) -> Engine:
         return EchoEngine(cfg.engine_options, cfg.batch_size, rank)
     from spmd_dp.engines.vllm_engine import VllmEngine
 
-    return VllmEngine(cfg, device_slice)
+    return VllmEngine(cfg, device_slice, kv_budget)
 
 
 __all__ = ["Completion", "Engine", "EngineStartError", "Request", "build_engine"]

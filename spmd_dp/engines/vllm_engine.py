@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, List, Optional
 
+from spmd_dp.devices import cpu_kvcache_gib
 from spmd_dp.engines.base import Completion, EngineStartError, Request
 from spmd_dp.log import logger
 from spmd_dp.model import is_embedded, resolve_model
@@ -43,10 +44,11 @@ def engine_kwargs(cfg, device_slice) -> Dict[str, Any]:
 
 
 class VllmEngine:
-    def __init__(self, cfg, device_slice) -> None:
+    def __init__(self, cfg, device_slice, kv_budget: Optional[float] = None) -> None:
+        """kv_budget: what the ranks agreed on (agree_kv_cache): GPU memory fraction, or CPU GiB."""
         if device_slice.kind == "cpu":
-            space = cfg.engine_options.cpu_kvcache_space_gib
-            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(space) if space else os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")
+            space = int(kv_budget) if kv_budget else cpu_kvcache_gib(cfg.engine_options, os.environ)
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(space)
         if cfg.engine_options.disable_progress_bars:
             os.environ["TQDM_DISABLE"] = "1"  # vLLM's own bars, in its engine processes too (ours pass disable=)
         try:
@@ -56,6 +58,8 @@ class VllmEngine:
             raise EngineStartError(f"vLLM is not installed ({e}); install it (README) or use inference_engine=echo")
         self._SamplingParams, self._final_only = SamplingParams, RequestOutputKind.FINAL_ONLY
         kwargs = engine_kwargs(cfg, device_slice)
+        if kv_budget is not None and device_slice.kind == "cuda":
+            kwargs["gpu_memory_utilization"] = kv_budget
         logger.info("starting vLLM on %s: %s", device_slice.describe(),
                     ", ".join(f"{k}={v}" for k, v in kwargs.items()))
         try:

@@ -1,0 +1,208 @@
+"""Failures that never hang and never lose committed work: kill -9 under torchrun --max-restarts,
+engines that fail to start, batch timeouts, resume, refusal of a changed input."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, echo_args, make_records, read_jsonl, spmd, write_jsonl
+
+
+def expected_rows(records, name="out", words=4):
+    return [{**r, name: " ".join(r["prompt"].split()[:words])} for r in records]
+
+
+def journal_batches(path: Path) -> int:
+    if not path.exists():
+        return 0
+    with open(path) as f:
+        return sum(len(json.loads(line).get("batches", [])) for line in f if line.strip().endswith("}"))
+
+
+def worker_pids(torchrun_pid: int):
+    """torchrun's worker processes, with the RANK each was given."""
+    out = subprocess.run(["pgrep", "-P", str(torchrun_pid)], capture_output=True, text=True).stdout.split()
+    pids = {}
+    for pid in out:
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        ranks = [e.split(b"=", 1)[1] for e in env if e.startswith(b"RANK=")]
+        if ranks:
+            pids[int(ranks[0])] = int(pid)
+    return pids
+
+
+def torchrun(args, nproc, max_restarts=1):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--rdzv-backend=c10d",
+           "--rdzv-endpoint=localhost:0", f"--max-restarts={max_restarts}", "-m", "spmd_dp", *args]
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, "rank0"])
+def test_kill_9_a_rank_mid_run_and_torchrun_restarts_it(tmp_path, seed):
+    rng = random.Random(seed)
+    records = make_records(240, words=6)
+    inp = write_jsonl(tmp_path / "data" / "in.jsonl", records)
+    args = echo_args(tmp_path, inp, "batch_size=6", "engine_options.echo_delay_s=0.01")
+    proc = torchrun(args, nproc=3)
+    journal = tmp_path / "out" / "out.journal.jsonl"
+    kill_after = rng.randint(2, 12)  # committed batches before the kill: lands mid-run
+    deadline = time.monotonic() + 120
+    while journal_batches(journal) < kill_after and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    victim_rank = 0 if seed == "rank0" else rng.randrange(3)
+    pids = worker_pids(proc.pid)
+    assert victim_rank in pids, f"workers: {pids}"
+    os.kill(pids[victim_rank], signal.SIGKILL)
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, out[-4000:]
+    assert "resuming:" in out  # the restarted group found the journal
+    assert read_jsonl(tmp_path / "out" / "out.jsonl") == expected_rows(records)
+
+
+def test_an_engine_that_fails_to_start_leaves_its_share_to_the_others(tmp_path):
+    records = make_records(47)
+    inp = write_jsonl(tmp_path / "data" / "in.jsonl", records)
+    for schedule in ("static", "dynamic"):
+        p = spmd(echo_args(tmp_path, inp, f"schedule={schedule}", "batch_size=5", "overwrite=true",
+                           "engine_options.echo_fail_ranks=[1]"), nproc=3, timeout=120)
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert read_jsonl(tmp_path / "out" / "out.jsonl") == expected_rows(records)
+        assert "engine failed to start on rank 1" in p.stderr
+        assert "WARNING ranks [1] could not start their engines" in p.stderr
+        metrics = json.loads((tmp_path / "out" / "out.metrics.json").read_text())
+        assert metrics["ranks"][1]["records"] == 0 and metrics["total"]["failed_ranks"] == [1]
+
+
+def test_no_engine_starts_is_one_line_and_exit_1(tmp_path, records_file):
+    t0 = time.monotonic()
+    p = spmd(echo_args(tmp_path, records_file, "engine_options.echo_fail_ranks=[0,1,2]"), nproc=3, timeout=120)
+    assert time.monotonic() - t0 < 100
+    assert p.returncode != 0
+    lines = [ln for ln in p.stderr.splitlines() if ln.startswith("spmd_dp: error:")]
+    assert lines and all("no rank could start its engine" in ln for ln in lines)
+    single = spmd(echo_args(tmp_path, records_file, "engine_options.echo_fail_ranks=[0]"), timeout=60)
+    assert single.returncode == 1
+    assert single.stderr.strip().splitlines()[-1].startswith("spmd_dp: error: no rank could start its engine")
+
+
+@pytest.mark.parametrize("nproc", [None, 2])
+def test_batch_timeout_names_rank_and_batch_and_keeps_committed_work(tmp_path, nproc):
+    records = make_records(40)
+    inp = write_jsonl(tmp_path / "data" / "in.jsonl", records)
+    # records 0..19 take 0.2 s (batch: 1 s); 20.. take 2 s each: their batches exceed batch_timeout=4
+    slow = [{**r, "prompt": "quick" if i < 20 else "slow " * 10} for i, r in enumerate(records)]
+    write_jsonl(inp, slow)
+    t0 = time.monotonic()
+    p = spmd(echo_args(tmp_path, inp, "batch_size=5", "batch_timeout=4", "schedule=static",
+                       "generation_options.max_tokens=10", "engine_options.echo_delay_s=0.2"), nproc=nproc, timeout=120)
+    assert time.monotonic() - t0 < 90
+    assert p.returncode == 1
+    assert "exceeded batch_timeout=4.0s" in p.stderr and "on rank" in p.stderr
+    journal = tmp_path / "out" / "out.journal.jsonl"
+    assert journal_batches(journal) >= 1  # what was committed stays committed
+
+
+def test_resume_after_interruption_and_refusal_of_a_changed_input(tmp_path):
+    records = make_records(120)
+    inp = write_jsonl(tmp_path / "data" / "in.jsonl", records)
+    args = echo_args(tmp_path, inp, "batch_size=4", "engine_options.echo_delay_s=0.01")
+    proc = torchrun(args, nproc=2, max_restarts=0)
+    journal = tmp_path / "out" / "out.journal.jsonl"
+    while journal_batches(journal) < 5 and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(os.getpgid(proc.pid), 0)  # still there
+    proc.send_signal(signal.SIGKILL)
+    for pid in worker_pids(proc.pid).values():
+        os.kill(pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert not (tmp_path / "out" / "out.jsonl").exists()
+    done_before = journal_batches(journal)
+    p = spmd(args, nproc=2, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert f"resuming: {min(120, done_before * 4)} of 120 records committed already" in p.stderr
+    assert read_jsonl(tmp_path / "out" / "out.jsonl") == expected_rows(records)
+    again = spmd(args, nproc=2, timeout=120)
+    assert again.returncode == 0 and "complete already" in again.stderr
+
+    write_jsonl(inp, records[:-1])  # the input changed
+    changed = spmd(args, timeout=60)
+    assert changed.returncode == 2
+    assert "was written for a different run (input_sha256, n_records changed)" in changed.stderr
+    assert read_jsonl(tmp_path / "out" / "out.jsonl") == expected_rows(records)  # untouched
+    over = spmd([*args, "overwrite=true"], timeout=60)
+    assert over.returncode == 0 and read_jsonl(tmp_path / "out" / "out.jsonl") == expected_rows(records[:-1])
+
+
+def test_dynamic_beats_static_on_a_skewed_input(tmp_path):
+    # the long records sit together at the start: static gives them all to rank 0
+    records = [{"id": i, "prompt": ("x " * (30 if i < 16 else 3)).strip()} for i in range(64)]
+    inp = write_jsonl(tmp_path / "data" / "in.jsonl", records)
+    busy = {}
+    for schedule in ("static", "dynamic"):
+        p = spmd(echo_args(tmp_path, inp, f"schedule={schedule}", "batch_size=4", "generation_options.max_tokens=30",
+                           "engine_options.echo_delay_s=0.01", f"name={schedule}"), nproc=2, timeout=120)
+        assert p.returncode == 0, p.stderr[-3000:]
+        busy[schedule] = json.loads((tmp_path / "out" / f"{schedule}.metrics.json").read_text())["total"]["max_busy_s"]
+    # total work 6.2 s: static's rank 0 has 5.3 s of it, dynamic splits it ~3.1 s each
+    assert busy["dynamic"] < 0.8 * busy["static"], busy
+
+
+def test_rank0_memory_stays_flat_when_records_grow_10x(tmp_path):
+    rss = {}
+    for n in (10_000, 100_000):
+        inp = write_jsonl(tmp_path / f"d{n}" / "in.jsonl", make_records(n, words=20))
+        p = spmd(echo_args(tmp_path, inp, "batch_size=64", "generation_options.max_tokens=20", f"name=n{n}",
+                           "log_level=WARNING"), nproc=2, timeout=300)
+        assert p.returncode == 0, p.stderr[-3000:]
+        rss[n] = json.loads((tmp_path / "out" / f"n{n}.metrics.json").read_text())["total"]["rank0_peak_rss_mb"]
+        assert (tmp_path / "out" / f"n{n}.jsonl").stat().st_size > n * 100
+    print("rank 0 peak RSS (MB):", rss)
+    assert rss[100_000] < 1.25 * rss[10_000], rss
+
+
+def test_kv_cache_agreement_and_per_rank_sampling(tmp_path):
+    records = make_records(24, words=10)
+    inp = write_jsonl(tmp_path / "data" / "in.jsonl", records)
+    p = spmd(echo_args(tmp_path, inp, "schedule=static", "engine_options.agree_kv_cache=true",
+                       "engine_options.cpu_kvcache_space_gib=3", "+generation_options_per_rank.1.max_tokens=7"),
+             nproc=2, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    agreed = [ln for ln in p.stderr.splitlines() if "KV cache agreed across 2 ranks" in ln]
+    assert len(agreed) == 2 and len({ln.split("] INFO ")[1].split(";")[0] for ln in agreed}) == 1
+    rows = read_jsonl(tmp_path / "out" / "out.jsonl")
+    # static: records 0..11 on rank 0 (max_tokens=4), 12..23 on rank 1 (its override: 7)
+    assert [len(r["out"].split()) for r in rows] == [4] * 12 + [7] * 12
+    bad = spmd(echo_args(tmp_path, inp, "+generation_options_per_rank.5.max_tokens=7"), nproc=2, timeout=60)
+    # under torchrun each rank exits 2 and torchrun reports it (torchrun itself exits 1)
+    assert bad.returncode == 1 and "exitcode  : 2" in bad.stderr
+    assert "spmd_dp: config error: generation_options_per_rank names ranks 5 but WORLD_SIZE=2" in bad.stderr
+
+
+def test_min_agreement_over_real_gloo(tmp_path):
+    """Different local budgets on two processes: both end with the smaller."""
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_agree_worker, args=(2, str(tmp_path / "store")), nprocs=2, start_method="spawn")
+    assert sorted((tmp_path / f"r{r}").read_text() for r in range(2)) == ["0.5", "0.5"]
+
+
+def _agree_worker(rank, world, store_path):
+    import torch.distributed as dist
+
+    from spmd_dp.control import min_over_ranks
+
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world)
+    agreed = min_over_ranks(0.5 if rank == 1 else 0.9)
+    Path(store_path).with_name(f"r{rank}").write_text(str(agreed))
+    dist.destroy_process_group()
