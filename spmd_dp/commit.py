@@ -16,11 +16,12 @@ removes the parts. A changed input or generation config is refused unless
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from spmd_dp.errors import UsageError
 from spmd_dp.log import logger
@@ -189,11 +190,15 @@ class Journal:
             self._file = None
 
 
-def fingerprint(cfg, input_sha256: str, n_records: int) -> Dict[str, Any]:
+def fingerprint(cfg, input_sha256: str, n_records: int, template: Optional[Path] = None) -> Dict[str, Any]:
     """What the committed results depend on: a resume with any of it changed is refused."""
     from dataclasses import asdict
 
     return {
+        "template_sha256": hashlib.sha256(template.read_bytes()).hexdigest() if template else None,
+        "chat": cfg.chat,
+        "system_prompt": cfg.system_prompt,
+        "messages_field": cfg.messages_field,
         "input_sha256": input_sha256,
         "n_records": n_records,
         "model_name": cfg.model_name,

@@ -94,7 +94,13 @@ class RunConfig:
     # seed 000, load node
     input_data_path: str = "sample.jsonl"
     primary_key: str = "id"
+    # the prompt of a record (spmd_dp/prompts.py): a `messages_field` list is a chat; else a template
+    # (prompt_template, or ${prompts_dir}/${name}.jinja|.txt) rendered with the record; else prompt_field
     prompt_field: str = "prompt"
+    prompt_template: Optional[str] = None
+    messages_field: str = "messages"
+    chat: bool = False  # send text prompts as one user turn through the model's chat template
+    system_prompt: Optional[str] = None  # chat: the system turn before it
     # seed 000, text_prompt node
     model_name: str = DEFAULT_MODEL
     inference_engine: str = "vllm_dp"
@@ -109,6 +115,7 @@ class RunConfig:
     schedule: str = "dynamic"
     overwrite: bool = False
     output_format: str = "jsonl"
+    return_metadata: bool = False  # add ${name}_metadata: finish_reason, token counts, rank, batch
     on_bad_record: str = "fail"
     log_level: str = "INFO"
 

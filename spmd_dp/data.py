@@ -13,7 +13,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from spmd_dp.errors import UsageError
 
@@ -38,12 +38,12 @@ class InputIndex:
 
 @dataclass(frozen=True)
 class RecordSpec:
-    """What makes a line a valid record."""
+    """What makes a line a valid record: a JSON object with a primary key that the prompt builder accepts."""
 
     primary_key: str
-    prompt_field: str
+    prompt_check: Callable[[Dict[str, Any]], Optional[str]]  # PromptBuilder.check
 
-    def check(self, record: Any) -> str | None:
+    def check(self, record: Any) -> Optional[str]:
         """None if the record is valid, else why not."""
         if not isinstance(record, dict):
             return f"a record must be a JSON object, got {type(record).__name__}"
@@ -52,11 +52,7 @@ class RecordSpec:
             return f"no primary key field '{self.primary_key}' (set primary_key=<field>)"
         if not isinstance(key, (str, int)) or isinstance(key, bool):
             return f"primary key '{self.primary_key}' must be a string or an integer, got {type(key).__name__}"
-        if self.prompt_field not in record:
-            return f"no prompt field '{self.prompt_field}' (set prompt_field=<field>)"
-        if not isinstance(record[self.prompt_field], str):
-            return f"prompt field '{self.prompt_field}' must be a string, got {type(record[self.prompt_field]).__name__}"
-        return None
+        return self.prompt_check(record)
 
 
 def _parse(raw: bytes) -> Tuple[Any, str | None]:

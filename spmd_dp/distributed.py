@@ -74,15 +74,14 @@ class RankEnv:
                 restart_count=_int(env, "TORCHELASTIC_RESTART_COUNT", 0),
                 run_id=env.get("TORCHELASTIC_RUN_ID", "local"),
                 agent_store=env.get("TORCHELASTIC_USE_AGENT_STORE") == "True")
-        if "SLURM_PROCID" in env and "SLURM_STEP_ID" in env:
-            world = _int(env, "SLURM_NTASKS", _int(env, "SLURM_STEP_NUM_TASKS", 1))
+        if _in_slurm_step(env):
+            world = _int(env, "SLURM_STEP_NUM_TASKS", _int(env, "SLURM_NTASKS", 1))
             nodes = _int(env, "SLURM_STEP_NUM_NODES", _int(env, "SLURM_NNODES", 1))
-            local_world = _slurm_tasks_on_node(env, world, nodes)
-            job = env.get("SLURM_JOB_ID", "0")
+            job = env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID") or "0"
             return cls(
                 rank=_int(env, "SLURM_PROCID"), local_rank=_int(env, "SLURM_LOCALID", 0), world_size=world,
-                local_world_size=local_world, launcher="slurm",
-                master_addr=_slurm_head_node(env) if world > 1 else "127.0.0.1",
+                local_world_size=_slurm_tasks_on_node(env, world, nodes), launcher="slurm",
+                master_addr=_slurm_master_addr(env, dp_master_ip, world, nodes),
                 master_port=dp_master_port or (20000 + int(job) % 20000 if job.isdigit() else DEFAULT_PORT),
                 restart_count=_int(env, "SLURM_RESTART_COUNT", 0), run_id=f"slurm{job}.{env.get('SLURM_STEP_ID')}")
         return cls(rank=0, local_rank=0, world_size=1, local_world_size=1, launcher="single",
@@ -101,26 +100,103 @@ def _int(env: Mapping[str, str], name: str, default: Optional[int] = None) -> in
         raise UsageError(f"environment error: {name}={raw!r} is not an integer") from None
 
 
+# Step ids Slurm gives to what is not an srun step: the batch script, the extern step,
+# salloc's interactive step, a pending step. A process there is one process, whatever
+# SLURM_NTASKS says (the batch script sees the job's task count, not a world it is part of).
+_SLURM_SPECIAL_STEPS = {"batch", "extern", "interactive", "4294967290", "4294967291", "4294967292", "4294967293",
+                        "4294967294", "4294967295"}
+
+
+def _in_slurm_step(env: Mapping[str, str]) -> bool:
+    """A task of an `srun` step (not the batch script, which has SLURM_PROCID=0 but no step id)."""
+    step = env.get("SLURM_STEP_ID", env.get("SLURM_STEPID"))
+    return "SLURM_PROCID" in env and step is not None and step not in _SLURM_SPECIAL_STEPS
+
+
+def _expand_tasks_per_node(raw: str) -> list[int]:
+    """'2(x3),1' -> [2, 2, 2, 1] (Slurm's SLURM_STEP_TASKS_PER_NODE / SLURM_TASKS_PER_NODE)."""
+    out: list[int] = []
+    for part in raw.split(","):
+        m = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", part)
+        if not m:
+            raise UsageError(f"environment error: SLURM_STEP_TASKS_PER_NODE={raw!r} is not like '4' or '2(x3),1'")
+        out += [int(m.group(1))] * int(m.group(2) or 1)
+    return out
+
+
 def _slurm_tasks_on_node(env: Mapping[str, str], world: int, nodes: int) -> int:
-    """SLURM_STEP_TASKS_PER_NODE looks like '4' or '2(x3),1'; the first entry is ours when even."""
+    """The tasks of this step on this node: SLURM_STEP_TASKS_PER_NODE ('4', '2(x3),1') at SLURM_NODEID.
+
+    SLURM_NODEID is the node's index in the job; for a step on fewer nodes than the job, the
+    count at the step's node index is found by the node's name in SLURM_STEP_NODELIST.
+    """
     raw = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE")
-    if raw:
-        m = re.match(r"(\d+)", raw)
-        if m:
-            return int(m.group(1))
-    return max(1, world // max(1, nodes))
+    if not raw:
+        return max(1, -(-world // max(1, nodes)))
+    counts = _expand_tasks_per_node(raw)
+    index = _slurm_step_node_index(env)
+    if index is None or index >= len(counts):
+        index = 0 if len(set(counts)) == 1 else None
+    if index is None:
+        raise UsageError(f"environment error: cannot tell this node's task count from SLURM_STEP_TASKS_PER_NODE="
+                         f"{raw!r} (SLURM_NODEID={env.get('SLURM_NODEID')!r}, SLURMD_NODENAME="
+                         f"{env.get('SLURMD_NODENAME')!r}); use the same number of tasks on every node")
+    return counts[index]
+
+
+def _slurm_step_node_index(env: Mapping[str, str]) -> Optional[int]:
+    step_nodes = env.get("SLURM_STEP_NODELIST")
+    job_nodes = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    me = env.get("SLURMD_NODENAME")
+    if step_nodes and me and step_nodes != job_nodes:
+        hosts = _slurm_hostnames(step_nodes)
+        return hosts.index(me) if me in hosts else None
+    raw = env.get("SLURM_NODEID")
+    return int(raw) if raw and raw.isdigit() else None
+
+
+def _slurm_master_addr(env: Mapping[str, str], dp_master_ip: str, world: int, nodes: int) -> str:
+    """Where rank 0 hosts the store: engine_options.dp_master_ip when set to a real address, else
+    127.0.0.1 for a one-node step (no name to resolve), else the first host of the step's nodes."""
+    if dp_master_ip and dp_master_ip not in ("127.0.0.1", "localhost", "::1"):
+        return dp_master_ip
+    if world == 1 or nodes == 1:
+        return "127.0.0.1"
+    return _slurm_head_node(env)
 
 
 def _slurm_head_node(env: Mapping[str, str]) -> str:
-    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or ""
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or ""
     if not nodelist:
         raise UsageError("environment error: SLURM_JOB_NODELIST is not set; run inside a Slurm allocation")
+    return _slurm_hostnames(nodelist)[0]
+
+
+def _slurm_hostnames(nodelist: str) -> list[str]:
+    """`scontrol show hostnames NODELIST`, or a parse of its common forms when scontrol is not there."""
     try:
         out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
                              check=True, timeout=30).stdout.split()
-        return out[0]
-    except (OSError, subprocess.SubprocessError, IndexError):
-        return re.split(r"[\[,]", nodelist)[0]
+        if out:
+            return out
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return _expand_nodelist(nodelist)
+
+
+def _expand_nodelist(nodelist: str) -> list[str]:
+    """'gpu[01-03,07],cpu5' -> ['gpu01', 'gpu02', 'gpu03', 'gpu07', 'cpu5'] (one bracket per name)."""
+    hosts: list[str] = []
+    for m in re.finditer(r"([^,\[]+)(?:\[([^\]]*)\])?([^,\[]*)", nodelist):
+        prefix, ranges, suffix = m.group(1), m.group(2), m.group(3)
+        if ranges is None:
+            hosts.append(prefix + suffix)
+            continue
+        for r in ranges.split(","):
+            lo, _, hi = r.partition("-")
+            for i in range(int(lo), int(hi or lo) + 1):
+                hosts.append(f"{prefix}{str(i).zfill(len(lo))}{suffix}")
+    return hosts
 
 
 def scrub_launcher_env(environ: MutableMapping[str, str] | None = None) -> list[str]:

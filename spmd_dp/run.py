@@ -29,6 +29,7 @@ from spmd_dp.errors import RunFailure, UsageError
 from spmd_dp.log import logger, setup_logging
 from spmd_dp.metrics import Metrics
 from spmd_dp.model import is_embedded
+from spmd_dp.prompts import PromptBuilder
 from spmd_dp.work import BatchQueue, make_batches
 from spmd_dp.worker import Generator, RankStats
 
@@ -94,12 +95,12 @@ def _init_process_group(env: RankEnv, timeout: timedelta):
     return dist.PrefixStore("work", root)
 
 
-def _rank0_setup(cfg: RunConfig) -> Tuple[Dict[str, Any], Optional[Journal]]:
+def _rank0_setup(cfg: RunConfig, prompts: PromptBuilder) -> Tuple[Dict[str, Any], Optional[Journal]]:
     """Rank 0 scans the input, opens the journal and says what is left to do (or why not)."""
     try:
-        index = scan_input(cfg.input_path, RecordSpec(cfg.primary_key, cfg.prompt_field), cfg.batch_size)
-        journal = Journal(Path(cfg.output_dir), cfg.name, fingerprint(cfg, index.sha256, index.n_records),
-                          cfg.output_path)
+        index = scan_input(cfg.input_path, RecordSpec(cfg.primary_key, prompts.check), cfg.batch_size)
+        fp = fingerprint(cfg, index.sha256, index.n_records, prompts.template_path)
+        journal = Journal(Path(cfg.output_dir), cfg.name, fp, cfg.output_path)
         journal.open(overwrite=cfg.overwrite)
         pending = [] if journal.complete else journal.missing(index.n_records)
         atomic_write(Path(cfg.output_dir) / f"{cfg.name}.config.yaml", [to_yaml(cfg).encode()])
@@ -115,6 +116,7 @@ def run(cfg: RunConfig) -> int:
     env = plan.env
     setup_logging(env.rank, env.world_size, cfg.log_level)
     preflight(cfg)
+    prompts = PromptBuilder(cfg)
     os.environ.update(plan.device.environ())
     os.environ["VLLM_PORT"] = str(plan.vllm_port)
     os.environ["VLLM_USE_V1"] = "1"
@@ -127,8 +129,10 @@ def run(cfg: RunConfig) -> int:
         logger.info("Starting %d data parallel workers (%s, schedule=%s, batch_size=%d)", env.world_size,
                     cfg.inference_engine, cfg.schedule, cfg.batch_size)
     logger.info("%s", plan.describe())
+    if env.is_master:
+        logger.info("prompts from %s", prompts.describe())
 
-    setup, journal = _rank0_setup(cfg) if env.is_master else (None, None)
+    setup, journal = _rank0_setup(cfg, prompts) if env.is_master else (None, None)
     setup = broadcast_json(setup)
     if "usage_error" in setup:
         if env.is_master:
@@ -172,7 +176,7 @@ def run(cfg: RunConfig) -> int:
             control.state = READY
             logger.info("Worker rank %d is ready (engine started in %.1fs)", env.rank, stats.engine_start_s)
             fair_share = -(-len(batches) // env.world_size)
-            Generator(cfg, engine, queue, index, control, env.rank, stats, fair_share).run()
+            Generator(cfg, engine, queue, index, prompts, control, env.rank, stats, fair_share).run()
         control.put(stats.as_item())
         control.finish()
         control.wait_done()

@@ -21,6 +21,7 @@ from spmd_dp.data import InputIndex, read_batch
 from spmd_dp.engines import Completion, Engine, Request
 from spmd_dp.errors import RunFailure
 from spmd_dp.log import logger
+from spmd_dp.prompts import PromptBuilder
 from spmd_dp.work import Batch, BatchQueue
 
 
@@ -55,9 +56,10 @@ def record_seed(seed: int, key: Any) -> int:
 
 
 class Generator:
-    def __init__(self, cfg: RunConfig, engine: Engine, queue: BatchQueue, index: InputIndex,
+    def __init__(self, cfg: RunConfig, engine: Engine, queue: BatchQueue, index: InputIndex, prompts: PromptBuilder,
                  control: ControlPlane, rank: int, stats: RankStats, fair_share: int) -> None:
         self.cfg, self.engine, self.queue, self.index, self.control, self.rank = cfg, engine, queue, index, control, rank
+        self.prompts = prompts
         self.stats = stats
         self.sampling = sampling_kwargs(cfg, rank)
         self.seed = self.sampling.pop("seed", None)
@@ -69,10 +71,11 @@ class Generator:
         self.max_inflight = max(1, min(-(-self.target // cfg.batch_size), fair_share))
 
     def _request(self, batch: Batch, i: int, record: Dict[str, Any]) -> Request:
-        sampling = dict(self.sampling)
-        if self.seed is not None:
-            sampling["seed"] = record_seed(self.seed, record[self.cfg.primary_key])
-        return Request(f"{batch.index}:{i}", record[self.cfg.prompt_field], sampling)
+        sampling = self.prompts.sampling(self.sampling, record)
+        seed = sampling.pop("seed", self.seed)
+        if seed is not None:
+            sampling["seed"] = record_seed(seed, record[self.cfg.primary_key])
+        return Request(f"{batch.index}:{i}", self.prompts.build(record), sampling)
 
     def _claim(self) -> bool:
         failed = self.control.ranks_in(FAILED) if self.cfg.schedule == "static" else ()
@@ -108,17 +111,20 @@ class Generator:
             self._emit(self.inflight.pop(batch_index))
 
     def _emit(self, job: _InFlight) -> None:
-        name, n = self.cfg.name, self.cfg.generation_options.n
+        name = self.cfg.name
         lines = []
         prompt_tokens = output_tokens = 0
+        b = job.batch
         for record, c in zip(job.records, job.done):
             assert c is not None
             out = dict(record)
-            out[name] = c.texts if n > 1 else (c.texts[0] if c.texts else "")
+            out[name] = c.texts[0] if len(c.texts) == 1 else c.texts  # a list when n > 1
+            if self.cfg.return_metadata:
+                out[f"{name}_metadata"] = {"finish_reason": c.finish_reason, "prompt_tokens": c.prompt_tokens,
+                                           "output_tokens": c.output_tokens, "rank": self.rank, "batch": b.index}
             lines.append(json.dumps(out, ensure_ascii=False))
             prompt_tokens += c.prompt_tokens
             output_tokens += c.output_tokens
-        b = job.batch
         self.control.put({"kind": "batch", "index": b.index, "start": b.start, "stop": b.stop, "rank": self.rank,
                           "lines": lines, "records": len(lines), "prompt_tokens": prompt_tokens,
                           "output_tokens": output_tokens, "nbytes": sum(len(x) for x in lines) + len(lines),

@@ -4,10 +4,12 @@ import json
 
 import pytest
 
+from spmd_dp.config import load_config
 from spmd_dp.data import RecordSpec, read_batch, scan_input
 from spmd_dp.errors import UsageError
+from spmd_dp.prompts import PromptBuilder
 
-SPEC = RecordSpec("id", "prompt")
+SPEC = RecordSpec("id", PromptBuilder(load_config([])).check)
 
 
 def test_scan_and_read_any_span(tmp_path):

@@ -30,3 +30,30 @@ def test_two_ranks_equal_one_rank_greedy(tmp_path):
     assert re.search(r"\[rank 0/2 .*on CPU cores 0 \(tensor_parallel_size=1\)", two.stderr)
     assert re.search(r"\[rank 1/2 .*on CPU cores 1 \(tensor_parallel_size=1\)", two.stderr)
     assert "Worker rank 0 is ready" in two.stderr and "Worker rank 1 is ready" in two.stderr
+
+
+def test_chat_token_ids_n_and_per_record_options_on_real_vllm(tmp_path):
+    from transformers import AutoTokenizer
+
+    from spmd_dp.model import resolve_model
+
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is rain?"}]
+    records = [
+        {"id": "plain", "prompt": "The weather today is"},
+        {"id": "chat", "messages": msgs},
+        {"id": "ids", "prompt": [1, 17, 42, 99, 7]},
+        {"id": "two", "prompt": "Once upon a time", "generation_options": {"n": 2, "temperature": 1.0}},
+        {"id": "short", "prompt": "Tell me", "generation_options": {"max_tokens": 3, "ignore_eos": True}},
+    ]
+    inp = write_jsonl(tmp_path / "data" / "in.jsonl", records)
+    p = spmd(vllm_args(tmp_path, inp, "mixed", "return_metadata=true"), timeout=600)
+    assert p.returncode == 0, p.stderr[-4000:]
+    rows = {r["id"]: r for r in read_jsonl(tmp_path / "out" / "mixed.jsonl")}
+    tok = AutoTokenizer.from_pretrained(resolve_model("spmd-dp/tiny-llama"))
+    chat_ids = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    expected_chat_tokens = len(tok(chat_ids, add_special_tokens=False)["input_ids"])
+    assert rows["chat"]["mixed_metadata"]["prompt_tokens"] == expected_chat_tokens  # the model's chat template
+    assert rows["ids"]["mixed_metadata"]["prompt_tokens"] == 5
+    assert isinstance(rows["two"]["mixed"], list) and len(rows["two"]["mixed"]) == 2
+    assert rows["short"]["mixed_metadata"]["output_tokens"] == 3
+    assert all(isinstance(rows[k]["mixed"], str) for k in ("plain", "chat", "ids", "short"))

@@ -1,7 +1,8 @@
 """The echo engine: a deterministic dry run with no model and no vLLM import.
 
 A request's text is the first `max_tokens` whitespace-separated words of its
-prompt joined by single spaces; the engine sleeps `echo_delay_s` per word it
+prompt joined by single spaces (a chat's prompt is its last user turn, token ids
+count as words); the engine sleeps `echo_delay_s` per word it
 returns, so its time grows with output length like a real engine's. Requests
 run one after another. `echo_fail_ranks` lists ranks whose engine fails at start
 (fault injection, to rehearse a rank that cannot start).
@@ -14,6 +15,7 @@ from collections import deque
 from typing import Deque, List, Optional
 
 from spmd_dp.engines.base import Completion, EngineStartError, Request
+from spmd_dp.prompts import Chat
 
 
 class EchoEngine:
@@ -25,8 +27,6 @@ class EchoEngine:
         self.queue: Deque[Request] = deque()
 
     def add(self, request: Request) -> Optional[Completion]:
-        if not isinstance(request.prompt, str):
-            return Completion(request.request_id, error="echo engine: prompt must be text")
         self.queue.append(request)
         return None
 
@@ -34,7 +34,10 @@ class EchoEngine:
         if not self.queue:
             return []
         req = self.queue.popleft()
-        words = req.prompt.split()
+        prompt = req.prompt
+        if isinstance(prompt, Chat):
+            prompt = prompt.last_user_text()
+        words = prompt.split() if isinstance(prompt, str) else [str(t) for t in prompt]
         max_tokens = int(req.sampling.get("max_tokens", 16))
         out = words[:max_tokens]
         if self.delay:

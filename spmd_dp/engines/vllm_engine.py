@@ -16,6 +16,7 @@ from spmd_dp.devices import cpu_kvcache_gib
 from spmd_dp.engines.base import Completion, EngineStartError, Request
 from spmd_dp.log import logger
 from spmd_dp.model import is_embedded, resolve_model
+from spmd_dp.prompts import Chat
 
 
 def engine_kwargs(cfg, device_slice) -> Dict[str, Any]:
@@ -78,7 +79,14 @@ class VllmEngine:
         return None
 
     def _render(self, prompt):
-        """The prompt as LLM.generate() hands it to the engine (vLLM >= 0.30 renders it first)."""
+        """The prompt as LLM.generate()/LLM.chat() hand it to the engine (vLLM >= 0.30 renders it first)."""
+        if isinstance(prompt, Chat):
+            render_chat = getattr(self.llm, "_preprocess_chat_one", None)
+            if render_chat is not None:
+                return render_chat(prompt.messages)
+            tokenizer = self.llm.get_tokenizer()
+            text = tokenizer.apply_chat_template(prompt.messages, tokenize=False, add_generation_prompt=True)
+            return {"prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)}
         if not isinstance(prompt, str):
             prompt = {"prompt_token_ids": prompt}
         render = getattr(self.llm, "_preprocess_cmpl_one", None)
