@@ -116,23 +116,33 @@ def local_kv_budget(device: DeviceSlice, options, ranks_per_node: int, environ: 
     return float(max(1, min(cpu_kvcache_gib(options, environ), int(free_gib / 2))))
 
 
-def _gpu_memory(ids: Sequence[str]) -> List[Tuple[int, int]]:
-    """(free, total) bytes of each GPU, from NVML (no CUDA context is created)."""
+def _nvml(ids: Sequence[str], query) -> list:
+    """query(pynvml, handle) for each GPU id, through NVML (no CUDA context is created); [] without NVML."""
     try:
         import pynvml
-    except ImportError:
+
+        pynvml.nvmlInit()
+    except Exception:  # no pynvml, no driver
         return []
-    pynvml.nvmlInit()
     try:
-        out = []
-        for i in ids:
-            h = (pynvml.nvmlDeviceGetHandleByUUID(i) if i.startswith(("GPU-", "MIG-"))
-                 else pynvml.nvmlDeviceGetHandleByIndex(int(i)))
-            mem = pynvml.nvmlDeviceGetMemoryInfo(h)
-            out.append((mem.free, mem.total))
-        return out
+        handles = [pynvml.nvmlDeviceGetHandleByUUID(i) if i.startswith(("GPU-", "MIG-"))
+                   else pynvml.nvmlDeviceGetHandleByIndex(int(i)) for i in ids]
+        return [query(pynvml, h) for h in handles]
     finally:
         pynvml.nvmlShutdown()
+
+
+def _gpu_memory(ids: Sequence[str]) -> List[Tuple[int, int]]:
+    """(free, total) bytes of each GPU."""
+    return _nvml(ids, lambda nv, h: (nv.nvmlDeviceGetMemoryInfo(h).free, nv.nvmlDeviceGetMemoryInfo(h).total))
+
+
+def physical_gpus(ids: Sequence[str]) -> List[str]:
+    """'index name uuid bus-id' of each GPU, to show which physical GPU a rank got."""
+    def one(nv, h):
+        return (f"{nv.nvmlDeviceGetIndex(h)}:{nv.nvmlDeviceGetName(h)}:{nv.nvmlDeviceGetUUID(h)}:"
+                f"{nv.nvmlDeviceGetPciInfo(h).busId}")
+    return _nvml(ids, one)
 
 
 def vllm_port_base(master_port: int, local_rank: int, environ: Mapping[str, str]) -> int:

@@ -23,6 +23,8 @@ class RankMetrics:
     output_tokens: int = 0
     engine_start_s: float = 0.0
     busy_s: float = 0.0
+    gen_start_unix: float = 0.0
+    gen_end_unix: float = 0.0
     engine_failed: Optional[str] = None
 
     @property
@@ -67,12 +69,15 @@ class Metrics:
 
     def add_rank(self, item: Dict[str, Any]) -> None:
         r = self.ranks[item["rank"]]
-        r.engine_start_s, r.busy_s, r.engine_failed = item["engine_start_s"], item["busy_s"], item["engine_failed"]
+        for key in ("engine_start_s", "busy_s", "gen_start_unix", "gen_end_unix", "engine_failed"):
+            setattr(r, key, item[key])
 
     def report(self) -> Report:
         wall = time.monotonic() - self.started
         busy = [r.busy_s for r in self.ranks if r.busy_s > 0]
         out_tokens = sum(r.output_tokens for r in self.ranks)
+        spans = [(r.gen_start_unix, r.gen_end_unix) for r in self.ranks if r.gen_end_unix > 0]
+        gen_span = max(e for _, e in spans) - min(s for s, _ in spans) if spans else 0.0
         total = {
             "records": sum(r.records for r in self.ranks),
             "batches": sum(r.batches for r in self.ranks),
@@ -80,6 +85,9 @@ class Metrics:
             "output_tokens": out_tokens,
             "wall_s": round(wall, 3),
             "output_tokens_per_s": round(out_tokens / wall, 2) if wall > 0 else 0.0,
+            # generation span: the first rank's first claim to the last rank's last batch
+            "generation_s": round(gen_span, 3),
+            "generation_tokens_per_s": round(out_tokens / gen_span, 2) if gen_span > 0 else 0.0,
             "max_busy_s": max(busy, default=0.0),
             "imbalance": round(max(busy) / (sum(busy) / len(busy)), 4) if busy else 1.0,
             "failed_ranks": [r.rank for r in self.ranks if r.engine_failed],

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -22,7 +23,8 @@ from spmd_dp.commit import Journal, atomic_write, fingerprint
 from spmd_dp.config import RunConfig, to_yaml
 from spmd_dp.control import FAILED, READY, ControlPlane, broadcast_json, min_over_ranks
 from spmd_dp.data import InputIndex, RecordSpec, scan_input
-from spmd_dp.devices import DeviceSlice, local_kv_budget, plan_device_slice, vllm_port_base
+from spmd_dp.devices import (VLLM_PORT_STRIDE, DeviceSlice, local_kv_budget, physical_gpus, plan_device_slice,
+                             vllm_port_base)
 from spmd_dp.distributed import RankEnv, scrub_launcher_env
 from spmd_dp.engines import EngineStartError, build_engine
 from spmd_dp.errors import RunFailure, UsageError
@@ -45,7 +47,7 @@ class RankPlan:
     def describe(self) -> str:
         e = self.env
         return (f"rank {e.rank}/{e.world_size} (local {e.local_rank}/{e.local_world_size}, {e.launcher}) "
-                f"on {self.device.describe()}")
+                f"on {self.device.describe()}, vLLM ports {self.vllm_port}-{self.vllm_port + VLLM_PORT_STRIDE - 1}")
 
 
 def make_plan(cfg: RunConfig, environ=None) -> RankPlan:
@@ -129,6 +131,9 @@ def run(cfg: RunConfig) -> int:
         logger.info("Starting %d data parallel workers (%s, schedule=%s, batch_size=%d)", env.world_size,
                     cfg.inference_engine, cfg.schedule, cfg.batch_size)
     logger.info("%s", plan.describe())
+    if plan.device.kind == "cuda":
+        logger.info("rank %d physical GPUs (index:name:uuid:bus): %s", env.rank,
+                    ", ".join(physical_gpus(plan.device.ids)) or "unknown (no NVML)")
     if env.is_master:
         logger.info("prompts from %s", prompts.describe())
 
@@ -171,26 +176,31 @@ def run(cfg: RunConfig) -> int:
         logger.error("engine failed to start on rank %d: %s; this rank takes no work", env.rank, e)
         control.state = FAILED
     stats.engine_start_s = round(time.monotonic() - t0, 3)
+    closing = None
     try:
         if engine is not None:
             control.state = READY
             logger.info("Worker rank %d is ready (engine started in %.1fs)", env.rank, stats.engine_start_s)
             fair_share = -(-len(batches) // env.world_size)
             Generator(cfg, engine, queue, index, prompts, control, env.rank, stats, fair_share).run()
+            # this rank's work is done: free its devices while the others finish (vLLM takes seconds)
+            closing = threading.Thread(target=engine.close, name="spmd_dp-engine-close", daemon=True)
+            closing.start()
         control.put(stats.as_item())
         control.finish()
         control.wait_done()
+        failed = control.ranks_in(FAILED)
+        if len(failed) == env.world_size:
+            raise RunFailure(f"no rank could start its engine ({stats.engine_failed}); see the log of each rank")
+        if committer is not None:
+            committer.finish()
+        elif failed:
+            logger.warning("ranks %s could not start their engines; the others did their share", failed)
     finally:
-        if engine is not None:
+        if closing is not None:
+            closing.join(timeout=60)
+        elif engine is not None:
             engine.close()
-
-    failed = control.ranks_in(FAILED)
-    if len(failed) == env.world_size:
-        raise RunFailure(f"no rank could start its engine ({stats.engine_failed}); see the log of each rank")
-    if committer is not None:
-        committer.finish()
-    elif failed:
-        logger.warning("ranks %s could not start their engines; the others did their share", failed)
     dist.destroy_process_group()
     return 0
 
@@ -232,9 +242,13 @@ class _Committer:
         if missing:
             raise RunFailure(f"{sum(b - a for a, b in missing)} records were not generated (first span "
                              f"{missing[0][0]}..{missing[0][1] - 1}); rerun with the same output_dir to resume")
-        self.journal.assemble(self.index.n_records)
+        t0 = time.monotonic()
+        size = self.journal.assemble(self.index.n_records)
+        merge_s = time.monotonic() - t0
         self.journal.close()
         report = self.metrics.report()
+        report.total.update(merge_s=round(merge_s, 3), output_bytes=size,
+                            merge_mb_per_s=round(size / 1e6 / merge_s, 1) if merge_s > 0 else None)
         atomic_write(self.cfg.metrics_path, [report.to_json().encode()])
         for line in report.table().splitlines():
             logger.info("%s", line)

@@ -34,6 +34,8 @@ class RankStats:
     output_tokens: int = 0
     engine_start_s: float = 0.0
     busy_s: float = 0.0  # first claim to last finished batch
+    gen_start_unix: float = 0.0  # wall clock of the first claim and of the last finished batch,
+    gen_end_unix: float = 0.0  # to measure the run's generation span across ranks
     engine_failed: Optional[str] = None
 
     def as_item(self) -> Dict[str, Any]:
@@ -153,6 +155,7 @@ class Generator:
     def run(self) -> RankStats:
         self.control.watchdog = self.late
         start = time.monotonic()
+        self.stats.gen_start_unix = time.time()
         exhausted = False
         while True:
             self.control.check()
@@ -172,4 +175,5 @@ class Generator:
                 self._finish_request(c)
         if self.stats.batches:
             self.stats.busy_s = round(time.monotonic() - start, 3)
+            self.stats.gen_end_unix = time.time()
         return self.stats

@@ -1,0 +1,113 @@
+#!/usr/bin/env python3
+"""GPU verification table: for each layout, which physical GPUs each rank got, whether its vLLM
+engine processes really ran there, whether the output is complete and in order, and throughput.
+
+  python scripts/gpu_verify.py --run --out DIR        run the layouts (scripts/bench.py --suite gpu) then write
+  python scripts/gpu_verify.py --out DOC.md RESULTS_DIR...   write the table from bench results
+
+Layouts on a 4-GPU host: 1x1, 2x1, 1x2 (TP 2), 4x1 and the seed's 2x2 (ranks x GPUs per rank).
+A rank's expected GPUs are [r*g, (r+1)*g) of CUDA_VISIBLE_DEVICES; "logged" is what spmd_dp
+reported through NVML ("physical GPUs" line), "engine" is where nvidia-smi saw the processes
+under that rank (its vLLM EngineCore/workers) while the job ran.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Dict, List
+
+REPO = Path(__file__).resolve().parents[1]
+LAYOUT_PHASES = "p1,p2,p3,p4,p8"
+
+
+def rank_rows(job: Dict[str, Any]) -> List[Dict[str, Any]]:
+    g, slots = job["g"], job["slots"]
+    logged = job.get("physical_gpus", {})
+    engine = job.get("engine_pids_by_gpu", {})
+    rows = []
+    for r in range(job["n"]):
+        expected = [str(x) for x in slots[r * g:(r + 1) * g]]
+        entries = [e.split(":") for e in logged.get(str(r), "").split(", ") if e]
+        indices = [e[0] for e in entries]
+        uuids = [e[2] for e in entries if len(e) > 2]
+        seen = engine.get(str(r), [])
+        ok = indices == expected and bool(seen) and set(seen) <= set(uuids)
+        rows.append({"rank": r, "expected": expected, "logged": indices, "engine_gpus": [u[:12] for u in seen],
+                     "ok": ok, "busy_s": job["busy_s"][r],
+                     "tok_s": round(job["rank_output_tokens"][r] / job["busy_s"][r], 1) if job["busy_s"][r] else 0})
+    return rows
+
+
+def write_doc(out: Path, inputs: List[Path]) -> str:
+    jobs: Dict[str, Dict[str, Any]] = {}
+    env: Dict[str, Any] = {}
+    workload: Dict[str, Any] = {}
+    for d in inputs:
+        for f in sorted(Path(d).glob("phase-*.json")):
+            ph = json.loads(f.read_text())
+            env, workload = ph["environment"], ph["workload"]
+            for j in ph.get("jobs", []):
+                if j and j["method"] == "spmd" and j["workload"] == "uniform" and "error" not in j:
+                    jobs[j["label"]] = j
+    machine = env.get("gpus", "?").splitlines()
+    lines = [
+        "# GPU verification",
+        "",
+        f"Machine: {len(machine)} x {machine[0].split(',')[0] if machine else '?'} "
+        f"(driver {machine[0].split(',')[-1].strip() if machine else '?'}), vLLM {env.get('vllm')}, "
+        f"torch {env.get('torch')}. Model: {workload.get('model')} (Llama-3.1-8B shape, load_format=dummy); "
+        f"{workload.get('prompts')} prompts of {workload.get('prompt_len')} tokens, {workload.get('max_tokens')} "
+        f"output tokens each (greedy, ignore_eos). Produced by `python scripts/gpu_verify.py` from "
+        f"`scripts/bench.py --suite gpu` runs; every row is one real `torchrun -m spmd_dp` run.",
+        "",
+        "| layout (ranks x GPUs) | run | records | output complete + ordered | output tok/s | rank | GPUs expected "
+        "| GPUs logged by the rank | GPUs of its engine processes (nvidia-smi) | ok | busy s | rank tok/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    order = sorted(jobs.values(), key=lambda j: (j["n"] * j["g"], j["n"], j["label"]))
+    for j in order:
+        for i, row in enumerate(rank_rows(j)):
+            head = (f"| {j['n']}x{j['g']} | {j['label']} | {j['records']} | {j['output_complete_and_ordered']} | "
+                    f"{j['tokens_per_s']:.0f} |") if i == 0 else "| | | | | |"
+            lines.append(f"{head} {row['rank']} | {','.join(row['expected'])} | {','.join(row['logged'])} | "
+                         f"{', '.join(row['engine_gpus'])} | {'yes' if row['ok'] else 'NO'} | {row['busy_s']:.1f} | "
+                         f"{row['tok_s']:.0f} |")
+    lines += ["", "## vLLM ports: no collisions between the engines of a node", "",
+              "Each rank's engine scans for ports only inside its own range (VLLM_PORT = base + local_rank x 100), "
+              "so engines that start together cannot race for the same port (vLLM issues #43206, #39015). The ports "
+              "the engines' workers bound for torch.distributed (vLLM's `distributed_init_method`, from its INFO "
+              "log):", "",
+              "| run | ranks | per-rank port ranges | engine init ports | all distinct and inside a range |",
+              "|---|---|---|---|---|"]
+    for j in order:
+        ranges = [(int(lo), int(hi)) for _, lo, hi in j.get("vllm_port_ranges", [])]
+        ports = j.get("engine_init_ports", [])
+        ok = len(set(ports)) == len(ports) and all(any(lo <= p <= hi for lo, hi in ranges) for p in ports)
+        lines.append(f"| {j['label']} | {j['n']} | {', '.join(f'{lo}-{hi}' for lo, hi in sorted(ranges))} | "
+                     f"{', '.join(map(str, ports)) or '(none logged)'} | {'yes' if ok and ports else 'n/a' if not ports else 'NO'} |")
+    text = "\n".join(lines) + "\n"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    return text
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", action="store_true", help="run the layouts first (needs 4 GPUs)")
+    p.add_argument("--out", required=True, help="with --run: the bench folder; else the markdown file to write")
+    p.add_argument("inputs", nargs="*")
+    a = p.parse_args()
+    if a.run:
+        subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), "--suite", "gpu", "--out", a.out,
+                        "--phases", LAYOUT_PHASES], check=True)
+        print(write_doc(Path(a.out) / "gpu-verification.md", [Path(a.out)]))
+    else:
+        print(write_doc(Path(a.out), [Path(x) for x in a.inputs]))
+
+
+if __name__ == "__main__":
+    main()
