@@ -265,15 +265,17 @@ class GpuSampler:
                         self.seen[rank].append(uuid)
 
     def _rank_of(self, pid: int) -> Optional[str]:
-        """Walk up the process tree to the torchrun worker (RANK in its environment) or a raw process."""
+        """Walk up the process tree: the torchrun worker above (RANK in its environment) or the raw process,
+        if the chain reaches this job's own processes (jobs side by side are told apart)."""
+        rank = None
         while pid > 1:
             try:
+                if pid in self.roots:
+                    return rank if rank is not None else f"proc{pid}"
                 env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
                 ranks = [e[5:].decode() for e in env if e.startswith(b"RANK=")]
-                if ranks:
-                    return ranks[0]
-                if pid in self.roots:
-                    return f"proc{pid}"
+                if ranks and rank is None:
+                    rank = ranks[0]
                 pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
             except (OSError, ValueError, IndexError):
                 return None

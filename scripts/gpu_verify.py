@@ -28,13 +28,15 @@ def rank_rows(job: Dict[str, Any]) -> List[Dict[str, Any]]:
     g, slots = job["g"], job["slots"]
     logged = job.get("physical_gpus", {})
     engine = job.get("engine_pids_by_gpu", {})
+    # results taken before the sampler told side-by-side jobs apart: keep the GPUs of this job only
+    own = {e.split(":")[2] for v in logged.values() for e in v.split(", ") if e.count(":") >= 2}
     rows = []
     for r in range(job["n"]):
         expected = [str(x) for x in slots[r * g:(r + 1) * g]]
         entries = [e.split(":") for e in logged.get(str(r), "").split(", ") if e]
         indices = [e[0] for e in entries]
         uuids = [e[2] for e in entries if len(e) > 2]
-        seen = engine.get(str(r), [])
+        seen = [u for u in engine.get(str(r), []) if u in own]
         ok = indices == expected and bool(seen) and set(seen) <= set(uuids)
         rows.append({"rank": r, "expected": expected, "logged": indices, "engine_gpus": [u[:12] for u in seen],
                      "ok": ok, "busy_s": job["busy_s"][r],
@@ -81,14 +83,17 @@ def write_doc(out: Path, inputs: List[Path]) -> str:
               "so engines that start together cannot race for the same port (vLLM issues #43206, #39015). The ports "
               "the engines' workers bound for torch.distributed (vLLM's `distributed_init_method`, from its INFO "
               "log):", "",
-              "| run | ranks | per-rank port ranges | engine init ports | all distinct and inside a range |",
+              "| run | ranks x GPUs | per-rank port ranges | engine init ports | one per rank, inside its range |",
               "|---|---|---|---|---|"]
     for j in order:
         ranges = [(int(lo), int(hi)) for _, lo, hi in j.get("vllm_port_ranges", [])]
         ports = j.get("engine_init_ports", [])
-        ok = len(set(ports)) == len(ports) and all(any(lo <= p <= hi for lo, hi in ranges) for p in ports)
-        lines.append(f"| {j['label']} | {j['n']} | {', '.join(f'{lo}-{hi}' for lo, hi in sorted(ranges))} | "
-                     f"{', '.join(map(str, ports)) or '(none logged)'} | {'yes' if ok and ports else 'n/a' if not ports else 'NO'} |")
+        # an engine's tensor-parallel workers all log the engine's one port: one distinct port per rank
+        distinct = sorted(set(ports))
+        per_range = [sum(lo <= p <= hi for p in distinct) for lo, hi in ranges]
+        ok = len(distinct) == j["n"] and per_range == [1] * len(ranges)
+        lines.append(f"| {j['label']} | {j['n']}x{j['g']} | {', '.join(f'{lo}-{hi}' for lo, hi in sorted(ranges))} | "
+                     f"{', '.join(map(str, distinct)) or '(none logged)'} | {'yes' if ok else 'NO'} |")
     text = "\n".join(lines) + "\n"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)

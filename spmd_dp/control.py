@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from spmd_dp.errors import RunFailure
 from spmd_dp.log import logger
+from spmd_dp.procs import terminate_children
 
 STARTING, READY, FAILED = 0, 1, 2
 STATE_NAMES = {STARTING: "starting", READY: "ready", FAILED: "failed"}
@@ -144,6 +145,7 @@ class ControlPlane(threading.Thread):
             return
         if not self.acknowledged.wait(STUCK_GRACE_S) and threading.main_thread().is_alive():
             print(f"spmd_dp: error: {self.error} (the engine did not return; exiting)", file=sys.stderr, flush=True)
+            terminate_children()
             os._exit(1)
 
     def _to_rank0(self, payload: bytes, sizes: List[int]) -> Optional[List[bytes]]:
