@@ -8,7 +8,10 @@ is a Hydra override. Exit codes: 0 success, 2 bad config/input/environment
 
 from __future__ import annotations
 
+import json
+import os
 import sys
+import time
 import traceback
 from typing import List, Optional, Sequence
 
@@ -56,29 +59,44 @@ def _parse(argv: Sequence[str]) -> tuple[List[str], Optional[str], str, Optional
     return overrides, cfg_what, name, path
 
 
+def _report_to_torchrun(error_file: Optional[str], message: str) -> None:
+    """torchrun's failure summary shows the error file of a failed rank: give it our one line."""
+    if error_file and not os.path.exists(error_file):
+        with open(error_file, "w") as f:
+            json.dump({"message": message, "timestamp": int(time.time())}, f)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     setup_logging()
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")  # read now: the run scrubs torchrun's variables
+    code, message = _main(argv)
+    if code not in (EXIT_OK, 130) and message:
+        _report_to_torchrun(error_file, message)
+    return code
+
+
+def _main(argv: Optional[Sequence[str]]) -> tuple[int, str]:
     try:
         overrides, cfg_what, name, path = _parse(sys.argv[1:] if argv is None else argv)
         cfg = load_config(overrides, config_name=name, config_dir=path)
         if cfg_what == "job":
             print(to_yaml(cfg), end="")
-            return EXIT_OK
+            return EXIT_OK, ""
         from spmd_dp.run import run  # torch is imported only for a real run
 
-        return run(cfg)
+        return run(cfg), ""
     except UsageError as e:
-        if str(e):
-            print(f"spmd_dp: {e}", file=sys.stderr, flush=True)
-        return EXIT_USAGE
+        if e.quiet:
+            return EXIT_USAGE, f"spmd_dp: {e}"
+        message, code = f"spmd_dp: {e}", EXIT_USAGE
     except RunFailure as e:
         logger.error("%s", e)
-        print(f"spmd_dp: error: {e}", file=sys.stderr, flush=True)
-        return EXIT_FAILURE
+        message, code = f"spmd_dp: error: {e}", EXIT_FAILURE
     except KeyboardInterrupt:
-        print("spmd_dp: interrupted; rerun with the same output_dir to resume", file=sys.stderr, flush=True)
-        return 130
+        message, code = "spmd_dp: interrupted; rerun with the same output_dir to resume", 130
     except Exception as e:  # a bug or an engine crash: keep the traceback for the report
         traceback.print_exc()
-        print(f"spmd_dp: error: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-        return EXIT_FAILURE
+        message, code = f"spmd_dp: error: {type(e).__name__}: {e}", EXIT_FAILURE
+    if message:
+        print(message, file=sys.stderr, flush=True)
+    return code, message

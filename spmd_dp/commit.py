@@ -5,13 +5,14 @@ Under `${output_dir}`:
                                         atomically (temp file, fsync, rename);
   `${name}.journal.jsonl`              a header with the run's fingerprint, then one
                                         fsync'ed line per part naming its batches
-                                        (record span, byte offset, length).
+                                        (record span, byte offset, length) and the
+                                        records the engine refused (on_bad_record=skip).
 A batch is committed once its journal line is on disk. A rerun with the same
 output_dir reads the journal, skips the committed spans and finishes the rest; a
 part with no journal line (a crash in between) is redone. When every record is
 committed, `assemble` writes `${name}.jsonl` in input order (atomically) and
-removes the parts. A changed input or generation config is refused unless
-`overwrite=true`.
+removes the parts, with `${name}.errors.jsonl` beside it when bad records were
+skipped. A changed input or generation config is refused unless `overwrite=true`.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ class Journal:
         self.final_path = final_path
         self.fingerprint = fingerprint
         self.spans: Dict[int, Tuple[int, str, int, int]] = {}  # start -> (stop, part, offset, length)
+        self.errors: List[Dict[str, Any]] = []  # records the engine refused, from the committed batches
         self.complete = False
         self._next_part = 0
         self._file = None
@@ -121,6 +123,7 @@ class Journal:
                 self.complete = True
             for start, stop, offset, length in e.get("batches", []):
                 self.spans[start] = (stop, e["part"], offset, length)
+            self.errors += e.get("errors", [])
             if "part" in e:
                 self._next_part = max(self._next_part, int(e["part"].split("-")[1].split(".")[0]) + 1)
 
@@ -147,8 +150,10 @@ class Journal:
             entries.append([b["start"], b["stop"], offset, len(data)])
             chunks.append(data)
             offset += len(data)
+        errors = [err for b in batches for err in b.get("errors", [])]
         atomic_write(self.parts / name, chunks)
-        self._append({"part": name, "batches": entries})
+        self._append({"part": name, "batches": entries, **({"errors": errors} if errors else {})})
+        self.errors += errors
         for start, stop, off, length in entries:
             self.spans[start] = (stop, name, off, length)
 
@@ -164,6 +169,16 @@ class Journal:
         return pending_spans(n_records, self.committed_spans())
 
     # -- the final file -----------------------------------------------------------------------
+    @property
+    def errors_path(self) -> Path:
+        return self.final_path.with_name(self.final_path.name.rsplit(".", 1)[0] + ".errors.jsonl")
+
+    def write_errors(self, scan_errors: List[Dict[str, Any]]) -> int:
+        """`${name}.errors.jsonl`: the bad records of the scan and those the engine refused, in input order."""
+        rows = sorted(scan_errors + self.errors, key=lambda e: e["position"])
+        atomic_write(self.errors_path, [json.dumps(r, ensure_ascii=False).encode() + b"\n" for r in rows])
+        return len(rows)
+
     def assemble(self, n_records: int) -> int:
         """Write the final output in input order (atomically); returns its size in bytes."""
         missing = self.missing(n_records)

@@ -27,7 +27,7 @@ ENGINES = ("vllm_dp", "echo")
 SCHEDULES = ("dynamic", "static")
 DEVICES = ("auto", "cuda", "cpu")
 OUTPUT_FORMATS = ("jsonl",)
-ON_BAD_RECORD = ("fail",)
+ON_BAD_RECORD = ("fail", "skip")
 DEFAULT_MODEL = "spmd-dp/tiny-llama"
 
 
@@ -116,7 +116,7 @@ class RunConfig:
     overwrite: bool = False
     output_format: str = "jsonl"
     return_metadata: bool = False  # add ${name}_metadata: finish_reason, token counts, rank, batch
-    on_bad_record: str = "fail"
+    on_bad_record: str = "fail"  # skip: bad records go to ${output_dir}/${name}.errors.jsonl, the rest run
     log_level: str = "INFO"
 
     @property

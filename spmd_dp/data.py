@@ -1,10 +1,14 @@
 """The input: a JSONL file of records, validated in one streaming pass and read by batch.
 
 Rank 0 scans the file once (`scan_input`): every record is checked (a JSON
-object with the primary key and a string prompt, keys unique), the file is
+object with a unique primary key that the prompt builder accepts), the file is
 hashed for the resume journal, and the byte offset of every `stride`-th record
 is kept. Any rank then reads the records of a batch by seeking (`read_batch`),
-so no rank holds the dataset in memory. Blank lines are not records.
+so no rank holds the dataset in memory. Blank lines are not records; every other
+line is one, valid or not, so a record's position never depends on validation.
+With on_bad_record=fail the scan ends in one error naming the first bad line and
+how many there are; with on_bad_record=skip the bad records are listed (they go
+to the errors file) and left out of the work.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, FrozenSet, List, Optional, Tuple
 
 from spmd_dp.errors import UsageError
 
@@ -26,14 +30,27 @@ class InputIndex:
     n_records: int
     stride: int
     offsets: Tuple[int, ...] = field(repr=False)  # byte offset of record k*stride
+    bad: FrozenSet[int] = field(default=frozenset(), repr=False)  # positions of skipped bad records
 
     def to_json(self) -> Dict[str, Any]:
         return {"path": self.path, "size": self.size, "sha256": self.sha256, "n_records": self.n_records,
-                "stride": self.stride, "offsets": list(self.offsets)}
+                "stride": self.stride, "offsets": list(self.offsets), "bad": sorted(self.bad)}
 
     @classmethod
     def from_json(cls, d: Dict[str, Any]) -> "InputIndex":
-        return cls(d["path"], d["size"], d["sha256"], d["n_records"], d["stride"], tuple(d["offsets"]))
+        return cls(d["path"], d["size"], d["sha256"], d["n_records"], d["stride"], tuple(d["offsets"]),
+                   frozenset(d["bad"]))
+
+
+@dataclass(frozen=True)
+class BadRecord:
+    position: int  # among the input's records (non-blank lines)
+    line: int
+    key: Any  # the primary key, when it could be read
+    reason: str
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"line": self.line, "position": self.position, "key": self.key, "error": self.reason}
 
 
 @dataclass(frozen=True)
@@ -66,42 +83,59 @@ def _parse(raw: bytes) -> Tuple[Any, str | None]:
         return None, f"malformed JSON ({e.msg} at column {e.colno})"
 
 
-def scan_input(path: Path, spec: RecordSpec, stride: int) -> InputIndex:
-    """Validate every record in one pass; raise UsageError naming file and line on the first bad one."""
+def scan_input(path: Path, spec: RecordSpec, stride: int, skip_bad: bool = False
+               ) -> Tuple[InputIndex, List[BadRecord]]:
+    """Validate every record in one pass. Bad records: a UsageError naming the first (file:line) and
+    their count, or with skip_bad the list of them (their positions are left out of the work)."""
     if not path.is_file():
         raise UsageError(f"input error: {path} does not exist; set data_dir= and input_data_path= "
                          f"(absolute paths work too)")
     digest = hashlib.sha256()
     offsets: List[int] = []
     keys: Dict[Any, int] = {}
+    bad: List[BadRecord] = []
     n = 0
     pos = 0
-    with open(path, "rb") as f:
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise UsageError(f"input error: cannot read {path}: {e.strerror}") from None
+    with f:
         for lineno, raw in enumerate(f, start=1):
             digest.update(raw)
             start, pos = pos, pos + len(raw)
             if not raw.strip():
                 continue
-            record, err = _parse(raw)
-            err = err or spec.check(record)
-            if err:
-                raise UsageError(f"input error: {path}:{lineno}: {err}")
-            key = record[spec.primary_key]
-            if key in keys:
-                raise UsageError(f"input error: {path}:{lineno}: duplicate primary key {key!r} "
-                                 f"(first at line {keys[key]}); primary keys must be unique")
-            keys[key] = lineno
             if n % stride == 0:
                 offsets.append(start)
+            record, err = _parse(raw)
+            err = err or spec.check(record)
+            key = record.get(spec.primary_key) if isinstance(record, dict) else None
+            if err is None:
+                hkey = (type(key).__name__, key)
+                if hkey in keys:
+                    err = f"duplicate primary key {key!r} (first at line {keys[hkey]}); primary keys must be unique"
+                else:
+                    keys[hkey] = lineno
+            if err is not None:
+                bad.append(BadRecord(n, lineno, key if isinstance(key, (str, int)) else None, err))
             n += 1
     if n == 0:
         raise UsageError(f"input error: {path} holds no records; give a JSONL file with one JSON object per line")
-    return InputIndex(str(path.resolve()), pos, digest.hexdigest(), n, stride, tuple(offsets))
+    if bad and not skip_bad:
+        first = bad[0]
+        more = f" (and {len(bad) - 1} more bad records)" if len(bad) > 1 else ""
+        raise UsageError(f"input error: {path}:{first.line}: {first.reason}{more}; fix the input, or set "
+                         f"on_bad_record=skip to write bad records to the errors file and run the rest")
+    index = InputIndex(str(path.resolve()), pos, digest.hexdigest(), n, stride, tuple(offsets),
+                       frozenset(b.position for b in bad))
+    return index, bad
 
 
-def read_batch(index: InputIndex, start: int, stop: int) -> List[Dict[str, Any]]:
-    """Records [start, stop) of the input, by seeking to the nearest indexed offset."""
-    out: List[Dict[str, Any]] = []
+def read_batch(index: InputIndex, start: int, stop: int) -> List[Optional[Dict[str, Any]]]:
+    """Records [start, stop) of the input (None for a skipped bad record), by seeking to the nearest
+    indexed offset."""
+    out: List[Optional[Dict[str, Any]]] = []
     skip = start % index.stride
     with open(index.path, "rb") as f:
         f.seek(index.offsets[start // index.stride])
@@ -111,7 +145,7 @@ def read_batch(index: InputIndex, start: int, stop: int) -> List[Dict[str, Any]]
             if skip:
                 skip -= 1
                 continue
-            out.append(json.loads(raw))
+            out.append(None if start + len(out) in index.bad else json.loads(raw))
             if len(out) == stop - start:
                 break
     if len(out) != stop - start:

@@ -41,21 +41,37 @@ class DeviceSlice:
         return f"{what} {','.join(self.ids)} (tensor_parallel_size={self.tensor_parallel_size})"
 
 
-def visible_gpus(environ: Mapping[str, str]) -> Optional[Tuple[str, ...]]:
-    """The node's GPUs: CUDA_VISIBLE_DEVICES when set, else what nvidia-smi lists; None: no GPUs."""
-    preset = environ.get("CUDA_VISIBLE_DEVICES")
-    if preset is not None:
-        ids = tuple(x.strip() for x in preset.split(",") if x.strip())
-        return ids or None
+def physical_gpus_on_node() -> Optional[List[Tuple[str, str]]]:
+    """(index, uuid) of the node's GPUs from nvidia-smi; None where there is no nvidia-smi."""
     if shutil.which("nvidia-smi") is None:
         return None
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"], capture_output=True,
+        out = subprocess.run(["nvidia-smi", "--query-gpu=index,uuid", "--format=csv,noheader"], capture_output=True,
                              text=True, timeout=60, check=True).stdout
     except (OSError, subprocess.SubprocessError):
+        return []
+    return [tuple(x.strip() for x in line.split(",", 1)) for line in out.splitlines() if "," in line]
+
+
+def visible_gpus(environ: Mapping[str, str], physical: Optional[List[Tuple[str, str]]]) -> Optional[Tuple[str, ...]]:
+    """The GPUs this node lets us use: CUDA_VISIBLE_DEVICES when set (checked against the node's GPUs),
+    else all of them; None: no GPUs."""
+    preset = environ.get("CUDA_VISIBLE_DEVICES")
+    if preset is None:
+        return tuple(i for i, _ in physical) if physical else None
+    ids = tuple(x.strip() for x in preset.split(",") if x.strip())
+    if not ids:
         return None
-    ids = tuple(line.strip() for line in out.splitlines() if line.strip())
-    return ids or None
+    if not physical:
+        raise UsageError(f"environment error: CUDA_VISIBLE_DEVICES={preset} names GPUs but this node has none "
+                         f"(nvidia-smi lists no GPU); unset CUDA_VISIBLE_DEVICES, or use engine_options.device=cpu")
+    known = [i for i, _ in physical]
+    unknown = [x for x in ids if not x.startswith("MIG-") and x not in known
+               and not any(u.startswith(x) for _, u in physical if x.startswith("GPU-"))]
+    if unknown:
+        raise UsageError(f"environment error: CUDA_VISIBLE_DEVICES={preset} names GPU {','.join(unknown)} but this "
+                         f"node has GPUs {','.join(known)}; fix CUDA_VISIBLE_DEVICES")
+    return ids
 
 
 def gpu_slice(local_rank: int, ranks_per_node: int, g: int, gpus: Sequence[str]) -> DeviceSlice:
@@ -88,9 +104,13 @@ def cpu_slice(local_rank: int, ranks_per_node: int, g: int, cores: Sequence[int]
 
 
 def plan_device_slice(device: str, local_rank: int, ranks_per_node: int, g: int, cores_per_rank: Optional[int],
-                      environ: Mapping[str, str] | None = None) -> DeviceSlice:
+                      environ: Mapping[str, str] | None = None,
+                      physical: Optional[List[Tuple[str, str]]] | str = "query") -> DeviceSlice:
     env = os.environ if environ is None else environ
-    gpus = visible_gpus(env) if device in ("auto", "cuda") else None
+    if device in ("auto", "cuda"):
+        gpus = visible_gpus(env, physical_gpus_on_node() if physical == "query" else physical)
+    else:
+        gpus = None
     if device == "cuda" and not gpus:
         raise UsageError("environment error: engine_options.device=cuda but no GPU is visible "
                          "(CUDA_VISIBLE_DEVICES / nvidia-smi); use engine_options.device=cpu or auto")

@@ -11,7 +11,13 @@ EXIT_USAGE = 2
 
 
 class UsageError(Exception):
-    """Bad config, input or environment: one line that names the place and the fix."""
+    """Bad config, input or environment: one line that names the place and the fix.
+
+    quiet: another rank (rank 0) prints the line; this one only reports it to torchrun."""
+
+    def __init__(self, message: str, quiet: bool = False) -> None:
+        super().__init__(message)
+        self.quiet = quiet
 
 
 class RunFailure(Exception):

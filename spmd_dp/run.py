@@ -22,7 +22,7 @@ import torch.distributed as dist
 from spmd_dp.commit import Journal, atomic_write, fingerprint
 from spmd_dp.config import RunConfig, to_yaml
 from spmd_dp.control import FAILED, READY, ControlPlane, broadcast_json, min_over_ranks
-from spmd_dp.data import InputIndex, RecordSpec, scan_input
+from spmd_dp.data import BadRecord, InputIndex, RecordSpec, scan_input
 from spmd_dp.devices import (VLLM_PORT_STRIDE, DeviceSlice, local_kv_budget, physical_gpus, plan_device_slice,
                              vllm_port_base)
 from spmd_dp.distributed import RankEnv, scrub_launcher_env
@@ -97,20 +97,26 @@ def _init_process_group(env: RankEnv, timeout: timedelta):
     return dist.PrefixStore("work", root)
 
 
-def _rank0_setup(cfg: RunConfig, prompts: PromptBuilder) -> Tuple[Dict[str, Any], Optional[Journal]]:
+def _rank0_setup(cfg: RunConfig, prompts: PromptBuilder) -> Tuple[Dict[str, Any], Optional[Journal], List[BadRecord]]:
     """Rank 0 scans the input, opens the journal and says what is left to do (or why not)."""
     try:
-        index = scan_input(cfg.input_path, RecordSpec(cfg.primary_key, prompts.check), cfg.batch_size)
+        index, bad = scan_input(cfg.input_path, RecordSpec(cfg.primary_key, prompts.check), cfg.batch_size,
+                                skip_bad=cfg.on_bad_record == "skip")
+        if bad:
+            logger.warning("%d bad records in %s (first: line %d: %s); on_bad_record=skip: they go to %s",
+                           len(bad), cfg.input_path, bad[0].line, bad[0].reason,
+                           cfg.output_path.with_name(f"{cfg.name}.errors.jsonl"))
         fp = fingerprint(cfg, index.sha256, index.n_records, prompts.template_path)
         journal = Journal(Path(cfg.output_dir), cfg.name, fp, cfg.output_path)
         journal.open(overwrite=cfg.overwrite)
         pending = [] if journal.complete else journal.missing(index.n_records)
         atomic_write(Path(cfg.output_dir) / f"{cfg.name}.config.yaml", [to_yaml(cfg).encode()])
-        return {"index": index.to_json(), "pending": pending, "complete": journal.complete}, journal
+        return {"index": index.to_json(), "pending": pending, "complete": journal.complete}, journal, bad
     except UsageError as e:
-        return {"usage_error": str(e)}, None
+        return {"usage_error": str(e)}, None, []
     except OSError as e:
-        return {"usage_error": f"output error: {e.strerror}: {e.filename}; check output_dir"}, None
+        return {"usage_error": f"output error: {e.strerror}: {e.filename}; check that output_dir={cfg.output_dir!r} "
+                               f"is a writable directory"}, None, []
 
 
 def run(cfg: RunConfig) -> int:
@@ -137,12 +143,10 @@ def run(cfg: RunConfig) -> int:
     if env.is_master:
         logger.info("prompts from %s", prompts.describe())
 
-    setup, journal = _rank0_setup(cfg, prompts) if env.is_master else (None, None)
+    setup, journal, bad = _rank0_setup(cfg, prompts) if env.is_master else (None, None, [])
     setup = broadcast_json(setup)
     if "usage_error" in setup:
-        if env.is_master:
-            raise UsageError(setup["usage_error"])
-        raise UsageError("")  # rank 0 says why
+        raise UsageError(setup["usage_error"], quiet=not env.is_master)  # rank 0 prints it
     index = InputIndex.from_json(setup["index"])
     if setup["complete"]:
         if env.is_master:
@@ -159,7 +163,7 @@ def run(cfg: RunConfig) -> int:
     if cfg.schedule == "static":
         logger.info("Assigned %d prompts to rank %d", queue.share(env.rank), env.rank)
 
-    committer = _Committer(cfg, journal, index, todo, env.world_size) if journal is not None else None
+    committer = _Committer(cfg, journal, index, todo, env.world_size, bad) if journal is not None else None
     control = ControlPlane(dist.new_group(backend="gloo", timeout=timeout), env.rank, env.world_size,
                            committer.sink if committer else None)
     control.start()
@@ -218,8 +222,9 @@ def _agree_kv_budget(cfg: RunConfig, plan: RankPlan) -> float:
 class _Committer:
     """Rank 0's sink: commits each round's batches, logs them, keeps the metrics."""
 
-    def __init__(self, cfg: RunConfig, journal: Journal, index: InputIndex, todo: int, world: int) -> None:
-        self.cfg, self.journal, self.index = cfg, journal, index
+    def __init__(self, cfg: RunConfig, journal: Journal, index: InputIndex, todo: int, world: int,
+                 bad: List[BadRecord]) -> None:
+        self.cfg, self.journal, self.index, self.bad = cfg, journal, index, bad
         self.metrics = Metrics(world, todo)
         self.failed: Dict[int, str] = {}
 
@@ -245,9 +250,14 @@ class _Committer:
         t0 = time.monotonic()
         size = self.journal.assemble(self.index.n_records)
         merge_s = time.monotonic() - t0
+        skipped = None
+        if self.cfg.on_bad_record == "skip":
+            skipped = self.journal.write_errors([b.to_json() for b in self.bad])
+            if skipped:
+                logger.warning("%d records skipped: see %s", skipped, self.journal.errors_path)
         self.journal.close()
         report = self.metrics.report()
-        report.total.update(merge_s=round(merge_s, 3), output_bytes=size,
+        report.total.update(merge_s=round(merge_s, 3), output_bytes=size, skipped_records=skipped,
                             merge_mb_per_s=round(size / 1e6 / merge_s, 1) if merge_s > 0 else None)
         atomic_write(self.cfg.metrics_path, [report.to_json().encode()])
         for line in report.table().splitlines():

@@ -45,10 +45,13 @@ class RankStats:
 @dataclass
 class _InFlight:
     batch: Batch
-    records: List[Dict[str, Any]]
+    records: List[Optional[Dict[str, Any]]]  # None: a bad record, skipped
     claimed_at: float
     done: List[Optional[Completion]] = field(default_factory=list)
     remaining: int = 0
+
+
+SKIPPED = "skipped: a bad input record"
 
 
 def record_seed(seed: int, key: Any) -> int:
@@ -92,21 +95,28 @@ class Generator:
         records = read_batch(self.index, batch.start, batch.stop)
         job = _InFlight(batch, records, time.monotonic(), [None] * len(records), len(records))
         self.inflight[batch.index] = job
+        settled = []  # skipped bad records and requests the engine refused
         for i, record in enumerate(records):
+            if record is None:
+                settled.append(Completion(f"{batch.index}:{i}", error=SKIPPED))
+                continue
             rejected = self.engine.add(self._request(batch, i, record))
             if rejected is not None:
-                self._finish_request(rejected)
+                settled.append(rejected)
             else:
                 self.queued += 1
+        for c in settled:
+            self._finish_request(c)
         return True
 
     def _finish_request(self, c: Completion) -> None:
         batch_index, i = (int(x) for x in c.request_id.split(":"))
         job = self.inflight[batch_index]
-        if c.error is not None:
+        if c.error is not None and c.error != SKIPPED and self.cfg.on_bad_record == "fail":
             rec = job.records[i]
-            raise RunFailure(f"record {self.cfg.primary_key}={rec[self.cfg.primary_key]!r} (batch {batch_index}) "
-                             f"was rejected by the engine: {c.error}")
+            raise RunFailure(f"record {self.cfg.primary_key}={rec[self.cfg.primary_key]!r} (batch {batch_index}, "
+                             f"record {job.batch.start + i}) was rejected by the engine: {c.error}; set "
+                             f"on_bad_record=skip to send such records to the errors file")
         job.done[i] = c
         job.remaining -= 1
         if job.remaining == 0:
@@ -114,11 +124,16 @@ class Generator:
 
     def _emit(self, job: _InFlight) -> None:
         name = self.cfg.name
-        lines = []
+        lines, errors = [], []
         prompt_tokens = output_tokens = 0
         b = job.batch
-        for record, c in zip(job.records, job.done):
+        for i, (record, c) in enumerate(zip(job.records, job.done)):
             assert c is not None
+            if c.error is not None:
+                if c.error != SKIPPED:  # the scan reported the skipped ones
+                    errors.append({"position": b.start + i, "key": record[self.cfg.primary_key],
+                                   "error": f"rejected by the engine: {c.error}"})
+                continue
             out = dict(record)
             out[name] = c.texts[0] if len(c.texts) == 1 else c.texts  # a list when n > 1
             if self.cfg.return_metadata:
@@ -128,7 +143,7 @@ class Generator:
             prompt_tokens += c.prompt_tokens
             output_tokens += c.output_tokens
         self.control.put({"kind": "batch", "index": b.index, "start": b.start, "stop": b.stop, "rank": self.rank,
-                          "lines": lines, "records": len(lines), "prompt_tokens": prompt_tokens,
+                          "lines": lines, "errors": errors, "records": len(lines), "prompt_tokens": prompt_tokens,
                           "output_tokens": output_tokens, "nbytes": sum(len(x) for x in lines) + len(lines),
                           "elapsed_s": round(time.monotonic() - job.claimed_at, 3)})
         s = self.stats

@@ -23,12 +23,27 @@ def test_seed_layouts(ranks, g, gpus, expected):
     assert [s.environ()["CUDA_VISIBLE_DEVICES"] for s in slices] == [",".join(e) for e in expected]
 
 
+NODE8 = [(str(i), f"GPU-{i}aaa-uuid") for i in range(8)]
+
+
 def test_slices_inside_a_preset_cuda_visible_devices():
     env = {"CUDA_VISIBLE_DEVICES": "4,5,6,7"}
-    s = plan_device_slice("auto", 1, 2, 2, None, env)
+    s = plan_device_slice("auto", 1, 2, 2, None, env, NODE8)
     assert s.kind == "cuda" and s.ids == ("6", "7")
-    uuids = {"CUDA_VISIBLE_DEVICES": "GPU-aaa,GPU-bbb"}
-    assert plan_device_slice("cuda", 1, 2, 1, None, uuids).ids == ("GPU-bbb",)
+    uuids = {"CUDA_VISIBLE_DEVICES": "GPU-0aaa,GPU-1aaa-uuid"}
+    assert plan_device_slice("cuda", 1, 2, 1, None, uuids, NODE8).ids == ("GPU-1aaa-uuid",)
+    assert plan_device_slice("auto", 3, 4, 2, None, {}, NODE8).ids == ("6", "7")  # all of the node's GPUs
+
+
+def test_cuda_visible_devices_naming_missing_gpus():
+    with pytest.raises(UsageError) as e:
+        plan_device_slice("auto", 0, 1, 1, None, {"CUDA_VISIBLE_DEVICES": "2,9"}, NODE8[:4])
+    assert str(e.value) == ("environment error: CUDA_VISIBLE_DEVICES=2,9 names GPU 9 but this node has GPUs 0,1,2,3; "
+                            "fix CUDA_VISIBLE_DEVICES")
+    with pytest.raises(UsageError, match="CUDA_VISIBLE_DEVICES=0 names GPUs but this node has none"):
+        plan_device_slice("auto", 0, 1, 1, None, {"CUDA_VISIBLE_DEVICES": "0"}, None)
+    cpu = plan_device_slice("cpu", 0, 1, 1, None, {"CUDA_VISIBLE_DEVICES": "0"}, None)  # the way out it names
+    assert cpu.kind == "cpu"
 
 
 @pytest.mark.parametrize("ranks,g,n", [(4, 2, 4), (2, 4, 4), (3, 1, 2), (8, 2, 8)])
@@ -43,7 +58,9 @@ def test_too_few_gpus_is_one_clear_error(ranks, g, n):
 
 def test_cuda_requested_without_gpus():
     with pytest.raises(UsageError, match="engine_options.device=cuda but no GPU"):
-        plan_device_slice("cuda", 0, 1, 1, None, {"CUDA_VISIBLE_DEVICES": ""})
+        plan_device_slice("cuda", 0, 1, 1, None, {"CUDA_VISIBLE_DEVICES": ""}, NODE8)
+    with pytest.raises(UsageError, match="engine_options.device=cuda but no GPU"):
+        plan_device_slice("cuda", 0, 1, 1, None, {}, None)
 
 
 def test_cpu_slices():

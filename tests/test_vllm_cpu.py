@@ -44,9 +44,10 @@ def test_chat_token_ids_n_and_per_record_options_on_real_vllm(tmp_path):
         {"id": "ids", "prompt": [1, 17, 42, 99, 7]},
         {"id": "two", "prompt": "Once upon a time", "generation_options": {"n": 2, "temperature": 1.0}},
         {"id": "short", "prompt": "Tell me", "generation_options": {"max_tokens": 3, "ignore_eos": True}},
+        {"id": "too_long", "prompt": [5] * 600},  # > max_model_len=512: refused by vLLM, skipped
     ]
     inp = write_jsonl(tmp_path / "data" / "in.jsonl", records)
-    p = spmd(vllm_args(tmp_path, inp, "mixed", "return_metadata=true"), timeout=600)
+    p = spmd(vllm_args(tmp_path, inp, "mixed", "return_metadata=true", "on_bad_record=skip"), timeout=600)
     assert p.returncode == 0, p.stderr[-4000:]
     rows = {r["id"]: r for r in read_jsonl(tmp_path / "out" / "mixed.jsonl")}
     tok = AutoTokenizer.from_pretrained(resolve_model("spmd-dp/tiny-llama"))
@@ -57,3 +58,7 @@ def test_chat_token_ids_n_and_per_record_options_on_real_vllm(tmp_path):
     assert isinstance(rows["two"]["mixed"], list) and len(rows["two"]["mixed"]) == 2
     assert rows["short"]["mixed_metadata"]["output_tokens"] == 3
     assert all(isinstance(rows[k]["mixed"], str) for k in ("plain", "chat", "ids", "short"))
+    assert "too_long" not in rows
+    errors = read_jsonl(tmp_path / "out" / "mixed.errors.jsonl")
+    assert [e["key"] for e in errors] == ["too_long"] and "rejected by the engine" in errors[0]["error"]
+    assert "512" in errors[0]["error"]  # vLLM's own message names the limit

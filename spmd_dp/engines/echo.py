@@ -4,8 +4,9 @@ A request's text is the first `max_tokens` whitespace-separated words of its
 prompt joined by single spaces (a chat's prompt is its last user turn, token ids
 count as words); the engine sleeps `echo_delay_s` per word it
 returns, so its time grows with output length like a real engine's. Requests
-run one after another. `echo_fail_ranks` lists ranks whose engine fails at start
-(fault injection, to rehearse a rank that cannot start).
+run one after another. A prompt of more words than `engine_options.max_model_len`
+is refused, as vLLM refuses one of more tokens. `echo_fail_ranks` lists ranks whose
+engine fails at start (fault injection, to rehearse a rank that cannot start).
 """
 
 from __future__ import annotations
@@ -23,21 +24,29 @@ class EchoEngine:
         if rank in options.echo_fail_ranks:
             raise EngineStartError(f"echo engine: rank {rank} is listed in engine_options.echo_fail_ranks")
         self.delay = options.echo_delay_s
+        self.max_model_len = options.max_model_len
         self.capacity = batch_size
         self.queue: Deque[Request] = deque()
 
     def add(self, request: Request) -> Optional[Completion]:
+        n = len(self._words(request.prompt))
+        if self.max_model_len is not None and n > self.max_model_len:
+            return Completion(request.request_id,
+                              error=f"the prompt ({n} words) is longer than max_model_len={self.max_model_len}")
         self.queue.append(request)
         return None
+
+    @staticmethod
+    def _words(prompt) -> List[str]:
+        if isinstance(prompt, Chat):
+            prompt = prompt.last_user_text()
+        return prompt.split() if isinstance(prompt, str) else [str(t) for t in prompt]
 
     def step(self) -> List[Completion]:
         if not self.queue:
             return []
         req = self.queue.popleft()
-        prompt = req.prompt
-        if isinstance(prompt, Chat):
-            prompt = prompt.last_user_text()
-        words = prompt.split() if isinstance(prompt, str) else [str(t) for t in prompt]
+        words = self._words(req.prompt)
         max_tokens = int(req.sampling.get("max_tokens", 16))
         out = words[:max_tokens]
         if self.delay:

@@ -74,7 +74,9 @@ class VllmEngine:
         try:
             params = self._SamplingParams(**request.sampling, output_kind=self._final_only)
             self.engine.add_request(request.request_id, self._render(request.prompt), params)
-        except (ValueError, TypeError) as e:
+        except Exception as e:  # vLLM validates a request with several exception types (VLLMValidationError, ...)
+            if type(e).__name__.startswith("EngineDead") or isinstance(e, (MemoryError, RuntimeError)):
+                raise  # the engine itself is gone: not this record's fault
             return Completion(request.request_id, error=_first_line(e))
         return None
 
