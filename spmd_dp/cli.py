@@ -13,6 +13,7 @@ import os
 import sys
 import time
 import traceback
+from pathlib import Path
 from typing import List, Optional, Sequence
 
 from spmd_dp.config import load_config, to_yaml
@@ -79,12 +80,17 @@ def _main(argv: Optional[Sequence[str]]) -> tuple[int, str]:
     try:
         overrides, cfg_what, name, path = _parse(sys.argv[1:] if argv is None else argv)
         cfg = load_config(overrides, config_name=name, config_dir=path)
+        cfgs = [cfg]
+        if cfg.workflow:
+            from spmd_dp.workflow import workflow_configs
+
+            cfgs = workflow_configs(Path(cfg.workflow), overrides)
         if cfg_what == "job":
-            print(to_yaml(cfg), end="")
+            print("\n---\n".join(to_yaml(c) for c in cfgs), end="")
             return EXIT_OK, ""
         from spmd_dp.run import run  # torch is imported only for a real run
 
-        return run(cfg), ""
+        return run(cfgs), ""
     except UsageError as e:
         if e.quiet:
             return EXIT_USAGE, f"spmd_dp: {e}"

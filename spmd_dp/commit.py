@@ -24,7 +24,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from spmd_dp.errors import UsageError
+from spmd_dp.errors import RunFailure, UsageError
 from spmd_dp.log import logger
 
 JOURNAL_VERSION = 1
@@ -185,24 +185,68 @@ class Journal:
         if missing:
             raise RuntimeError(f"cannot assemble {self.final_path}: records {missing[:3]} are not committed")
 
+        lines = 0
+
         def chunks():
+            nonlocal lines
             for start in sorted(self.spans):
                 _, part, offset, length = self.spans[start]
                 with open(self.parts / part, "rb") as f:
                     f.seek(offset)
-                    yield f.read(length)
+                    data = f.read(length)
+                lines += data.count(b"\n")
+                yield data
 
-        size = atomic_write(self.final_path, chunks())
-        self._append({"complete": True, "records": n_records, "bytes": size})
+        if self.final_path.suffix == ".parquet":
+            jsonl = self.parts / "final.jsonl"
+            atomic_write(jsonl, chunks())
+            size = jsonl_to_parquet(jsonl, self.final_path)
+        else:
+            size = atomic_write(self.final_path, chunks())
+        self._append({"complete": True, "records": lines, "bytes": size})
         self.complete = True
         shutil.rmtree(self.parts, ignore_errors=True)
-        logger.info("wrote %s (%d records, %.1f MB)", self.final_path, n_records, size / 1e6)
+        logger.info("wrote %s (%d records, %.1f MB)", self.final_path, lines, size / 1e6)
         return size
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def jsonl_to_parquet(src: Path, dst: Path, rows_per_group: int = 8192) -> int:
+    """Convert JSONL to Parquet (pyarrow), streaming: one pass to unify the schema, one to write."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def groups():
+        rows = []
+        with open(src, "rb") as f:
+            for line in f:
+                rows.append(json.loads(line))
+                if len(rows) == rows_per_group:
+                    yield rows
+                    rows = []
+        if rows:
+            yield rows
+
+    try:
+        # pa.array infers one struct type from every row's keys (Table.from_pylist would only look at the first)
+        schema = pa.unify_schemas([pa.schema(list(pa.array(g).type)) for g in groups()],
+                                  promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        raise RunFailure(f"cannot write Parquet: the records' fields change type ({e}); use output_format=jsonl "
+                         f"(the results are committed: rerun with output_format=jsonl)") from None
+    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
+    with pq.ParquetWriter(tmp, schema) as writer:
+        for g in groups():
+            writer.write_table(pa.Table.from_pylist(g, schema=schema))
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, dst)
+    fsync_dir(dst.parent)
+    return dst.stat().st_size
 
 
 def fingerprint(cfg, input_sha256: str, n_records: int, template: Optional[Path] = None) -> Dict[str, Any]:

@@ -26,7 +26,7 @@ ASSETS_DIR = PACKAGE_DIR / "assets"
 ENGINES = ("vllm_dp", "echo")
 SCHEDULES = ("dynamic", "static")
 DEVICES = ("auto", "cuda", "cpu")
-OUTPUT_FORMATS = ("jsonl",)
+OUTPUT_FORMATS = ("jsonl", "parquet")
 ON_BAD_RECORD = ("fail", "skip")
 DEFAULT_MODEL = "spmd-dp/tiny-llama"
 
@@ -112,9 +112,10 @@ class RunConfig:
     # +generation_options_per_rank.1.max_tokens=16 (with schedule=dynamic, which rank gets a record varies)
     generation_options_per_rank: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     # spmd_dp
+    workflow: Optional[str] = None  # a seed-000 workflow JSON: run its text_prompt nodes (spmd_dp/workflow.py)
     schedule: str = "dynamic"
     overwrite: bool = False
-    output_format: str = "jsonl"
+    output_format: str = "jsonl"  # jsonl | parquet (${output_dir}/${name}.parquet, via pyarrow)
     return_metadata: bool = False  # add ${name}_metadata: finish_reason, token counts, rank, batch
     on_bad_record: str = "fail"  # skip: bad records go to ${output_dir}/${name}.errors.jsonl, the rest run
     log_level: str = "INFO"
@@ -177,6 +178,10 @@ def _one_line(e: BaseException) -> str:
     key = getattr(e, "full_key", None)
     if isinstance(e, (ConfigKeyError, ConfigAttributeError)) and key:
         return _unknown_key(key)
+    options = getattr(e, "options", None)
+    if options:  # a preset that does not exist
+        what = first.split(": ", 1)[-1]
+        return f"config error: {what}; available: {', '.join(options)}"
     if "Error parsing override" in text:
         return f"config error: {first}; write overrides as key=value, e.g. batch_size=64"
     where = f"{key}: " if key else ""

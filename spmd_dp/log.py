@@ -29,10 +29,22 @@ class _RankFormatter(logging.Formatter):
         return msg
 
 
+class _TqdmHandler(logging.StreamHandler):
+    """Writes through tqdm, so that log lines go above rank 0's progress bar instead of through it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:
+            self.handleError(record)
+
+
 def setup_logging(rank: int | None = None, world_size: int | None = None, level: str = "INFO") -> None:
     """(Re)configure the spmd_dp logger with the rank in its prefix."""
     prefix = "rank ?" if rank is None else f"rank {rank}/{world_size}"
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _TqdmHandler(sys.stderr)
     handler.setFormatter(_RankFormatter(prefix))
     logger.handlers[:] = [handler]
     logger.setLevel(level)

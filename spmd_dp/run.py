@@ -9,13 +9,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch.distributed as dist
 
@@ -31,6 +32,7 @@ from spmd_dp.errors import RunFailure, UsageError
 from spmd_dp.log import logger, setup_logging
 from spmd_dp.metrics import Metrics
 from spmd_dp.model import is_embedded
+from spmd_dp.progress import Progress
 from spmd_dp.prompts import PromptBuilder
 from spmd_dp.work import BatchQueue, make_batches
 from spmd_dp.worker import Generator, RankStats
@@ -94,7 +96,7 @@ def _init_process_group(env: RankEnv, timeout: timedelta):
     root = dist.PrefixStore(env.store_prefix, store)
     dist.init_process_group("gloo", store=dist.PrefixStore("pg", root), rank=env.rank, world_size=env.world_size,
                             timeout=timeout)
-    return dist.PrefixStore("work", root)
+    return dist.PrefixStore("work", root)  # each job's counters under a prefix of their own
 
 
 def _rank0_setup(cfg: RunConfig, prompts: PromptBuilder) -> Tuple[Dict[str, Any], Optional[Journal], List[BadRecord]]:
@@ -119,23 +121,78 @@ def _rank0_setup(cfg: RunConfig, prompts: PromptBuilder) -> Tuple[Dict[str, Any]
                                f"is a writable directory"}, None, []
 
 
-def run(cfg: RunConfig) -> int:
-    plan = make_plan(cfg)
-    env = plan.env
-    setup_logging(env.rank, env.world_size, cfg.log_level)
-    preflight(cfg)
-    prompts = PromptBuilder(cfg)
-    os.environ.update(plan.device.environ())
-    os.environ["VLLM_PORT"] = str(plan.vllm_port)
+def run(cfgs: Sequence[RunConfig]) -> int:
+    """Run jobs one after another on one world: one job, or the text_prompt nodes of a workflow."""
+    plans = [make_plan(cfg) for cfg in cfgs]
+    env = plans[0].env
+    setup_logging(env.rank, env.world_size, cfgs[0].log_level)
+    for cfg in cfgs:
+        preflight(cfg)
+    builders = [PromptBuilder(cfg) for cfg in cfgs]  # every template is checked before any work
     os.environ["VLLM_USE_V1"] = "1"
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # the seed's switch: VLLM_LOGGING_LEVEL=INFO to debug
     # Every collective is bounded. Not below 2 minutes: ranks start (import torch, ...) at different times.
-    timeout = timedelta(seconds=max(cfg.batch_timeout, 120.0))
-    work_store = _init_process_group(env, timeout)
+    timeout = timedelta(seconds=max(max(cfg.batch_timeout for cfg in cfgs), 120.0))
+    root_store = _init_process_group(env, timeout)
     if env.is_master:
         logger.info("Starting %d data parallel workers (%s, schedule=%s, batch_size=%d)", env.world_size,
-                    cfg.inference_engine, cfg.schedule, cfg.batch_size)
+                    cfgs[0].inference_engine, cfgs[0].schedule, cfgs[0].batch_size)
+    engines = _EngineCache()
+    try:
+        for i, (cfg, plan, prompts) in enumerate(zip(cfgs, plans, builders)):
+            if len(cfgs) > 1 and env.is_master:
+                logger.info("workflow node %d/%d: %s", i + 1, len(cfgs), cfg.name)
+            keep = i + 1 < len(cfgs) and _engine_key(cfgs[i + 1], plans[i + 1]) == _engine_key(cfg, plan)
+            _run_job(cfg, plan, prompts, dist.PrefixStore(f"job{i}", root_store), timeout, engines, keep)
+    finally:
+        engines.close()
+    dist.destroy_process_group()
+    return 0
+
+
+def _engine_key(cfg: RunConfig, plan: RankPlan) -> str:
+    """Jobs with the same key can share one engine (consecutive workflow nodes on one model)."""
+    eo = {k: v for k, v in asdict(cfg.engine_options).items() if not k.startswith("dp_")}
+    return json.dumps([cfg.inference_engine, cfg.model_name, eo, plan.device.ids], sort_keys=True, default=str)
+
+
+class _EngineCache:
+    """The rank's engine, kept from one job to the next when the next would start the same one."""
+
+    def __init__(self) -> None:
+        self.key: Optional[str] = None
+        self.engine = None
+        self.closing: Optional[threading.Thread] = None
+
+    def get(self, key: str, build):
+        if self.engine is not None and self.key == key:
+            return self.engine, True
+        self.close()
+        self.engine, self.key = build(), key
+        return self.engine, False
+
+    def release(self) -> None:
+        """This rank's work is done: free its devices while the others finish (vLLM takes seconds)."""
+        if self.engine is not None:
+            self.closing = threading.Thread(target=self.engine.close, name="spmd_dp-engine-close", daemon=True)
+            self.closing.start()
+            self.engine, self.key = None, None
+
+    def close(self) -> None:
+        if self.closing is not None:
+            self.closing.join(timeout=60)
+            self.closing = None
+        if self.engine is not None:
+            self.engine.close()
+            self.engine, self.key = None, None
+
+
+def _run_job(cfg: RunConfig, plan: RankPlan, prompts: PromptBuilder, store, timeout: timedelta,
+             engines: _EngineCache, keep_engine: bool) -> None:
+    env = plan.env
+    os.environ.update(plan.device.environ())
+    os.environ["VLLM_PORT"] = str(plan.vllm_port)
     logger.info("%s", plan.describe())
     if plan.device.kind == "cuda":
         logger.info("rank %d physical GPUs (index:name:uuid:bus): %s", env.rank,
@@ -152,10 +209,9 @@ def run(cfg: RunConfig) -> int:
         if env.is_master:
             logger.info("%s is complete already (journal %s); nothing to do", cfg.output_path,
                         Path(cfg.output_dir) / f"{cfg.name}.journal.jsonl")
-        dist.destroy_process_group()
-        return 0
+        return
     batches = make_batches(cfg.schedule, setup["pending"], env.world_size, cfg.batch_size)
-    queue = BatchQueue(work_store, batches, cfg.schedule, env.rank, env.world_size)
+    queue = BatchQueue(store, batches, cfg.schedule, env.rank, env.world_size)
     todo = sum(b.size for b in batches)
     if env.is_master and todo < index.n_records:
         logger.info("resuming: %d of %d records committed already, %d to go", index.n_records - todo,
@@ -174,39 +230,31 @@ def run(cfg: RunConfig) -> int:
     t0 = time.monotonic()
     engine = None
     try:
-        engine = build_engine(cfg, plan.device, env.rank, kv_budget)
+        engine, reused = engines.get(_engine_key(cfg, plan), lambda: build_engine(cfg, plan.device, env.rank,
+                                                                                 kv_budget))
     except EngineStartError as e:
         stats.engine_failed = str(e)
         logger.error("engine failed to start on rank %d: %s; this rank takes no work", env.rank, e)
         control.state = FAILED
     stats.engine_start_s = round(time.monotonic() - t0, 3)
-    closing = None
-    try:
-        if engine is not None:
-            control.state = READY
-            logger.info("Worker rank %d is ready (engine started in %.1fs)", env.rank, stats.engine_start_s)
-            fair_share = -(-len(batches) // env.world_size)
-            Generator(cfg, engine, queue, index, prompts, control, env.rank, stats, fair_share).run()
-            # this rank's work is done: free its devices while the others finish (vLLM takes seconds)
-            closing = threading.Thread(target=engine.close, name="spmd_dp-engine-close", daemon=True)
-            closing.start()
-        control.put(stats.as_item())
-        control.finish()
-        control.wait_done()
-        failed = control.ranks_in(FAILED)
-        if len(failed) == env.world_size:
-            raise RunFailure(f"no rank could start its engine ({stats.engine_failed}); see the log of each rank")
-        if committer is not None:
-            committer.finish()
-        elif failed:
-            logger.warning("ranks %s could not start their engines; the others did their share", failed)
-    finally:
-        if closing is not None:
-            closing.join(timeout=60)
-        elif engine is not None:
-            engine.close()
-    dist.destroy_process_group()
-    return 0
+    if engine is not None:
+        control.state = READY
+        logger.info("Worker rank %d is ready (engine %s in %.1fs)", env.rank, "kept" if reused else "started",
+                    stats.engine_start_s)
+        fair_share = -(-len(batches) // env.world_size)
+        Generator(cfg, engine, queue, index, prompts, control, env.rank, stats, fair_share).run()
+        if not keep_engine:
+            engines.release()
+    control.put(stats.as_item())
+    control.finish()
+    control.wait_done()
+    failed = control.ranks_in(FAILED)
+    if len(failed) == env.world_size:
+        raise RunFailure(f"no rank could start its engine ({stats.engine_failed}); see the log of each rank")
+    if committer is not None:
+        committer.finish()
+    elif failed:
+        logger.warning("ranks %s could not start their engines; the others did their share", failed)
 
 
 def _agree_kv_budget(cfg: RunConfig, plan: RankPlan) -> float:
@@ -226,6 +274,7 @@ class _Committer:
                  bad: List[BadRecord]) -> None:
         self.cfg, self.journal, self.index, self.bad = cfg, journal, index, bad
         self.metrics = Metrics(world, todo)
+        self.progress = Progress(todo)
         self.failed: Dict[int, str] = {}
 
     def sink(self, items: List[Dict[str, Any]]) -> None:
@@ -237,12 +286,14 @@ class _Committer:
                 logger.info("Received results for batch %d from rank %d (%d records)", it["index"], it["rank"],
                             it["records"])
                 self.metrics.add_batch(it)
+                self.progress.update(it["stop"] - it["start"], it["output_tokens"])
             elif it["kind"] == "stats":
                 self.metrics.add_rank(it)
                 if it.get("engine_failed"):
                     self.failed[it["rank"]] = it["engine_failed"]
 
     def finish(self) -> None:
+        self.progress.close()
         missing = self.journal.missing(self.index.n_records)
         if missing:
             raise RunFailure(f"{sum(b - a for a, b in missing)} records were not generated (first span "

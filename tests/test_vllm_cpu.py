@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from tests.conftest import make_records, read_jsonl, spmd, write_jsonl
+from tests.conftest import REPO, make_records, read_jsonl, spmd, write_jsonl
 
 pytestmark = pytest.mark.vllm
 
@@ -62,3 +62,27 @@ def test_chat_token_ids_n_and_per_record_options_on_real_vllm(tmp_path):
     errors = read_jsonl(tmp_path / "out" / "mixed.errors.jsonl")
     assert [e["key"] for e in errors] == ["too_long"] and "rejected by the engine" in errors[0]["error"]
     assert "512" in errors[0]["error"]  # vLLM's own message names the limit
+
+
+SEED_DIR = REPO / "examples" / "workflows"
+
+
+@pytest.mark.parametrize("workflow,name,extra", [
+    # seed 000's first example: one text_prompt node; the input comes from the command line
+    ("seed_single_node.json", "task_name", ["input_data_path=dataset.jsonl", "engine_options.max_model_len=2048"]),
+    # seed 000's complete example: load -> parallel_generation (data_parallel_size 4 in the file: 2 ranks here)
+    ("seed_data_parallel_workflow.json", "generate_responses", ["engine_options.data_parallel_size=2"]),
+])
+def test_seed_workflow_examples_on_real_vllm(tmp_path, workflow, name, extra):
+    """The files run unchanged; on this 2-core machine the command line swaps in the embedded model, one core
+    per rank (gpus_per_dp_rank=1) and local folders for the seed's /data, /output, /prompts."""
+    args = [f"workflow={SEED_DIR / workflow}", "model_name=spmd-dp/tiny-llama", "engine_options.gpus_per_dp_rank=1",
+            f"data_dir={REPO / 'examples' / 'data'}", f"output_dir={tmp_path / 'out'}", f"prompts_dir={tmp_path}",
+            *extra]
+    p = spmd(args, nproc=2, timeout=600)
+    assert p.returncode == 0, p.stderr[-4000:]
+    rows = read_jsonl(tmp_path / "out" / f"{name}.jsonl")
+    source = read_jsonl(REPO / "examples" / "data" / "dataset.jsonl")
+    assert [r["id"] for r in rows] == [r["id"] for r in source]
+    assert all(isinstance(r[name], str) and r[name] for r in rows)
+    assert "Worker rank 0 is ready" in p.stderr and "Worker rank 1 is ready" in p.stderr
