@@ -37,8 +37,10 @@ PY = sys.executable
 
 SUITES: Dict[str, Dict[str, Any]] = {
     # vLLM CPU on this 2-core machine: one core per rank, a model big enough that generation dominates
+    # (max_num_seqs 32: the dataset is 12 engine-fulls at N=1, as a real job is many)
     "cpu": dict(model="spmd-dp/small-llama", device="cpu", prompts=384, prompt_len=64, max_tokens=128,
-                ns=[1, 2], max_model_len=1024, skew_median=48, skew_cap=512, vllm_kwargs={}, vocab=1000),
+                ns=[1, 2], max_model_len=1024, skew_median=48, skew_cap=512, vllm_kwargs={"max_num_seqs": 32},
+                vocab=1000),
     # Llama-3.1-8B-shaped dummy weights, 256 in / 256 out
     "gpu": dict(model=os.environ.get("BENCH_MODEL", "/tmp/dummy-llama8b"), device="cuda", prompts=4096,
                 prompt_len=256, max_tokens=256, ns=[1, 2, 4], max_model_len=2048, skew_median=128,

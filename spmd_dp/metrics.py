@@ -15,26 +15,31 @@ from typing import Any, Dict, List, Optional
 
 
 @dataclass
-class RankMetrics:
+class RankStats:
+    """What one rank did; it sends this to rank 0 at its end (the "stats" item)."""
+
     rank: int
     records: int = 0
     batches: int = 0
     prompt_tokens: int = 0
     output_tokens: int = 0
     engine_start_s: float = 0.0
-    busy_s: float = 0.0
-    gen_start_unix: float = 0.0
-    gen_end_unix: float = 0.0
+    busy_s: float = 0.0  # first claim to last finished batch
+    gen_start_unix: float = 0.0  # wall clock of the first claim and of the last finished batch,
+    gen_end_unix: float = 0.0  # to measure the run's generation span across ranks
     engine_failed: Optional[str] = None
 
     @property
     def output_tokens_per_s(self) -> float:
         return self.output_tokens / self.busy_s if self.busy_s > 0 else 0.0
 
+    def as_item(self) -> Dict[str, Any]:
+        return {"kind": "stats", **asdict(self)}
+
 
 @dataclass
 class Report:
-    ranks: List[RankMetrics]
+    ranks: List[RankStats]
     total: Dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
@@ -56,21 +61,12 @@ class Report:
 
 class Metrics:
     def __init__(self, world: int, todo: int) -> None:
-        self.ranks = [RankMetrics(r) for r in range(world)]
+        self.ranks = [RankStats(r) for r in range(world)]
         self.todo = todo
         self.started = time.monotonic()
 
-    def add_batch(self, item: Dict[str, Any]) -> None:
-        r = self.ranks[item["rank"]]
-        r.records += item["records"]
-        r.batches += 1
-        r.prompt_tokens += item["prompt_tokens"]
-        r.output_tokens += item["output_tokens"]
-
     def add_rank(self, item: Dict[str, Any]) -> None:
-        r = self.ranks[item["rank"]]
-        for key in ("engine_start_s", "busy_s", "gen_start_unix", "gen_end_unix", "engine_failed"):
-            setattr(r, key, item[key])
+        self.ranks[item["rank"]] = RankStats(**{k: v for k, v in item.items() if k != "kind"})
 
     def report(self) -> Report:
         wall = time.monotonic() - self.started

@@ -30,12 +30,12 @@ from spmd_dp.distributed import RankEnv, scrub_launcher_env
 from spmd_dp.engines import EngineStartError, build_engine
 from spmd_dp.errors import RunFailure, UsageError
 from spmd_dp.log import logger, setup_logging
-from spmd_dp.metrics import Metrics
 from spmd_dp.model import is_embedded
 from spmd_dp.progress import Progress
 from spmd_dp.prompts import PromptBuilder
 from spmd_dp.work import BatchQueue, make_batches
-from spmd_dp.worker import Generator, RankStats
+from spmd_dp.metrics import Metrics, RankStats
+from spmd_dp.worker import Generator
 
 
 @dataclass(frozen=True)
@@ -285,7 +285,6 @@ class _Committer:
             if it["kind"] == "batch":
                 logger.info("Received results for batch %d from rank %d (%d records)", it["index"], it["rank"],
                             it["records"])
-                self.metrics.add_batch(it)
                 self.progress.update(it["stop"] - it["start"], it["output_tokens"])
             elif it["kind"] == "stats":
                 self.metrics.add_rank(it)

@@ -21,25 +21,9 @@ from spmd_dp.data import InputIndex, read_batch
 from spmd_dp.engines import Completion, Engine, Request
 from spmd_dp.errors import RunFailure
 from spmd_dp.log import logger
+from spmd_dp.metrics import RankStats
 from spmd_dp.prompts import PromptBuilder
 from spmd_dp.work import Batch, BatchQueue
-
-
-@dataclass
-class RankStats:
-    rank: int
-    records: int = 0
-    batches: int = 0
-    prompt_tokens: int = 0
-    output_tokens: int = 0
-    engine_start_s: float = 0.0
-    busy_s: float = 0.0  # first claim to last finished batch
-    gen_start_unix: float = 0.0  # wall clock of the first claim and of the last finished batch,
-    gen_end_unix: float = 0.0  # to measure the run's generation span across ranks
-    engine_failed: Optional[str] = None
-
-    def as_item(self) -> Dict[str, Any]:
-        return {"kind": "stats", **vars(self)}
 
 
 @dataclass

@@ -27,6 +27,14 @@ def read_jsonl(path: Path) -> List[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def journal_batches(path: Path) -> int:
+    """Batches committed so far by a run (its journal's lines, the last one possibly torn)."""
+    if not path.exists():
+        return 0
+    with open(path) as f:
+        return sum(len(json.loads(line).get("batches", [])) for line in f if line.strip().endswith("}"))
+
+
 def make_records(n: int, words: int = 6, prefix: str = "r") -> List[dict]:
     return [{"id": f"{prefix}{i:05d}", "prompt": " ".join(f"w{i}_{j}" for j in range(words))} for i in range(n)]
 

@@ -12,18 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, echo_args, make_records, read_jsonl, spmd, write_jsonl
+from tests.conftest import REPO, echo_args, journal_batches, make_records, read_jsonl, spmd, write_jsonl
 
 
 def expected_rows(records, name="out", words=4):
     return [{**r, name: " ".join(r["prompt"].split()[:words])} for r in records]
-
-
-def journal_batches(path: Path) -> int:
-    if not path.exists():
-        return 0
-    with open(path) as f:
-        return sum(len(json.loads(line).get("batches", [])) for line in f if line.strip().endswith("}"))
 
 
 def worker_pids(torchrun_pid: int):

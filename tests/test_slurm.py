@@ -25,7 +25,7 @@ import pytest
 
 from spmd_dp.distributed import RankEnv, _expand_nodelist, _expand_tasks_per_node
 from spmd_dp.errors import UsageError
-from tests.conftest import REPO, echo_args, make_records, read_jsonl, write_jsonl
+from tests.conftest import REPO, echo_args, journal_batches, make_records, read_jsonl, write_jsonl
 
 SBATCH = REPO / "scripts" / "slurm.sbatch"
 START = REPO / "scripts" / "slurm" / "start_test_cluster.sh"
@@ -222,13 +222,6 @@ def start_now(env: Dict[str, str], info: Dict[str, str]) -> None:
     if info.get("Reason") == "BeginTime":
         subprocess.run(["scontrol", "update", f"JobId={info['JobId']}", "StartTime=now"], env=env,
                        capture_output=True, timeout=30)
-
-
-def journal_batches(path: Path) -> int:
-    if not path.exists():
-        return 0
-    with open(path) as f:
-        return sum(len(json.loads(line).get("batches", [])) for line in f if line.strip().endswith("}"))
 
 
 def check_output(out_dir: Path, records, name="out", words=4):
