@@ -21,14 +21,12 @@ import os
 import queue
 import sys
 import threading
-import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
-import torch.distributed as dist
 
+from spmd_dp.comm import Group
 from spmd_dp.errors import RunFailure
-from spmd_dp.log import logger
 from spmd_dp.procs import terminate_children
 
 STARTING, READY, FAILED = 0, 1, 2
@@ -37,38 +35,18 @@ MAX_ROUND_BYTES = 8 << 20  # a rank sends at most this much per round (more wait
 STUCK_GRACE_S = 30.0  # a rank whose generation loop does not react to its own failure exits after this
 
 
-def broadcast_json(obj: Any, group=None, src: int = 0) -> Any:
-    """Broadcast a JSON-able object from src (no pickle: nothing received is ever unpickled)."""
-    rank = dist.get_rank()
-    data = json.dumps(obj).encode() if rank == src else b""
-    size = torch.tensor([len(data)], dtype=torch.int64)
-    dist.broadcast(size, src=src, group=group)
-    buf = torch.frombuffer(bytearray(data), dtype=torch.uint8) if rank == src else torch.empty(int(size), dtype=torch.uint8)
-    if int(size):
-        dist.broadcast(buf, src=src, group=group)
-    return json.loads(buf.numpy().tobytes()) if rank != src else obj
-
-
-def min_over_ranks(value: float, group=None) -> float:
-    """The smallest value any rank holds (all-reduce MIN)."""
-    t = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
-    return float(t.item())
-
-
 class ControlPlane(threading.Thread):
     """Streams each rank's outbox to rank 0's sink; tracks every rank's state; ends when all are done."""
 
-    def __init__(self, group, rank: int, world: int, sink: Optional[Callable[[List[Dict]], None]],
-                 tick_s: float = 0.2) -> None:
+    def __init__(self, group: Group, sink: Optional[Callable[[List[Dict]], None]], tick_s: float = 0.2) -> None:
         super().__init__(name="spmd_dp-control", daemon=True)
-        self.group, self.rank, self.world, self.sink, self.tick_s = group, rank, world, sink, tick_s
+        self.group, self.rank, self.world, self.sink, self.tick_s = group, group.rank, group.world, sink, tick_s
         self.watchdog: Optional[Callable[[], Optional[str]]] = None  # returns why the rank is late, or None
         self.acknowledged = threading.Event()  # the generation loop has taken up self.error
         self.outbox: "queue.Queue[Dict]" = queue.Queue()
         self.state = STARTING
         self.finished = False  # set by the generation loop after its last put()
-        self.peer_states: List[int] = [STARTING] * world
+        self.peer_states: List[int] = [STARTING] * self.world
         self.all_done = threading.Event()
         self.error: Optional[BaseException] = None
         self.rounds = 0
@@ -113,9 +91,7 @@ class ControlPlane(threading.Thread):
                 items = self._drain()
                 done = finished and self.outbox.empty()
                 payload = json.dumps(items).encode() if items else b""
-                mine = torch.tensor([self.state, int(done), len(payload)], dtype=torch.int64)
-                table = [torch.zeros(3, dtype=torch.int64) for _ in range(self.world)]
-                dist.all_gather(table, mine, group=self.group)
+                table = self.group.all_gather(torch.tensor([self.state, int(done), len(payload)], dtype=torch.int64))
                 self.peer_states = [int(t[0]) for t in table]
                 received = self._to_rank0(payload, [int(t[2]) for t in table])
                 if received is not None and self.sink is not None:
@@ -151,15 +127,14 @@ class ControlPlane(threading.Thread):
     def _to_rank0(self, payload: bytes, sizes: List[int]) -> Optional[List[bytes]]:
         if self.rank != 0:
             if payload:
-                dist.send(torch.frombuffer(bytearray(payload), dtype=torch.uint8), dst=0, group=self.group)
+                self.group.send_bytes(payload, 0)
             return None
         received: List[bytes] = [b""] * self.world
         received[0] = payload
         pending = []
         for r in range(1, self.world):
             if sizes[r]:
-                buf = torch.empty(sizes[r], dtype=torch.uint8)
-                pending.append((r, buf, dist.irecv(buf, src=r, group=self.group)))
+                pending.append((r, *self.group.recv_bytes(sizes[r], r)))
         for r, buf, work in pending:
             work.wait()
             received[r] = buf.numpy().tobytes()

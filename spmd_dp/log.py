@@ -36,7 +36,8 @@ class _TqdmHandler(logging.StreamHandler):
         try:
             from tqdm import tqdm
 
-            tqdm.write(self.format(record), file=self.stream)
+            # one write per line: ranks share stderr, and a line must not be split between two writes
+            tqdm.write(self.format(record) + "\n", file=self.stream, end="")
         except Exception:
             self.handleError(record)
 

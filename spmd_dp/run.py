@@ -22,7 +22,8 @@ import torch.distributed as dist
 
 from spmd_dp.commit import Journal, atomic_write, fingerprint
 from spmd_dp.config import RunConfig, to_yaml
-from spmd_dp.control import FAILED, READY, ControlPlane, broadcast_json, min_over_ranks
+from spmd_dp.comm import Group
+from spmd_dp.control import FAILED, READY, ControlPlane
 from spmd_dp.data import BadRecord, InputIndex, RecordSpec, scan_input
 from spmd_dp.devices import (VLLM_PORT_STRIDE, DeviceSlice, local_kv_budget, physical_gpus, plan_device_slice,
                              vllm_port_base)
@@ -85,18 +86,15 @@ def preflight(cfg: RunConfig) -> None:
                              f"give an existing model folder or a hub id")
 
 
-def _init_process_group(env: RankEnv, timeout: timedelta):
-    """The gloo world and the rendezvous store (keys namespaced by run and restart)."""
+def _rendezvous(env: RankEnv, timeout: timedelta):
+    """The rendezvous store, its keys namespaced by run and restart (it outlives a torchrun restart)."""
     if env.launcher == "single":
         store = dist.HashStore()
     else:
         store = dist.TCPStore(env.master_addr, env.master_port, world_size=env.world_size,
                               is_master=env.is_master and not env.agent_store, timeout=timeout,
                               wait_for_workers=False)
-    root = dist.PrefixStore(env.store_prefix, store)
-    dist.init_process_group("gloo", store=dist.PrefixStore("pg", root), rank=env.rank, world_size=env.world_size,
-                            timeout=timeout)
-    return dist.PrefixStore("work", root)  # each job's counters under a prefix of their own
+    return dist.PrefixStore(env.store_prefix, store)
 
 
 def _rank0_setup(cfg: RunConfig, prompts: PromptBuilder) -> Tuple[Dict[str, Any], Optional[Journal], List[BadRecord]]:
@@ -134,7 +132,7 @@ def run(cfgs: Sequence[RunConfig]) -> int:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # the seed's switch: VLLM_LOGGING_LEVEL=INFO to debug
     # Every collective is bounded. Not below 2 minutes: ranks start (import torch, ...) at different times.
     timeout = timedelta(seconds=max(max(cfg.batch_timeout for cfg in cfgs), 120.0))
-    root_store = _init_process_group(env, timeout)
+    root_store = _rendezvous(env, timeout)
     if env.is_master:
         logger.info("Starting %d data parallel workers (%s, schedule=%s, batch_size=%d)", env.world_size,
                     cfgs[0].inference_engine, cfgs[0].schedule, cfgs[0].batch_size)
@@ -147,7 +145,6 @@ def run(cfgs: Sequence[RunConfig]) -> int:
             _run_job(cfg, plan, prompts, dist.PrefixStore(f"job{i}", root_store), timeout, engines, keep)
     finally:
         engines.close()
-    dist.destroy_process_group()
     return 0
 
 
@@ -190,7 +187,9 @@ class _EngineCache:
 
 def _run_job(cfg: RunConfig, plan: RankPlan, prompts: PromptBuilder, store, timeout: timedelta,
              engines: _EngineCache, keep_engine: bool) -> None:
+    """One job on the world: `store` is this job's namespace (its groups and batch counters)."""
     env = plan.env
+    group = Group(dist.PrefixStore("setup", store), env.rank, env.world_size, timeout)
     os.environ.update(plan.device.environ())
     os.environ["VLLM_PORT"] = str(plan.vllm_port)
     logger.info("%s", plan.describe())
@@ -201,7 +200,7 @@ def _run_job(cfg: RunConfig, plan: RankPlan, prompts: PromptBuilder, store, time
         logger.info("prompts from %s", prompts.describe())
 
     setup, journal, bad = _rank0_setup(cfg, prompts) if env.is_master else (None, None, [])
-    setup = broadcast_json(setup)
+    setup = group.broadcast_json(setup)
     if "usage_error" in setup:
         raise UsageError(setup["usage_error"], quiet=not env.is_master)  # rank 0 prints it
     index = InputIndex.from_json(setup["index"])
@@ -211,7 +210,7 @@ def _run_job(cfg: RunConfig, plan: RankPlan, prompts: PromptBuilder, store, time
                         Path(cfg.output_dir) / f"{cfg.name}.journal.jsonl")
         return
     batches = make_batches(cfg.schedule, setup["pending"], env.world_size, cfg.batch_size)
-    queue = BatchQueue(store, batches, cfg.schedule, env.rank, env.world_size)
+    queue = BatchQueue(dist.PrefixStore("work", store), batches, cfg.schedule, env.rank, env.world_size)
     todo = sum(b.size for b in batches)
     if env.is_master and todo < index.n_records:
         logger.info("resuming: %d of %d records committed already, %d to go", index.n_records - todo,
@@ -220,12 +219,12 @@ def _run_job(cfg: RunConfig, plan: RankPlan, prompts: PromptBuilder, store, time
         logger.info("Assigned %d prompts to rank %d", queue.share(env.rank), env.rank)
 
     committer = _Committer(cfg, journal, index, todo, env.world_size, bad) if journal is not None else None
-    control = ControlPlane(dist.new_group(backend="gloo", timeout=timeout), env.rank, env.world_size,
+    control = ControlPlane(Group(dist.PrefixStore("control", store), env.rank, env.world_size, timeout),
                            committer.sink if committer else None)
     control.start()
 
     stats = RankStats(env.rank)
-    kv_budget = _agree_kv_budget(cfg, plan) if cfg.engine_options.agree_kv_cache else None
+    kv_budget = _agree_kv_budget(cfg, plan, group) if cfg.engine_options.agree_kv_cache else None
     scrub_launcher_env()
     t0 = time.monotonic()
     engine = None
@@ -257,10 +256,10 @@ def _run_job(cfg: RunConfig, plan: RankPlan, prompts: PromptBuilder, store, time
         logger.warning("ranks %s could not start their engines; the others did their share", failed)
 
 
-def _agree_kv_budget(cfg: RunConfig, plan: RankPlan) -> float:
+def _agree_kv_budget(cfg: RunConfig, plan: RankPlan, group: Group) -> float:
     """Seed 003's KV cache agreement: every rank takes the smallest budget any rank can afford."""
     local = local_kv_budget(plan.device, cfg.engine_options, plan.env.local_world_size, os.environ)
-    agreed = min_over_ranks(local)
+    agreed = group.min(local)
     unit = "of GPU memory (gpu_memory_utilization)" if plan.device.kind == "cuda" else "GiB (VLLM_CPU_KVCACHE_SPACE)"
     logger.info("KV cache agreed across %d ranks: %.3g %s; this rank could afford %.3g", plan.env.world_size,
                 agreed, unit, local)

@@ -52,4 +52,4 @@ def test_slurm_without_torchrun():
 def test_scrub_removes_torchrun_world():
     env = {**TORCHRUN, "GROUP_RANK": "1", "ROLE_NAME": "default", "PATH": "/bin", "CUDA_VISIBLE_DEVICES": "0"}
     scrub_launcher_env(env)
-    assert env == {"PATH": "/bin", "CUDA_VISIBLE_DEVICES": "0", "VLLM_WORKER_MULTIPROC_METHOD": "spawn"}
+    assert env == {"PATH": "/bin", "CUDA_VISIBLE_DEVICES": "0"}

@@ -9,7 +9,6 @@ import hashlib
 import json
 import multiprocessing as mp
 import multiprocessing.synchronize
-import sys
 from pathlib import Path
 
 import pytest

@@ -76,7 +76,7 @@ def test_templates_overrides_and_metadata_through_torchrun(tmp_path):
     p = spmd(echo_args(tmp_path, inp, f"prompts_dir={prompts}", "return_metadata=true", "batch_size=3"), nproc=2)
     assert p.returncode == 0, p.stderr[-3000:]
     rows = read_jsonl(tmp_path / "out" / "out.jsonl")
-    assert rows[0]["out"] == f"please summarise t0 by"
+    assert rows[0]["out"] == "please summarise t0 by"
     assert rows[3]["out"] == "please summarise"
     assert rows[4]["out"] == ["please summarise t4 by"] * 2
     meta = rows[0]["out_metadata"]

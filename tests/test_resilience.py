@@ -183,19 +183,25 @@ def test_kv_cache_agreement_and_per_rank_sampling(tmp_path):
 
 
 def test_min_agreement_over_real_gloo(tmp_path):
-    """Different local budgets on two processes: both end with the smaller."""
+    """Different local budgets on two processes: both end with the smaller. A process forked from a rank
+    (as vLLM forks its engine) finds torch.distributed uninitialised: it starts a world of its own."""
     import torch.multiprocessing as mp
 
     mp.start_processes(_agree_worker, args=(2, str(tmp_path / "store")), nprocs=2, start_method="spawn")
-    assert sorted((tmp_path / f"r{r}").read_text() for r in range(2)) == ["0.5", "0.5"]
+    assert sorted((tmp_path / f"r{r}").read_text() for r in range(2)) == ["0.5 False", "0.5 False"]
 
 
 def _agree_worker(rank, world, store_path):
+    from datetime import timedelta
+
     import torch.distributed as dist
 
-    from spmd_dp.control import min_over_ranks
+    from spmd_dp.comm import Group
 
-    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world)
-    agreed = min_over_ranks(0.5 if rank == 1 else 0.9)
-    Path(store_path).with_name(f"r{rank}").write_text(str(agreed))
-    dist.destroy_process_group()
+    group = Group(dist.FileStore(store_path, world), rank, world, timedelta(seconds=60))
+    agreed = group.min(0.5 if rank == 1 else 0.9)
+    child = os.fork()
+    if child == 0:  # what a forked vLLM engine process sees
+        Path(store_path).with_name(f"r{rank}").write_text(f"{agreed} {dist.is_initialized()}")
+        os._exit(0)
+    os.waitpid(child, 0)
