@@ -323,6 +323,10 @@ def phases(suite: Dict[str, Any], n_slots: int) -> Dict[str, List[Job]]:
         "p8": [Job("d_dynamic_2x2", "spmd", 2, [0, 1, 2, 3], "uniform", g=2)],
         "p9": [Job("b_dp_example_n2_skewed", "dp_example", 2, [0, 1], "skewed"),
                Job("d_dynamic_n2_skewed", "spmd", 2, [2, 3], "skewed")],
+        # a short session: start-up against raw vLLM, and tensor parallelism inside ranks (1x2, 2x2)
+        "s1": [Job("a_raw_n1", "raw", 1, [0], "uniform"), Job("d_dynamic_n1", "spmd", 1, [1], "uniform"),
+               Job("d_dynamic_1x2_tp2", "spmd", 1, [2, 3], "uniform", g=2)],
+        "s2": [Job("d_dynamic_2x2", "spmd", 2, [0, 1, 2, 3], "uniform", g=2)],
     }
 
 

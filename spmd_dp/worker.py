@@ -2,7 +2,10 @@
 
 The loop keeps enough claimed batches in flight that the engine always has more
 than its `capacity` (vLLM's max_num_seqs) requests queued: a new batch is
-claimed as soon as the queue falls below capacity + batch_size. A batch is done
+claimed as soon as the queue falls below capacity + batch_size, unless the
+requests queued already need more tokens (prompt + max_tokens) than the engine's
+KV cache holds: more would only wait in this rank's queue while another rank runs
+dry, which under dynamic scheduling is work better left unclaimed. A batch is done
 when its last request finishes; its output lines go to the control plane, which
 streams them to rank 0. A batch older than `batch_timeout` fails the rank.
 """
@@ -33,9 +36,21 @@ class _InFlight:
     claimed_at: float
     done: List[Optional[Completion]] = field(default_factory=list)
     remaining: int = 0
+    demand: int = 0  # KV tokens its requests may need: prompt + max_tokens
 
 
 SKIPPED = "skipped: a bad input record"
+
+
+def token_demand(request: Request) -> int:
+    """KV tokens a request may need: its prompt (token ids, or ~4 characters a token) plus its outputs."""
+    prompt = request.prompt
+    if isinstance(prompt, list):
+        n = len(prompt)
+    else:
+        text = prompt if isinstance(prompt, str) else " ".join(m["content"] for m in prompt.messages)
+        n = len(text) // 4 + 1
+    return n + int(request.sampling.get("max_tokens") or 16) * int(request.sampling.get("n") or 1)
 
 
 def record_seed(seed: int, key: Any) -> int:
@@ -58,6 +73,12 @@ class Generator:
         # fair share of all batches ahead (a small dataset would otherwise go to the first rank up).
         self.target = engine.capacity + cfg.batch_size
         self.max_inflight = max(1, min(-(-self.target // cfg.batch_size), fair_share))
+        self.demand = 0  # of the batches in flight
+
+    def _has_room(self) -> bool:
+        kv = self.engine.kv_tokens
+        return (self.queued < self.target and len(self.inflight) < self.max_inflight
+                and (kv is None or self.demand < kv or not self.inflight))
 
     def _request(self, batch: Batch, i: int, record: Dict[str, Any]) -> Request:
         sampling = self.prompts.sampling(self.sampling, record)
@@ -84,11 +105,14 @@ class Generator:
             if record is None:
                 settled.append(Completion(f"{batch.index}:{i}", error=SKIPPED))
                 continue
-            rejected = self.engine.add(self._request(batch, i, record))
+            request = self._request(batch, i, record)
+            job.demand += token_demand(request)
+            rejected = self.engine.add(request)
             if rejected is not None:
                 settled.append(rejected)
             else:
                 self.queued += 1
+        self.demand += job.demand
         for c in settled:
             self._finish_request(c)
         return True
@@ -104,6 +128,7 @@ class Generator:
         job.done[i] = c
         job.remaining -= 1
         if job.remaining == 0:
+            self.demand -= job.demand
             self._emit(self.inflight.pop(batch_index))
 
     def _emit(self, job: _InFlight) -> None:
@@ -158,7 +183,7 @@ class Generator:
         exhausted = False
         while True:
             self.control.check()
-            while not exhausted and self.queued < self.target and len(self.inflight) < self.max_inflight:
+            while not exhausted and self._has_room():
                 if not self._claim():
                     exhausted = True
             if not self.inflight:

@@ -29,6 +29,7 @@ class Completion:
 
 class Engine(Protocol):
     capacity: int  # requests it runs at once (vLLM's max_num_seqs); keep more than this queued
+    kv_tokens: Optional[int]  # tokens its KV cache holds (None: no limit); queued work beyond it only waits
 
     def add(self, request: Request) -> Optional[Completion]:
         """Queue a request; a rejected one comes back at once as a Completion with an error."""

@@ -26,6 +26,7 @@ class EchoEngine:
         self.delay = options.echo_delay_s
         self.max_model_len = options.max_model_len
         self.capacity = batch_size
+        self.kv_tokens = None
         self.queue: Deque[Request] = deque()
 
     def add(self, request: Request) -> Optional[Completion]:

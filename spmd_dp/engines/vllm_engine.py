@@ -69,6 +69,8 @@ class VllmEngine:
             raise EngineStartError(f"vLLM failed to start: {type(e).__name__}: {_first_line(e)}") from e
         self.engine = self.llm.llm_engine
         self.capacity = int(self.engine.vllm_config.scheduler_config.max_num_seqs)
+        cache = self.engine.vllm_config.cache_config
+        self.kv_tokens = int(cache.num_gpu_blocks * cache.block_size) if cache.num_gpu_blocks else None
 
     def add(self, request: Request) -> Optional[Completion]:
         try:

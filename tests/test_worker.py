@@ -1,0 +1,84 @@
+"""The generation loop with a stand-in engine: it keeps the engine full, but never claims more work
+than the engine's KV cache can hold (the rest stays claimable by other ranks)."""
+
+from typing import List
+
+import torch.distributed as dist
+
+from spmd_dp.config import load_config
+from spmd_dp.control import READY
+from spmd_dp.data import RecordSpec, scan_input
+from spmd_dp.engines import Completion
+from spmd_dp.metrics import RankStats
+from spmd_dp.prompts import PromptBuilder
+from spmd_dp.work import BatchQueue, dynamic_batches
+from spmd_dp.worker import Generator, token_demand
+from tests.conftest import write_jsonl
+
+
+class FakeControl:
+    tick_s = 0.01
+    peer_states = [READY]
+    watchdog = None
+
+    def __init__(self):
+        self.items = []
+
+    def check(self):
+        pass
+
+    def put(self, item):
+        self.items.append(item)
+
+    def ranks_in(self, state):
+        return []
+
+
+class FakeEngine:
+    """Runs `capacity` requests at a time, each finishing after one step; records what was queued."""
+
+    def __init__(self, capacity, kv_tokens):
+        self.capacity, self.kv_tokens = capacity, kv_tokens
+        self.queue: List = []
+        self.max_queued = 0
+
+    def add(self, request):
+        self.queue.append(request)
+        self.max_queued = max(self.max_queued, len(self.queue))
+        return None
+
+    def step(self):
+        done, self.queue = self.queue[:self.capacity], self.queue[self.capacity:]
+        return [Completion(r.request_id, ["x"], prompt_tokens=1, output_tokens=1) for r in done]
+
+    def has_unfinished(self):
+        return bool(self.queue)
+
+    def close(self):
+        pass
+
+
+def run_loop(tmp_path, n, batch_size, capacity, kv_tokens, max_tokens=100):
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"id": i, "prompt": [1] * 20} for i in range(n)])
+    cfg = load_config([f"batch_size={batch_size}", f"generation_options.max_tokens={max_tokens}"])
+    prompts = PromptBuilder(cfg)
+    index, _ = scan_input(inp, RecordSpec("id", prompts.check), batch_size)
+    batches = dynamic_batches([(0, n)], batch_size)
+    queue = BatchQueue(dist.HashStore(), batches, "dynamic", 0, 1)
+    engine, control = FakeEngine(capacity, kv_tokens), FakeControl()
+    stats = Generator(cfg, engine, queue, index, prompts, control, 0, RankStats(0), len(batches)).run()
+    return engine, control, stats
+
+
+def test_engine_kept_full_across_batch_boundaries(tmp_path):
+    engine, control, stats = run_loop(tmp_path, 200, 8, capacity=32, kv_tokens=None)
+    assert stats.records == 200 and sorted(i["start"] for i in control.items) == list(range(0, 200, 8))
+    assert engine.max_queued >= 32 + 8  # more queued than the engine runs at once
+
+
+def test_claims_stop_at_the_kv_cache(tmp_path):
+    # each request needs 20 prompt + 100 output tokens: a KV cache of 1200 tokens holds 10 of them
+    engine, control, stats = run_loop(tmp_path, 200, 4, capacity=64, kv_tokens=1200)
+    assert stats.records == 200
+    assert 10 <= engine.max_queued <= 10 + 4  # one batch past the KV cache, not the 64 + 4 of max_num_seqs
+    assert token_demand(type("R", (), {"prompt": [1] * 20, "sampling": {"max_tokens": 100, "n": 2}})()) == 220
