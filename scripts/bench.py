@@ -125,6 +125,7 @@ class Job:
     g: int = 1  # GPUs per rank (spmd only)
     engine: str = "vllm_dp"
     extra: List[str] = field(default_factory=list)
+    pin: bool = False  # CPU: the whole job (engine, its frontend, spmd_dp) on its slots (taskset)
 
 
 def _device_env(suite, slots: List[int]) -> Dict[str, str]:
@@ -169,6 +170,8 @@ def launch(job: Job, suite: Dict[str, Any], run_dir: Path, wl: Dict[str, Path]) 
         port = 29600 + 10 * (job.slots[0] if job.slots else 0)
         cmd = [PY, "-m", "torch.distributed.run", f"--nproc-per-node={job.n}", f"--master-port={port}",
                "-m", "spmd_dp", *overrides]
+        if job.pin:
+            cmd = ["taskset", "-c", ",".join(map(str, job.slots)), *cmd]
         procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
                                       start_new_session=True))
     sampler = GpuSampler(procs) if suite["device"] == "cuda" else None
@@ -299,6 +302,8 @@ def phases(suite: Dict[str, Any], n_slots: int) -> Dict[str, List[Job]]:
         p = {"a1": [Job("a_raw_n1", "raw", 1, [0], "uniform")],
              "d1": [Job("d_dynamic_n1", "spmd", 1, [0], "uniform")],
              "d1_bsall": [Job("d_dynamic_n1_bsall", "spmd", 1, [0], "uniform", batch_size=bs_all)],
+             # one rank on one core, all of it (not only its engine's threads): the base of the 2-core speedup
+             "d1_pinned": [Job("d_dynamic_n1_pinned", "spmd", 1, [0], "uniform", pin=True)],
              "d2": [Job("d_dynamic_n2", "spmd", 2, [0, 1], "uniform")],
              "c2": [Job("c_static_n2", "spmd", 2, [0, 1], "uniform", schedule="static")],
              "b2": [Job("b_dp_example_n2", "dp_example", 2, [0, 1], "uniform")]}
@@ -458,6 +463,8 @@ def report(out: Path, inputs: List[Path]) -> Dict[str, Any]:
             res["skew_vs_ideal"][kind] = round(d["gen_s"] / (sum(d["busy_s"]) / d["n"]), 4)
         if c and d:
             res["skew_speedup_dynamic_vs_spmd_static"][kind] = round(c["gen_s"] / d["gen_s"], 3)
+    d2, pinned = get("d_dynamic_n2", "tokens_per_s"), get("d_dynamic_n1_pinned", "tokens_per_s")
+    res["cpu_2ranks_vs_1rank_1core"] = round(d2 / pinned, 3) if d2 and pinned else None
     res["rank0_peak_rss_mb"] = {str(e["records"]): e["rank0_peak_rss_mb"] for e in echo}
     res["merge_mb_per_s"] = {str(e["records"]): e["merge_mb_per_s"] for e in echo}
     out.mkdir(parents=True, exist_ok=True)
@@ -478,7 +485,7 @@ def markdown(res: Dict[str, Any]) -> str:
                     f"{j['startup_s']:.1f} | {', '.join(f'{b:.1f}' for b in j['busy_s'])} | {j['imbalance']} |")
     keys = ["scaling_efficiency", "scaling_efficiency_static", "scaling_efficiency_dp_example", "overhead_n1",
             "startup_extra_s", "batch32_vs_all", "skew_speedup_dynamic_vs_static", "skew_speedup_dynamic_vs_spmd_static",
-            "skew_vs_ideal", "rank0_peak_rss_mb", "merge_mb_per_s"]
+            "skew_vs_ideal", "cpu_2ranks_vs_1rank_1core", "rank0_peak_rss_mb", "merge_mb_per_s"]
     summary = "\n".join(f"- `{k}`: {json.dumps(res.get(k))}" for k in keys)
     return "\n".join(rows) + "\n\n" + summary + "\n"
 

@@ -18,7 +18,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 REPO = Path(__file__).resolve().parents[1]
 LAYOUT_PHASES = "p1,p2,p3,p4,p8"
@@ -44,27 +44,31 @@ def rank_rows(job: Dict[str, Any]) -> List[Dict[str, Any]]:
     return rows
 
 
-def write_doc(out: Path, inputs: List[Path]) -> str:
+def load_jobs(d: Path) -> Tuple[Dict[str, Dict[str, Any]], Dict[str, Any], Dict[str, Any]]:
     jobs: Dict[str, Dict[str, Any]] = {}
     env: Dict[str, Any] = {}
     workload: Dict[str, Any] = {}
-    for d in inputs:
-        for f in sorted(Path(d).glob("phase-*.json")):
-            ph = json.loads(f.read_text())
-            env, workload = ph["environment"], ph["workload"]
-            for j in ph.get("jobs", []):
-                if j and j["method"] == "spmd" and j["workload"] == "uniform" and "error" not in j:
-                    jobs[j["label"]] = j
+    for f in sorted(Path(d).glob("phase-*.json")):
+        ph = json.loads(f.read_text())
+        env, workload = ph["environment"], ph["workload"]
+        for j in ph.get("jobs", []):
+            if j and j["method"] == "spmd" and j["workload"] == "uniform" and "error" not in j:
+                jobs[j["label"]] = j
+    return jobs, env, workload
+
+
+def section(d: Path) -> List[str]:
+    """The tables of one session (one bench results folder)."""
+    jobs, env, workload = load_jobs(d)
     machine = env.get("gpus", "?").splitlines()
     lines = [
-        "# GPU verification",
+        f"## {d.name}",
         "",
         f"Machine: {len(machine)} x {machine[0].split(',')[0] if machine else '?'} "
         f"(driver {machine[0].split(',')[-1].strip() if machine else '?'}), vLLM {env.get('vllm')}, "
         f"torch {env.get('torch')}. Model: {workload.get('model')} (Llama-3.1-8B shape, load_format=dummy); "
         f"{workload.get('prompts')} prompts of {workload.get('prompt_len')} tokens, {workload.get('max_tokens')} "
-        f"output tokens each (greedy, ignore_eos). Produced by `python scripts/gpu_verify.py` from "
-        f"`scripts/bench.py --suite gpu` runs; every row is one real `torchrun -m spmd_dp` run.",
+        f"output tokens each (greedy, ignore_eos). Results: `{d}`.",
         "",
         "| layout (ranks x GPUs) | run | records | output complete + ordered | output tok/s | rank | GPUs expected "
         "| GPUs logged by the rank | GPUs of its engine processes (nvidia-smi) | ok | busy s | rank tok/s |",
@@ -78,11 +82,8 @@ def write_doc(out: Path, inputs: List[Path]) -> str:
             lines.append(f"{head} {row['rank']} | {','.join(row['expected'])} | {','.join(row['logged'])} | "
                          f"{', '.join(row['engine_gpus'])} | {'yes' if row['ok'] else 'NO'} | {row['busy_s']:.1f} | "
                          f"{row['tok_s']:.0f} |")
-    lines += ["", "## vLLM ports: no collisions between the engines of a node", "",
-              "Each rank's engine scans for ports only inside its own range (VLLM_PORT = base + local_rank x 100), "
-              "so engines that start together cannot race for the same port (vLLM issues #43206, #39015). The ports "
-              "the engines' workers bound for torch.distributed (vLLM's `distributed_init_method`, from its INFO "
-              "log):", "",
+    lines += ["", "vLLM ports: the ports the engines' workers bound for torch.distributed (vLLM's "
+              "`distributed_init_method`, from its INFO log), against each rank's range:", "",
               "| run | ranks x GPUs | per-rank port ranges | engine init ports | one per rank, inside its range |",
               "|---|---|---|---|---|"]
     for j in order:
@@ -92,9 +93,24 @@ def write_doc(out: Path, inputs: List[Path]) -> str:
         distinct = sorted(set(ports))
         per_range = [sum(lo <= p <= hi for p in distinct) for lo, hi in ranges]
         ok = len(distinct) == j["n"] and per_range == [1] * len(ranges)
+        logged = ", ".join(map(str, distinct)) or "(none: vLLM 0.26 with fork uses a file store)"
         lines.append(f"| {j['label']} | {j['n']}x{j['g']} | {', '.join(f'{lo}-{hi}' for lo, hi in sorted(ranges))} | "
-                     f"{', '.join(map(str, distinct)) or '(none logged)'} | {'yes' if ok else 'NO'} |")
-    text = "\n".join(lines) + "\n"
+                     f"{logged} | {'yes' if ok else 'n/a' if not ports else 'NO'} |")
+    return lines + [""]
+
+
+def write_doc(out: Path, inputs: List[Path]) -> str:
+    lines = ["# GPU verification", "",
+             "Every row is one real `torchrun -m spmd_dp` run with vLLM on NVIDIA GPUs, produced by "
+             "`python scripts/gpu_verify.py` from `scripts/bench.py --suite gpu` results (rerun: "
+             "`python scripts/gpu_verify.py --run --out DIR` on a 4-GPU host; see docs/gpu-notes.md). A rank's "
+             "expected GPUs are [r*g, (r+1)*g) of the CUDA_VISIBLE_DEVICES its job was given; \"logged\" is what "
+             "the rank reported (NVML), \"engine processes\" is where nvidia-smi saw the processes under that rank "
+             "while it ran. Each rank's engine scans for ports only inside its own range (VLLM_PORT = base + "
+             "local_rank x 100), so engines that start together cannot race for a port (vLLM #43206, #39015).", ""]
+    for d in inputs:
+        lines += section(d)
+    text = "\n".join(lines)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     return text

@@ -240,7 +240,7 @@ def _run_job(cfg: RunConfig, plan: RankPlan, prompts: PromptBuilder, store, time
         control.state = READY
         logger.info("Worker rank %d is ready (engine %s in %.1fs)", env.rank, "kept" if reused else "started",
                     stats.engine_start_s)
-        fair_share = -(-len(batches) // env.world_size)
+        fair_share = -(-todo // env.world_size)
         Generator(cfg, engine, queue, index, prompts, control, env.rank, stats, fair_share).run()
         if not keep_engine:
             engines.release()

@@ -36,7 +36,7 @@ class _InFlight:
     claimed_at: float
     done: List[Optional[Completion]] = field(default_factory=list)
     remaining: int = 0
-    demand: int = 0  # KV tokens its requests may need: prompt + max_tokens
+    demands: List[int] = field(default_factory=list)  # KV tokens each request may need (0: not in the engine)
 
 
 SKIPPED = "skipped: a bad input record"
@@ -62,23 +62,23 @@ def record_seed(seed: int, key: Any) -> int:
 class Generator:
     def __init__(self, cfg: RunConfig, engine: Engine, queue: BatchQueue, index: InputIndex, prompts: PromptBuilder,
                  control: ControlPlane, rank: int, stats: RankStats, fair_share: int) -> None:
+        """fair_share: records of this run / ranks."""
         self.cfg, self.engine, self.queue, self.index, self.control, self.rank = cfg, engine, queue, index, control, rank
         self.prompts = prompts
         self.stats = stats
         self.sampling = sampling_kwargs(cfg, rank)
         self.seed = self.sampling.pop("seed", None)
         self.inflight: Dict[int, _InFlight] = {}
-        self.queued = 0  # requests added and not finished
-        # Keep more requests queued than the engine runs at once, but never claim more than a
-        # fair share of all batches ahead (a small dataset would otherwise go to the first rank up).
-        self.target = engine.capacity + cfg.batch_size
-        self.max_inflight = max(1, min(-(-self.target // cfg.batch_size), fair_share))
-        self.demand = 0  # of the batches in flight
+        self.queued = 0  # requests in the engine, not finished
+        self.demand = 0  # KV tokens they may need
+        # Keep more requests queued than the engine runs at once, but never more than a fair share of
+        # the run ahead (a small dataset would otherwise go to the first rank up). Counted in requests,
+        # not batches: a batch waiting for its longest request must not stop new claims.
+        self.target = min(engine.capacity + cfg.batch_size, max(fair_share, 1))
 
     def _has_room(self) -> bool:
         kv = self.engine.kv_tokens
-        return (self.queued < self.target and len(self.inflight) < self.max_inflight
-                and (kv is None or self.demand < kv or not self.inflight))
+        return self.queued < self.target and (kv is None or self.demand < kv or self.queued == 0)
 
     def _request(self, batch: Batch, i: int, record: Dict[str, Any]) -> Request:
         sampling = self.prompts.sampling(self.sampling, record)
@@ -98,7 +98,7 @@ class Generator:
             logger.info("Assigned %d prompts to rank %d (batch %d of failed rank %d)",
                         batch.size, self.rank, batch.index, batch.owner)
         records = read_batch(self.index, batch.start, batch.stop)
-        job = _InFlight(batch, records, time.monotonic(), [None] * len(records), len(records))
+        job = _InFlight(batch, records, time.monotonic(), [None] * len(records), len(records), [0] * len(records))
         self.inflight[batch.index] = job
         settled = []  # skipped bad records and requests the engine refused
         for i, record in enumerate(records):
@@ -106,13 +106,13 @@ class Generator:
                 settled.append(Completion(f"{batch.index}:{i}", error=SKIPPED))
                 continue
             request = self._request(batch, i, record)
-            job.demand += token_demand(request)
             rejected = self.engine.add(request)
             if rejected is not None:
                 settled.append(rejected)
             else:
                 self.queued += 1
-        self.demand += job.demand
+                job.demands[i] = token_demand(request)
+                self.demand += job.demands[i]
         for c in settled:
             self._finish_request(c)
         return True
@@ -127,8 +127,8 @@ class Generator:
                              f"on_bad_record=skip to send such records to the errors file")
         job.done[i] = c
         job.remaining -= 1
+        self.demand -= job.demands[i]
         if job.remaining == 0:
-            self.demand -= job.demand
             self._emit(self.inflight.pop(batch_index))
 
     def _emit(self, job: _InFlight) -> None:

@@ -66,7 +66,7 @@ def run_loop(tmp_path, n, batch_size, capacity, kv_tokens, max_tokens=100):
     batches = dynamic_batches([(0, n)], batch_size)
     queue = BatchQueue(dist.HashStore(), batches, "dynamic", 0, 1)
     engine, control = FakeEngine(capacity, kv_tokens), FakeControl()
-    stats = Generator(cfg, engine, queue, index, prompts, control, 0, RankStats(0), len(batches)).run()
+    stats = Generator(cfg, engine, queue, index, prompts, control, 0, RankStats(0), n).run()
     return engine, control, stats
 
 
@@ -82,3 +82,45 @@ def test_claims_stop_at_the_kv_cache(tmp_path):
     assert stats.records == 200
     assert 10 <= engine.max_queued <= 10 + 4  # one batch past the KV cache, not the 64 + 4 of max_num_seqs
     assert token_demand(type("R", (), {"prompt": [1] * 20, "sampling": {"max_tokens": 100, "n": 2}})()) == 220
+
+
+class StepEngine(FakeEngine):
+    """Runs `capacity` requests at a time; a request takes max_tokens steps. Records how full it ran."""
+
+    def __init__(self, capacity):
+        super().__init__(capacity, None)
+        self.left = {}
+        self.running_per_step: List[int] = []
+
+    def add(self, request):
+        self.left[request.request_id] = request.sampling["max_tokens"]
+        return super().add(request)
+
+    def step(self):
+        running = self.queue[:self.capacity]
+        self.running_per_step.append(len(running))
+        done = []
+        for r in running:
+            self.left[r.request_id] -= 1
+            if self.left[r.request_id] == 0:
+                done.append(r)
+        self.queue = [r for r in self.queue if r not in done]
+        return [Completion(r.request_id, ["x"], prompt_tokens=1, output_tokens=1) for r in done]
+
+
+def test_a_long_request_does_not_hold_back_new_claims(tmp_path):
+    """Skewed lengths: one long request per batch. Its batch stays open until it ends, but new batches
+    are claimed as the short ones finish, so the engine keeps running full."""
+    n, bs, capacity = 400, 8, 16
+    records = [{"id": i, "prompt": "a b", "generation_options": {"max_tokens": 40 if i % bs == 0 else 2}}
+               for i in range(n)]
+    inp = write_jsonl(tmp_path / "in.jsonl", records)
+    cfg = load_config([f"batch_size={bs}"])
+    prompts = PromptBuilder(cfg)
+    index, _ = scan_input(inp, RecordSpec("id", prompts.check), bs)
+    queue = BatchQueue(dist.HashStore(), dynamic_batches([(0, n)], bs), "dynamic", 0, 1)
+    engine = StepEngine(capacity)
+    stats = Generator(cfg, engine, queue, index, prompts, FakeControl(), 0, RankStats(0), n).run()
+    assert stats.records == n
+    busy = engine.running_per_step[: len(engine.running_per_step) * 3 // 4]  # before the tail
+    assert sum(busy) / len(busy) > 0.9 * capacity, busy[:50]
