@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, FrozenSet, List, Optional, Tuple
+
+import numpy as np
 
 from spmd_dp.errors import UsageError
 
@@ -83,6 +86,49 @@ def _parse(raw: bytes) -> Tuple[Any, str | None]:
         return None, f"malformed JSON ({e.msg} at column {e.colno})"
 
 
+class _Keys:
+    """The primary keys seen, in 24 bytes each (hash, line, byte offset): duplicates are found at the end
+    (sort by hash) and confirmed by reading both lines again. Rank 0's memory stays small for 100M keys."""
+
+    def __init__(self) -> None:
+        self.hashes, self.lines, self.offsets, self.positions = array("Q"), array("Q"), array("Q"), array("Q")
+
+    @staticmethod
+    def _hash(key: Any) -> int:
+        return int.from_bytes(hashlib.blake2b(repr((type(key).__name__, key)).encode(), digest_size=8).digest(),
+                              "little")
+
+    def add(self, key: Any, line: int, offset: int, position: int) -> None:
+        self.hashes.append(self._hash(key))
+        self.lines.append(line)
+        self.offsets.append(offset)
+        self.positions.append(position)
+
+    def duplicates(self, f, primary_key: str) -> List["BadRecord"]:
+        """Every later occurrence of a key, naming the first; read back from the open file f."""
+        if len(self.hashes) < 2:
+            return []
+        h = np.frombuffer(self.hashes, dtype=np.uint64)
+        order = np.argsort(h, kind="stable")  # equal hashes stay in file order
+        sorted_h = h[order]
+        is_dup = np.concatenate(([False], sorted_h[1:] == sorted_h[:-1]))
+        run_start = np.maximum.accumulate(np.where(is_dup, 0, np.arange(len(h))))  # first of each equal run
+        out = []
+        for i in np.flatnonzero(is_dup):
+            a, b = int(order[run_start[i]]), int(order[i])
+            key_a, key_b = (self._key_at(f, self.offsets[j], primary_key) for j in (a, b))
+            if (type(key_a), key_a) == (type(key_b), key_b):  # not a 64-bit hash collision
+                out.append(BadRecord(self.positions[b], self.lines[b], key_b,
+                                     f"duplicate primary key {key_b!r} (first at line {self.lines[a]}); primary "
+                                     f"keys must be unique"))
+        return out
+
+    @staticmethod
+    def _key_at(f, offset: int, primary_key: str) -> Any:
+        f.seek(offset)
+        return json.loads(f.readline())[primary_key]
+
+
 def scan_input(path: Path, spec: RecordSpec, stride: int, skip_bad: bool = False
                ) -> Tuple[InputIndex, List[BadRecord]]:
     """Validate every record in one pass. Bad records: a UsageError naming the first (file:line) and
@@ -92,7 +138,7 @@ def scan_input(path: Path, spec: RecordSpec, stride: int, skip_bad: bool = False
                          f"(absolute paths work too)")
     digest = hashlib.sha256()
     offsets: List[int] = []
-    keys: Dict[Any, int] = {}
+    keys = _Keys()
     bad: List[BadRecord] = []
     n = 0
     pos = 0
@@ -112,14 +158,11 @@ def scan_input(path: Path, spec: RecordSpec, stride: int, skip_bad: bool = False
             err = err or spec.check(record)
             key = record.get(spec.primary_key) if isinstance(record, dict) else None
             if err is None:
-                hkey = (type(key).__name__, key)
-                if hkey in keys:
-                    err = f"duplicate primary key {key!r} (first at line {keys[hkey]}); primary keys must be unique"
-                else:
-                    keys[hkey] = lineno
-            if err is not None:
+                keys.add(key, lineno, start, n)
+            else:
                 bad.append(BadRecord(n, lineno, key if isinstance(key, (str, int)) else None, err))
             n += 1
+        bad = sorted(bad + keys.duplicates(f, spec.primary_key), key=lambda b: b.position)
     if n == 0:
         raise UsageError(f"input error: {path} holds no records; give a JSONL file with one JSON object per line")
     if bad and not skip_bad:

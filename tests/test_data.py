@@ -61,3 +61,15 @@ def test_skip_mode_lists_bad_records_and_reads_around_them(tmp_path):
     rows = read_batch(idx, 0, 7)
     assert [r["id"] if r else None for r in rows] == [1, None, None, 3, None, None, 5]
     assert [r["id"] if r else None for r in read_batch(idx, 3, 7)] == [3, None, None, 5]
+
+
+def test_every_repeat_of_a_key_names_the_first_and_types_differ(tmp_path):
+    p = tmp_path / "in.jsonl"
+    rows = [{"id": 7, "prompt": "a"}, {"id": "7", "prompt": "b"}, {"id": 7, "prompt": "c"},
+            {"id": 8, "prompt": "d"}, {"id": 7, "prompt": "e"}, {"id": "7", "prompt": "f"}]
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _, bad = scan_input(p, SPEC, stride=4, skip_bad=True)
+    assert [(b.position, b.key) for b in bad] == [(2, 7), (4, 7), (5, "7")]
+    assert [b.reason.split(";")[0] for b in bad] == ["duplicate primary key 7 (first at line 1)",
+                                                   "duplicate primary key 7 (first at line 1)",
+                                                   "duplicate primary key '7' (first at line 2)"]
