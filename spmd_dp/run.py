@@ -190,7 +190,7 @@ def _run_job(cfg: RunConfig, plan: RankPlan, prompts: PromptBuilder, store, time
     """One job on the world: `store` is this job's namespace (its groups and batch counters)."""
     env = plan.env
     group = Group(dist.PrefixStore("setup", store), env.rank, env.world_size, timeout)
-    os.environ.update(plan.device.environ())
+    plan.device.apply()
     os.environ["VLLM_PORT"] = str(plan.vllm_port)
     logger.info("%s", plan.describe())
     if plan.device.kind == "cuda":

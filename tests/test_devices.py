@@ -1,5 +1,9 @@
 """Device slices: the seed's GPU layouts, pre-set CUDA_VISIBLE_DEVICES, errors, CPU cores, vLLM ports."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from spmd_dp.devices import cpu_slice, gpu_slice, plan_device_slice, vllm_port_base, VLLM_PORT_STRIDE
@@ -78,6 +82,17 @@ def test_cpu_slices():
         cpu_slice(0, 2, 1, [0, 1, 2], cores_per_rank=2)
     with pytest.raises(UsageError, match="gpus_per_dp_rank=2"):
         cpu_slice(0, 2, 2, [0, 1])
+
+
+def test_a_cpu_slice_pins_the_rank_process_and_its_children():
+    core = min(os.sched_getaffinity(0))
+    code = (f"import os, subprocess, sys; from spmd_dp.devices import cpu_slice; "
+            f"cpu_slice(0, 1, 1, [{core}]).apply(); "
+            f"print(os.environ['VLLM_CPU_OMP_THREADS_BIND'], sorted(os.sched_getaffinity(0)), subprocess.run("
+            f"[sys.executable, '-c', 'import os; print(sorted(os.sched_getaffinity(0)))'], capture_output=True, "
+            f"text=True).stdout.strip())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split(" ", 1)
+    assert out == [str(core), f"[{core}] [{core}]\n"]
 
 
 def test_vllm_port_ranges_are_disjoint_per_rank():
