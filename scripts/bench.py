@@ -441,7 +441,7 @@ def report(out: Path, inputs: List[Path]) -> Dict[str, Any]:
     res: Dict[str, Any] = {**meta, "jobs": jobs, "echo": echo}
     res["scaling_efficiency"] = {}
     for label, j in jobs.items():
-        if label.startswith("d_dynamic_n") and j["workload"] == "uniform" and "bs" not in label and a:
+        if label.startswith("d_dynamic_n") and j["workload"] == "uniform" and not label.endswith(("_bsall", "_pinned")) and a:
             res["scaling_efficiency"][str(j["n"])] = round(j["tokens_per_s"] / (j["n"] * a), 4)
     res["scaling_efficiency_static"] = {str(j["n"]): round(j["tokens_per_s"] / (j["n"] * a), 4) for label, j in
                                         jobs.items() if label.startswith("c_static_n") and j["workload"] == "uniform" and a}
