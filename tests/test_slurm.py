@@ -201,6 +201,8 @@ def wait_job(env: Dict[str, str], job: str, timeout: float = 150, on_pending=Non
         info = job_info(env, job)
         state = info.get("JobState", "")
         if state in FINAL_STATES:
+            print(f"slurm job {job}: JobState={state} ExitCode={info.get('ExitCode')} "
+                  f"Restarts={info.get('Restarts')} RunTime={info.get('RunTime')}")
             return info
         if state == "PENDING" and on_pending:
             on_pending(info)
