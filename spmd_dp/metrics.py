@@ -54,8 +54,10 @@ class Report:
             rows.append(f"{r.rank:>6} {r.records:>9} {r.batches:>8} {r.output_tokens:>11} {r.busy_s:>9.2f} "
                         f"{r.output_tokens_per_s:>10.1f} {r.engine_start_s:>8.1f}{note}")
         t = self.total
+        # the run's generation span (first rank's first claim to last rank's last batch), then wall time
         rows.append(f"{'total':>6} {t['records']:>9} {t['batches']:>8} {t['output_tokens']:>11} "
-                    f"{t['wall_s']:>9.2f} {t['output_tokens_per_s']:>10.1f}   imbalance {t['imbalance']:.3f}")
+                    f"{t['generation_s']:>9.2f} {t['generation_tokens_per_s']:>10.1f}   imbalance "
+                    f"{t['imbalance']:.3f}, wall {t['wall_s']:.1f} s ({t['output_tokens_per_s']:.1f} tok/s)")
         return "\n".join(rows)
 
 
