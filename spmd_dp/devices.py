@@ -35,7 +35,7 @@ class DeviceSlice:
         return {"VLLM_CPU_OMP_THREADS_BIND": "|".join(_ranges(g) for g in groups), "CUDA_VISIBLE_DEVICES": ""}
 
     def apply(self) -> None:
-        """Export the slice; on CPU also pin this process (and so its engine's processes) to its cores: an
+        """Export the slice; on CPU also pin this thread, and so the engine processes it starts, to its cores: an
         unpinned engine front end steals cycles from the next rank's engine (2 ranks on 2 cores: 985 -> 1443
         output tok/s measured, docs/benchmarks.md)."""
         os.environ.update(self.environ())
