@@ -84,7 +84,7 @@ def _main(argv: Optional[Sequence[str]]) -> tuple[int, str]:
         if cfg.workflow:
             from spmd_dp.workflow import workflow_configs
 
-            cfgs = workflow_configs(Path(cfg.workflow), overrides)
+            cfgs = workflow_configs(Path(cfg.workflow), overrides, name, path)
         if cfg_what == "job":
             print("\n---\n".join(to_yaml(c) for c in cfgs), end="")
             return EXIT_OK, ""

@@ -82,12 +82,14 @@ def ordered_nodes(path: Path, wf: Dict[str, Any]) -> List[Dict[str, Any]]:
     return order
 
 
-def workflow_configs(path: Path, overrides: List[str]) -> List[RunConfig]:
-    """One validated RunConfig per text_prompt node, in the order they run."""
+def workflow_configs(path: Path, overrides: List[str], config_name: str = "config",
+                     config_dir: str | None = None) -> List[RunConfig]:
+    """One validated RunConfig per text_prompt node, in the order they run, on the config the command line
+    names (--config-name / --config-path)."""
     wf = read_workflow(path)
     order = ordered_nodes(path, wf)
-    base = compose_config([])
-    cli = _cli_config(overrides)
+    base = compose_config([], config_name, config_dir)
+    cli = _cli_config(overrides, config_name, config_dir)
     top = {k: wf[k] for k in WORKFLOW_KEYS if wf.get(k) is not None}
     inputs: Dict[str, Dict[str, Any]] = {}  # node id -> input keys its dependents read
     configs = []
@@ -132,10 +134,10 @@ def workflow_configs(path: Path, overrides: List[str]) -> List[RunConfig]:
     return configs
 
 
-def _cli_config(overrides: List[str]) -> DictConfig:
+def _cli_config(overrides: List[str], config_name: str, config_dir: str | None) -> DictConfig:
     """Command-line overrides as a config to merge last (checked against the schema by load_config)."""
     plain = [o for o in overrides if not o.split("=", 1)[0].lstrip("+") == "workflow"]
-    load_config(plain)  # the same checks and messages as without a workflow
+    load_config(plain, config_name, config_dir)  # the same checks and messages as without a workflow
     try:
         return OmegaConf.from_dotlist([o.lstrip("+") for o in plain])
     except OmegaConfBaseException as e:

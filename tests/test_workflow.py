@@ -111,3 +111,13 @@ def test_progress_and_metrics(tmp_path):
     assert all(r["busy_s"] > 0 and r["output_tokens_per_s"] > 0 for r in m["ranks"] if r["records"])
     for key in ("wall_s", "generation_s", "output_tokens_per_s", "imbalance", "rank0_peak_rss_mb", "merge_mb_per_s"):
         assert m["total"][key] is not None
+
+
+
+def test_a_workflow_runs_on_the_config_the_command_line_names(tmp_path):
+    """--config-name/--config-path: the keys the workflow leaves unset come from that config."""
+    (tmp_path / "mine.yaml").write_text((REPO / "conf" / "config.yaml").read_text() + "schedule: static\n")
+    (cfg,) = workflow_configs(SEED_SINGLE, [], "mine", str(tmp_path))
+    assert (cfg.schedule, cfg.name, cfg.batch_size) == ("static", "task_name", 32)  # the file's keys still win
+    p = spmd(["--config-path", str(tmp_path), "--config-name", "mine", f"workflow={SEED_SINGLE}", "--cfg", "job"])
+    assert p.returncode == 0 and "schedule: static" in p.stdout and "name: task_name" in p.stdout, p.stderr
