@@ -87,8 +87,8 @@ def _parse(raw: bytes) -> Tuple[Any, str | None]:
 
 
 class _Keys:
-    """The primary keys seen, in 24 bytes each (hash, line, byte offset): duplicates are found at the end
-    (sort by hash) and confirmed by reading both lines again. Rank 0's memory stays small for 100M keys."""
+    """The primary keys seen, in 32 bytes each (hash, line, byte offset, position): duplicates are found at
+    the end (sort by hash) and confirmed by reading both lines again. Rank 0's memory stays small for 100M keys."""
 
     def __init__(self) -> None:
         self.hashes, self.lines, self.offsets, self.positions = array("Q"), array("Q"), array("Q"), array("Q")

@@ -62,9 +62,8 @@ class Report:
 
 
 class Metrics:
-    def __init__(self, world: int, todo: int) -> None:
+    def __init__(self, world: int) -> None:
         self.ranks = [RankStats(r) for r in range(world)]
-        self.todo = todo
         self.started = time.monotonic()
 
     def add_rank(self, item: Dict[str, Any]) -> None:

@@ -31,11 +31,11 @@ from spmd_dp.distributed import RankEnv, scrub_launcher_env
 from spmd_dp.engines import EngineStartError, build_engine
 from spmd_dp.errors import RunFailure, UsageError
 from spmd_dp.log import logger, setup_logging
+from spmd_dp.metrics import Metrics, RankStats
 from spmd_dp.model import is_embedded
 from spmd_dp.progress import Progress
 from spmd_dp.prompts import PromptBuilder
 from spmd_dp.work import BatchQueue, make_batches
-from spmd_dp.metrics import Metrics, RankStats
 from spmd_dp.worker import Generator
 
 
@@ -272,7 +272,7 @@ class _Committer:
     def __init__(self, cfg: RunConfig, journal: Journal, index: InputIndex, todo: int, world: int,
                  bad: List[BadRecord]) -> None:
         self.cfg, self.journal, self.index, self.bad = cfg, journal, index, bad
-        self.metrics = Metrics(world, todo)
+        self.metrics = Metrics(world)
         self.progress = Progress(todo)
         self.failed: Dict[int, str] = {}
 
