@@ -58,27 +58,33 @@ class FakeEngine:
         pass
 
 
-def run_loop(tmp_path, n, batch_size, capacity, kv_tokens, max_tokens=100):
-    inp = write_jsonl(tmp_path / "in.jsonl", [{"id": i, "prompt": [1] * 20} for i in range(n)])
-    cfg = load_config([f"batch_size={batch_size}", f"generation_options.max_tokens={max_tokens}"])
+def run_loop(tmp_path, records, batch_size, engine, *overrides):
+    """One rank's generation loop over `records` (dynamic schedule, world of one) on a stand-in engine."""
+    inp = write_jsonl(tmp_path / "in.jsonl", records)
+    cfg = load_config([f"batch_size={batch_size}", *overrides])
     prompts = PromptBuilder(cfg)
     index, _ = scan_input(inp, RecordSpec("id", prompts.check), batch_size)
-    batches = dynamic_batches([(0, n)], batch_size)
-    queue = BatchQueue(dist.HashStore(), batches, "dynamic", 0, 1)
-    engine, control = FakeEngine(capacity, kv_tokens), FakeControl()
-    stats = Generator(cfg, engine, queue, index, prompts, control, 0, RankStats(0), n).run()
-    return engine, control, stats
+    queue = BatchQueue(dist.HashStore(), dynamic_batches([(0, len(records))], batch_size), "dynamic", 0, 1)
+    control = FakeControl()
+    stats = Generator(cfg, engine, queue, index, prompts, control, 0, RankStats(0), len(records)).run()
+    return control, stats
+
+
+def token_records(n):
+    return [{"id": i, "prompt": [1] * 20} for i in range(n)]
 
 
 def test_engine_kept_full_across_batch_boundaries(tmp_path):
-    engine, control, stats = run_loop(tmp_path, 200, 8, capacity=32, kv_tokens=None)
+    engine = FakeEngine(32, None)
+    control, stats = run_loop(tmp_path, token_records(200), 8, engine, "generation_options.max_tokens=100")
     assert stats.records == 200 and sorted(i["start"] for i in control.items) == list(range(0, 200, 8))
     assert engine.max_queued >= 32 + 8  # more queued than the engine runs at once
 
 
 def test_claims_stop_at_the_kv_cache(tmp_path):
     # each request needs 20 prompt + 100 output tokens: a KV cache of 1200 tokens holds 10 of them
-    engine, control, stats = run_loop(tmp_path, 200, 4, capacity=64, kv_tokens=1200)
+    engine = FakeEngine(64, 1200)
+    control, stats = run_loop(tmp_path, token_records(200), 4, engine, "generation_options.max_tokens=100")
     assert stats.records == 200
     assert 10 <= engine.max_queued <= 10 + 4  # one batch past the KV cache, not the 64 + 4 of max_num_seqs
     assert token_demand(type("R", (), {"prompt": [1] * 20, "sampling": {"max_tokens": 100, "n": 2}})()) == 220
@@ -114,13 +120,8 @@ def test_a_long_request_does_not_hold_back_new_claims(tmp_path):
     n, bs, capacity = 400, 8, 16
     records = [{"id": i, "prompt": "a b", "generation_options": {"max_tokens": 40 if i % bs == 0 else 2}}
                for i in range(n)]
-    inp = write_jsonl(tmp_path / "in.jsonl", records)
-    cfg = load_config([f"batch_size={bs}"])
-    prompts = PromptBuilder(cfg)
-    index, _ = scan_input(inp, RecordSpec("id", prompts.check), bs)
-    queue = BatchQueue(dist.HashStore(), dynamic_batches([(0, n)], bs), "dynamic", 0, 1)
     engine = StepEngine(capacity)
-    stats = Generator(cfg, engine, queue, index, prompts, FakeControl(), 0, RankStats(0), n).run()
+    _, stats = run_loop(tmp_path, records, bs, engine)
     assert stats.records == n
     busy = engine.running_per_step[: len(engine.running_per_step) * 3 // 4]  # before the tail
     assert sum(busy) / len(busy) > 0.9 * capacity, busy[:50]
