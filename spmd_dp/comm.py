@@ -1,4 +1,4 @@
-"""The ranks' gloo groups, owned by spmd_dp and kept out of torch.distributed's global state.
+"""The only module that uses torch.distributed: the rendezvous store, spmd_dp's gloo groups, their collectives.
 
 spmd_dp never calls `init_process_group`: it talks to its peers through
 `ProcessGroupGloo` objects of its own, made on the rendezvous store. So
@@ -9,30 +9,54 @@ is invalid"). That is what lets vLLM fork its engine process (its default) inste
 spawning it, which re-imports torch and vLLM: measured ~17 s of every engine start on
 an H200 host. Every operation is bounded by the group's timeout.
 
-What travels is JSON or plain tensors: nothing received is ever unpickled.
+The store is also where ranks claim work: `store.add(key, 1)` is atomic across
+the world (spmd_dp/batches.py uses it through that one method). What travels is
+JSON or integers: nothing received is ever unpickled.
 """
 
 from __future__ import annotations
 
 import json
 from datetime import timedelta
-from typing import Any, List
+from typing import Any, List, Sequence
 
 import torch
 import torch.distributed as dist
 
+from spmd_dp.launcher import RankEnv
+
+
+def rendezvous(env: RankEnv, timeout: timedelta):
+    """The rendezvous store, its keys namespaced by run and restart (it outlives a torchrun restart)."""
+    if env.launcher == "single":
+        store = dist.HashStore()
+    else:
+        store = dist.TCPStore(env.master_addr, env.master_port, world_size=env.world_size,
+                              is_master=env.rank == 0 and not env.agent_store, timeout=timeout,
+                              wait_for_workers=False)
+    return dist.PrefixStore(env.store_prefix, store)
+
+
+def substore(store, prefix: str):
+    """A namespace inside a store: one per workflow node, and per use inside it."""
+    return dist.PrefixStore(prefix, store)
+
 
 class Group:
+    """A gloo group of the world's ranks over `store`, with the few collectives spmd_dp needs."""
+
     def __init__(self, store, rank: int, world: int, timeout: timedelta) -> None:
         self.rank, self.world = rank, world
         self.pg = dist.ProcessGroupGloo(store, rank, world, timeout)
 
-    def all_gather(self, t: torch.Tensor) -> List[torch.Tensor]:
+    def all_gather_ints(self, values: Sequence[int]) -> List[List[int]]:
+        """Every rank's vector of integers (all of the same length), indexed by rank."""
+        t = torch.tensor(list(values), dtype=torch.int64)
         out = [torch.empty_like(t) for _ in range(self.world)]
         self.pg.allgather([out], [t]).wait()
-        return out
+        return [x.tolist() for x in out]
 
-    def broadcast(self, t: torch.Tensor, src: int = 0) -> None:
+    def _broadcast(self, t: torch.Tensor, src: int) -> None:
         opts = dist.BroadcastOptions()
         opts.rootRank = src
         self.pg.broadcast([t], opts).wait()
@@ -48,20 +72,29 @@ class Group:
     def send_bytes(self, data: bytes, dst: int) -> None:
         self.pg.send([torch.frombuffer(bytearray(data), dtype=torch.uint8)], dst, 0).wait()
 
-    def recv_bytes(self, size: int, src: int):
-        """Start receiving `size` bytes from src; returns (buffer, work): wait() then buffer.numpy().tobytes()."""
+    def recv_bytes(self, size: int, src: int) -> "Receive":
+        """Start receiving `size` bytes from src; `.result()` waits and returns them."""
         buf = torch.empty(size, dtype=torch.uint8)
-        return buf, self.pg.recv([buf], src, 0)
+        return Receive(buf, self.pg.recv([buf], src, 0))
 
     def broadcast_json(self, obj: Any, src: int = 0) -> Any:
         """Broadcast a JSON-able object from src."""
         data = json.dumps(obj).encode() if self.rank == src else b""
         size = torch.tensor([len(data)], dtype=torch.int64)
-        self.broadcast(size, src)
+        self._broadcast(size, src)
         if self.rank == src:
             buf = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
         else:
             buf = torch.empty(int(size), dtype=torch.uint8)
         if int(size):
-            self.broadcast(buf, src)
+            self._broadcast(buf, src)
         return obj if self.rank == src else json.loads(buf.numpy().tobytes())
+
+
+class Receive:
+    def __init__(self, buf: torch.Tensor, work) -> None:
+        self.buf, self.work = buf, work
+
+    def result(self) -> bytes:
+        self.work.wait()
+        return self.buf.numpy().tobytes()

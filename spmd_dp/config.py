@@ -124,14 +124,6 @@ class RunConfig:
     def input_path(self) -> Path:
         return Path(self.data_dir).expanduser() / Path(self.input_data_path).expanduser()
 
-    @property
-    def output_path(self) -> Path:
-        return Path(self.output_dir).expanduser() / f"{self.name}.{self.output_format}"
-
-    @property
-    def metrics_path(self) -> Path:
-        return Path(self.output_dir).expanduser() / f"{self.name}.metrics.json"
-
 
 ConfigStore.instance().store(name="spmd_dp_schema", node=RunConfig)
 

@@ -14,9 +14,10 @@ import os
 import shutil
 import subprocess
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from spmd_dp.errors import UsageError
+from spmd_dp.log import logger
 
 VLLM_PORT_STRIDE = 100  # vLLM ports per rank: each rank's engine scans only its own range
 
@@ -41,6 +42,12 @@ class DeviceSlice:
         os.environ.update(self.environ())
         if self.kind == "cpu" and self.ids:
             os.sched_setaffinity(0, {int(c) for c in self.ids})
+
+    def log_physical(self, rank: int) -> None:
+        """Which physical GPUs the rank got (index, name, uuid, PCI bus), from NVML."""
+        if self.kind == "cuda":
+            logger.info("rank %d physical GPUs (index:name:uuid:bus): %s", rank,
+                        ", ".join(physical_gpus(self.ids)) or "unknown (no NVML)")
 
     def describe(self) -> str:
         if not self.ids:
@@ -142,6 +149,17 @@ def local_kv_budget(device: DeviceSlice, options, ranks_per_node: int, environ: 
 
     free_gib = psutil.virtual_memory().available / 2**30 / max(1, ranks_per_node)
     return float(max(1, min(cpu_kvcache_gib(options, environ), int(free_gib / 2))))
+
+
+def agree_kv_budget(device: DeviceSlice, options, ranks_per_node: int, world: int,
+                    reduce_min: Callable[[float], float]) -> float:
+    """Seed 003's KV cache agreement: every rank takes the smallest budget any rank can afford (reduce_min
+    is the control group's all-reduce MIN)."""
+    local = local_kv_budget(device, options, ranks_per_node, os.environ)
+    agreed = reduce_min(local)
+    unit = "of GPU memory (gpu_memory_utilization)" if device.kind == "cuda" else "GiB (VLLM_CPU_KVCACHE_SPACE)"
+    logger.info("KV cache agreed across %d ranks: %.3g %s; this rank could afford %.3g", world, agreed, unit, local)
+    return agreed
 
 
 def _nvml(ids: Sequence[str], query) -> list:

@@ -11,30 +11,9 @@ import json
 import resource
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
-
-@dataclass
-class RankStats:
-    """What one rank did; it sends this to rank 0 at its end (the "stats" item)."""
-
-    rank: int
-    records: int = 0
-    batches: int = 0
-    prompt_tokens: int = 0
-    output_tokens: int = 0
-    engine_start_s: float = 0.0
-    busy_s: float = 0.0  # first claim to last finished batch
-    gen_start_unix: float = 0.0  # wall clock of the first claim and of the last finished batch,
-    gen_end_unix: float = 0.0  # to measure the run's generation span across ranks
-    engine_failed: Optional[str] = None
-
-    @property
-    def output_tokens_per_s(self) -> float:
-        return self.output_tokens / self.busy_s if self.busy_s > 0 else 0.0
-
-    def as_item(self) -> Dict[str, Any]:
-        return {"kind": "stats", **asdict(self)}
+from spmd_dp.messages import RankStats
 
 
 @dataclass
@@ -66,8 +45,8 @@ class Metrics:
         self.ranks = [RankStats(r) for r in range(world)]
         self.started = time.monotonic()
 
-    def add_rank(self, item: Dict[str, Any]) -> None:
-        self.ranks[item["rank"]] = RankStats(**{k: v for k, v in item.items() if k != "kind"})
+    def add_rank(self, stats: RankStats) -> None:
+        self.ranks[stats.rank] = stats
 
     def report(self) -> Report:
         wall = time.monotonic() - self.started

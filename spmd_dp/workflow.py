@@ -24,6 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from spmd_dp.config import RunConfig, compose_config, load_config, validate
 from spmd_dp.errors import UsageError
+from spmd_dp.plan import OutputPaths
 
 NODE_TYPES = ("load", "text_prompt")
 WORKFLOW_KEYS = ("data_dir", "output_dir", "prompts_dir")
@@ -121,7 +122,7 @@ def workflow_configs(path: Path, overrides: List[str], config_name: str = "confi
             raise _error(path, f"node '{node['id']}': {str(e).removeprefix('config error: ')}") from None
         configs.append(cfg)
         # what a node depending on this one reads: this one's output
-        inputs[node["id"]] = {"input_data_path": str(cfg.output_path.resolve()), "primary_key": cfg.primary_key}
+        inputs[node["id"]] = {"input_data_path": str(OutputPaths.of(cfg).final), "primary_key": cfg.primary_key}
     if not configs:
         raise _error(path, "no text_prompt node: nothing to run")
     feeding = {d for n in order for d in n.get("dependencies", [])}

@@ -4,6 +4,7 @@ import pytest
 
 from spmd_dp.config import load_config
 from spmd_dp.errors import UsageError
+from spmd_dp.plan import OutputPaths
 from tests.conftest import spmd
 
 
@@ -18,7 +19,7 @@ def test_defaults_are_the_seeds():
     assert (cfg.generation_options.temperature, cfg.generation_options.max_tokens) == (0.7, 512)
     assert cfg.schedule == "dynamic" and cfg.primary_key == "id"
     assert cfg.input_path.is_file()  # the bundled sample dataset
-    assert cfg.output_path.name == "generate_responses.jsonl"
+    assert OutputPaths.of(cfg).final.name == "generate_responses.jsonl"
 
 
 def test_overrides():

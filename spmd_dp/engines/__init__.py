@@ -7,9 +7,17 @@ import, for validating a pipeline, for tests and for benchmarks.
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 from spmd_dp.engines.base import Completion, Engine, EngineStartError, Request
+
+
+def set_engine_environment() -> None:
+    """What every engine of the run sees: vLLM V1 (seed 000), quiet logs (VLLM_LOGGING_LEVEL=INFO to debug)."""
+    os.environ["VLLM_USE_V1"] = "1"
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
 
 def build_engine(cfg, device_slice, rank: int, kv_budget: Optional[float] = None) -> Engine:
@@ -23,4 +31,4 @@ def build_engine(cfg, device_slice, rank: int, kv_budget: Optional[float] = None
     return VllmEngine(cfg, device_slice, kv_budget)
 
 
-__all__ = ["Completion", "Engine", "EngineStartError", "Request", "build_engine"]
+__all__ = ["Completion", "Engine", "EngineStartError", "Request", "build_engine", "set_engine_environment"]

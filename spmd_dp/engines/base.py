@@ -37,6 +37,4 @@ class Engine(Protocol):
     def step(self) -> List[Completion]:
         """Advance; return the requests that finished."""
 
-    def has_unfinished(self) -> bool: ...
-
     def close(self) -> None: ...

@@ -57,8 +57,6 @@ class EchoEngine:
         return [Completion(req.request_id, [text] * n, prompt_tokens=len(words), output_tokens=len(out) * n,
                            finish_reason="length" if len(words) >= max_tokens else "stop")]
 
-    def has_unfinished(self) -> bool:
-        return bool(self.queue)
 
     def close(self) -> None:
         self.queue.clear()

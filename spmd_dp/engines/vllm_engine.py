@@ -108,8 +108,6 @@ class VllmEngine:
                 finish_reason=out.outputs[0].finish_reason if out.outputs else None))
         return done
 
-    def has_unfinished(self) -> bool:
-        return self.engine.has_unfinished_requests()
 
     def close(self) -> None:
         core = getattr(self.engine, "engine_core", None)

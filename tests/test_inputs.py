@@ -5,7 +5,7 @@ import json
 import pytest
 
 from spmd_dp.config import load_config
-from spmd_dp.data import RecordSpec, read_batch, scan_input
+from spmd_dp.inputs import RecordSpec, read_batch, scan_input
 from spmd_dp.errors import UsageError
 from spmd_dp.prompts import PromptBuilder
 

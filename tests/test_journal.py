@@ -4,18 +4,22 @@ import json
 
 import pytest
 
-from spmd_dp.commit import Journal
+from spmd_dp.journal import Journal
+from spmd_dp.messages import BatchDone
+from spmd_dp.output import assemble
+from spmd_dp.plan import OutputPaths
 from spmd_dp.errors import UsageError
 
 FP = {"input_sha256": "abc", "n_records": 10}
 
 
 def batch(start, stop):
-    return {"start": start, "stop": stop, "lines": [json.dumps({"i": i}) for i in range(start, stop)]}
+    return BatchDone(start, start, stop, 0, [json.dumps({"i": i}) for i in range(start, stop)])
 
 
 def journal(tmp_path, fp=FP):
-    return Journal(tmp_path, "t", fp, tmp_path / "t.jsonl")
+    return Journal(OutputPaths(tmp_path, tmp_path / "t.jsonl", tmp_path / "t.metrics.json", tmp_path / "t.config.yaml",
+                               tmp_path / "t.journal.jsonl", tmp_path / "t.parts", tmp_path / "t.errors.jsonl"), fp)
 
 
 def test_commit_resume_and_assemble_in_input_order(tmp_path):
@@ -29,9 +33,9 @@ def test_commit_resume_and_assemble_in_input_order(tmp_path):
     assert j2.committed_spans() == [(0, 3), (6, 10)]
     assert j2.missing(10) == [(3, 6)]
     with pytest.raises(RuntimeError, match="not committed"):
-        j2.assemble(10)
+        assemble(j2, 10)
     j2.commit([batch(3, 6)])
-    j2.assemble(10)
+    assemble(j2, 10)
     assert [json.loads(x)["i"] for x in (tmp_path / "t.jsonl").read_text().splitlines()] == list(range(10))
     assert not (tmp_path / "t.parts").exists()
     j3 = journal(tmp_path)
@@ -52,7 +56,7 @@ def test_torn_last_line_and_orphan_part_are_redone(tmp_path):
     assert j2.committed_spans() == [(0, 5)]
     assert not (tmp_path / "t.parts" / "part-00000007.jsonl").exists()
     j2.commit([batch(5, 10)])
-    j2.assemble(10)
+    assemble(j2, 10)
     assert len((tmp_path / "t.jsonl").read_text().splitlines()) == 10
 
 

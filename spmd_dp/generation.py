@@ -1,4 +1,4 @@
-"""The generation loop of one rank: claim batches, keep the engine full, hand finished batches on.
+"""The generation loop of one rank: claim batches, keep the engine full, put finished batches in the outbox.
 
 The loop keeps enough claimed batches in flight that the engine always has more
 than its `capacity` (vLLM's max_num_seqs) requests queued: a new batch is
@@ -6,27 +6,28 @@ claimed as soon as the queue falls below capacity + batch_size, unless the
 requests queued already need more tokens (prompt + max_tokens) than the engine's
 KV cache holds: more would only wait in this rank's queue while another rank runs
 dry, which under dynamic scheduling is work better left unclaimed. A batch is done
-when its last request finishes; its output lines go to the control plane, which
-streams them to rank 0. A batch older than `batch_timeout` fails the rank.
+when its last request finishes; its output lines go to the outbox, from which the
+control thread streams them to rank 0. A batch older than `batch_timeout` fails the rank.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+from spmd_dp.batches import Batch, Claims
 from spmd_dp.config import RunConfig, sampling_kwargs
-from spmd_dp.control import FAILED, STARTING, ControlPlane
-from spmd_dp.data import InputIndex, read_batch
-from spmd_dp.engines import Completion, Engine, Request
+from spmd_dp.engines.base import Completion, Engine, Request
 from spmd_dp.errors import RunFailure
-from spmd_dp.log import logger
-from spmd_dp.metrics import RankStats
+from spmd_dp.inputs import InputIndex, read_batch
+from spmd_dp.messages import BatchDone, RankStats
+from spmd_dp.outbox import Outbox
+from spmd_dp.output import output_row
 from spmd_dp.prompts import PromptBuilder
-from spmd_dp.work import Batch, BatchQueue
+
+TICK_S = 0.2  # how long the loop waits when it has nothing to run but more may come
 
 
 @dataclass
@@ -59,11 +60,11 @@ def record_seed(seed: int, key: Any) -> int:
     return int.from_bytes(digest, "little") & 0x7FFFFFFF
 
 
-class Generator:
-    def __init__(self, cfg: RunConfig, engine: Engine, queue: BatchQueue, index: InputIndex, prompts: PromptBuilder,
-                 control: ControlPlane, rank: int, stats: RankStats, fair_share: int) -> None:
+class GenerationLoop:
+    def __init__(self, cfg: RunConfig, engine: Engine, claims: Claims, index: InputIndex, prompts: PromptBuilder,
+                 outbox: Outbox, rank: int, stats: RankStats, fair_share: int) -> None:
         """fair_share: records of this run / ranks."""
-        self.cfg, self.engine, self.queue, self.index, self.control, self.rank = cfg, engine, queue, index, control, rank
+        self.cfg, self.engine, self.claims, self.index, self.outbox, self.rank = cfg, engine, claims, index, outbox, rank
         self.prompts = prompts
         self.stats = stats
         self.sampling = sampling_kwargs(cfg, rank)
@@ -88,15 +89,9 @@ class Generator:
         return Request(f"{batch.index}:{i}", self.prompts.build(record), sampling)
 
     def _claim(self) -> bool:
-        failed = self.control.ranks_in(FAILED) if self.cfg.schedule == "static" else ()
-        batch = self.queue.claim(also_from=failed)
+        batch = self.claims.next(self.outbox.peer_states)
         if batch is None:
             return False
-        if self.cfg.schedule == "dynamic":
-            logger.info("Assigned %d prompts to rank %d (batch %d)", batch.size, self.rank, batch.index)
-        elif batch.owner != self.rank:
-            logger.info("Assigned %d prompts to rank %d (batch %d of failed rank %d)",
-                        batch.size, self.rank, batch.index, batch.owner)
         records = read_batch(self.index, batch.start, batch.stop)
         job = _InFlight(batch, records, time.monotonic(), [None] * len(records), len(records), [0] * len(records))
         self.inflight[batch.index] = job
@@ -132,7 +127,6 @@ class Generator:
             self._emit(self.inflight.pop(batch_index))
 
     def _emit(self, job: _InFlight) -> None:
-        name = self.cfg.name
         lines, errors = [], []
         prompt_tokens = output_tokens = 0
         b = job.batch
@@ -143,18 +137,15 @@ class Generator:
                     errors.append({"position": b.start + i, "key": record[self.cfg.primary_key],
                                    "error": f"rejected by the engine: {c.error}"})
                 continue
-            out = dict(record)
-            out[name] = c.texts[0] if len(c.texts) == 1 else c.texts  # a list when n > 1
+            metadata = None
             if self.cfg.return_metadata:
-                out[f"{name}_metadata"] = {"finish_reason": c.finish_reason, "prompt_tokens": c.prompt_tokens,
-                                           "output_tokens": c.output_tokens, "rank": self.rank, "batch": b.index}
-            lines.append(json.dumps(out, ensure_ascii=False))
+                metadata = {"finish_reason": c.finish_reason, "prompt_tokens": c.prompt_tokens,
+                            "output_tokens": c.output_tokens, "rank": self.rank, "batch": b.index}
+            lines.append(output_row(record, self.cfg.name, c.texts, metadata))
             prompt_tokens += c.prompt_tokens
             output_tokens += c.output_tokens
-        self.control.put({"kind": "batch", "index": b.index, "start": b.start, "stop": b.stop, "rank": self.rank,
-                          "lines": lines, "errors": errors, "records": len(lines), "prompt_tokens": prompt_tokens,
-                          "output_tokens": output_tokens, "nbytes": sum(len(x) for x in lines) + len(lines),
-                          "elapsed_s": round(time.monotonic() - job.claimed_at, 3)})
+        self.outbox.put(BatchDone(b.index, b.start, b.stop, self.rank, lines, errors, prompt_tokens, output_tokens,
+                                  round(time.monotonic() - job.claimed_at, 3)))
         s = self.stats
         s.records += len(lines)
         s.batches += 1
@@ -162,7 +153,7 @@ class Generator:
         s.output_tokens += output_tokens
 
     def late(self) -> Optional[str]:
-        """Why this rank has failed its batch_timeout, or None (called by the control thread)."""
+        """Why this rank has failed its batch_timeout, or None (the control thread's watchdog)."""
         now = time.monotonic()
         for job in list(self.inflight.values()):
             if now - job.claimed_at > self.cfg.batch_timeout:
@@ -172,23 +163,19 @@ class Generator:
                         f"same output_dir to resume")
         return None
 
-    def _more_may_come(self) -> bool:
-        """Static: a rank still starting may yet fail, and then its share is ours to take."""
-        return self.cfg.schedule == "static" and STARTING in self.control.peer_states
-
     def run(self) -> RankStats:
-        self.control.watchdog = self.late
+        self.outbox.watchdog = self.late
         start = time.monotonic()
         self.stats.gen_start_unix = time.time()
         exhausted = False
         while True:
-            self.control.check()
+            self.outbox.check()
             while not exhausted and self._has_room():
                 if not self._claim():
                     exhausted = True
             if not self.inflight:
-                if exhausted and self._more_may_come():
-                    time.sleep(self.control.tick_s)
+                if exhausted and self.claims.may_grow(self.outbox.peer_states):
+                    time.sleep(TICK_S)
                     exhausted = False
                     continue
                 if exhausted:

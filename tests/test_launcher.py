@@ -2,7 +2,7 @@
 
 import pytest
 
-from spmd_dp.distributed import RankEnv, scrub_launcher_env
+from spmd_dp.launcher import RankEnv, scrub_launcher_env
 from spmd_dp.errors import UsageError
 
 TORCHRUN = {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "node0",
@@ -15,13 +15,11 @@ def test_torchrun_env():
     assert (e.rank, e.local_rank, e.world_size, e.local_world_size) == (3, 1, 4, 2)
     assert (e.launcher, e.master_addr, e.master_port, e.restart_count, e.agent_store) == ("torchrun", "node0", 29400, 2, True)
     assert e.store_prefix == "spmd_dp/job7/restart2"
-    assert not e.is_master
 
 
 def test_no_launcher_is_world_size_one():
     e = RankEnv.from_environ({}, dp_master_port=1234)
     assert (e.rank, e.world_size, e.launcher, e.master_port) == (0, 1, "single", 1234)
-    assert e.is_master
 
 
 def test_half_set_torchrun_env_names_the_missing_variables():

@@ -5,7 +5,8 @@ import itertools
 import pytest
 import torch.distributed as dist
 
-from spmd_dp.work import BatchQueue, balanced_split, cut, dynamic_batches, make_batches, pending_spans, static_batches
+from spmd_dp.batches import Claims, balanced_split, cut, dynamic_batches, make_batches, pending_spans, static_batches
+from spmd_dp.messages import RankState
 
 
 def test_seed_split_33_over_4():
@@ -68,11 +69,11 @@ def _store():
 def test_dynamic_queue_hands_each_batch_out_once():
     store = _store()
     batches = dynamic_batches([(0, 100)], 8)
-    queues = [BatchQueue(store, batches, "dynamic", r, 3) for r in range(3)]
+    queues = [Claims(store, batches, "dynamic", r, 3) for r in range(3)]
     got = []
     for i in itertools.count():
-        b = queues[i % 3].claim()
-        if b is None and all(q.claim() is None for q in queues):
+        b = queues[i % 3].next()
+        if b is None and all(q.next() is None for q in queues):
             break
         if b is not None:
             got.append(b.index)
@@ -82,12 +83,16 @@ def test_dynamic_queue_hands_each_batch_out_once():
 def test_static_queue_takes_own_share_then_failed_ranks_share():
     store = _store()
     batches = static_batches([(0, 40)], 4, 5)
-    q1 = BatchQueue(store, batches, "static", 1, 4)
-    own = [q1.claim() for _ in range(2)]
-    assert all(b.owner == 1 for b in own) and q1.claim() is None
+    q1 = Claims(store, batches, "static", 1, 4)
+    ready = [RankState.READY] * 4
+    own = [q1.next(ready) for _ in range(2)]
+    assert all(b.owner == 1 for b in own) and q1.next(ready) is None
+    rank3_failed = [RankState.READY] * 3 + [RankState.FAILED]
+    assert q1.may_grow([RankState.STARTING] + ready[1:]) and not q1.may_grow(rank3_failed)
     stolen = []
-    while (b := q1.claim(also_from=[3])) is not None:
+    while (b := q1.next(rank3_failed)) is not None:
         stolen.append(b)
     assert {b.owner for b in stolen} == {3} and sum(b.size for b in stolen) == 10
-    q3 = BatchQueue(store, batches, "static", 3, 4)
-    assert q3.claim() is None  # rank 3's queue was taken by rank 1
+    q3 = Claims(store, batches, "static", 3, 4)
+    assert q3.next(ready) is None  # rank 3's queue was taken by rank 1
+    assert not Claims(store, batches, "dynamic", 0, 4).may_grow([RankState.STARTING] * 4)

@@ -9,14 +9,18 @@ resume. Only records not yet committed (the `pending` spans) are cut.
   time from an atomic counter in the rendezvous store, so a fast rank takes more.
 
 Either way the batches form one global list (batch Y of the logs is its index),
-claimed through counters in the store: static keeps one queue per rank and lets
-the others take the queue of a rank whose engine failed to start.
+claimed through counters in the store (`Claims`): static keeps one queue per rank
+and lets the others take the queue of a rank whose engine failed to start. This
+module is the only place that tells the two schedules apart at run time.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Iterable, List, Optional, Sequence, Tuple
+
+from spmd_dp.log import logger
+from spmd_dp.messages import RankState
 
 Span = Tuple[int, int]  # [start, stop) of record positions
 
@@ -97,21 +101,26 @@ def make_batches(schedule: str, pending: Sequence[Span], world: int, batch_size:
     return dynamic_batches(pending, batch_size)
 
 
-class BatchQueue:
-    """Claims batches through atomic counters in a c10d Store (`store.add` is atomic).
+class Claims:
+    """This rank's claims on the run's batches, through atomic counters in a c10d Store (`store.add`).
 
-    dynamic: one queue over all batches. static: one queue per rank (its share);
-    `claim(also_from=...)` lets a rank also take what remains of other ranks'
-    queues (the ranks whose engines failed to start).
+    dynamic: one queue over all batches, claimed in order by whichever rank asks.
+    static: one queue per rank (its share); a rank also takes what remains of the
+    queues of ranks whose engines failed to start.
     """
 
     def __init__(self, store, batches: Sequence[Batch], schedule: str, rank: int, world: int) -> None:
-        self.store, self.rank = store, rank
-        if schedule == "static":
+        self.store, self.rank, self.static = store, rank, schedule == "static"
+        if self.static:
             self.queues = {r: [b for b in batches if b.owner == r] for r in range(world)}
         else:
             self.queues = {-1: list(batches)}
         self.exhausted: set = set()
+
+    def announce(self) -> None:
+        """The seed's `Assigned N prompts to rank X` for a static share (dynamic logs each claim)."""
+        if self.static:
+            logger.info("Assigned %d prompts to rank %d", self.share(self.rank), self.rank)
 
     def _claim_from(self, owner: int) -> Optional[Batch]:
         queue = self.queues.get(owner, [])
@@ -123,14 +132,27 @@ class BatchQueue:
         self.exhausted.add(owner)
         return None
 
-    def claim(self, also_from: Iterable[int] = ()) -> Optional[Batch]:
-        own = -1 if -1 in self.queues else self.rank
-        batch = self._claim_from(own)
-        for other in also_from:
+    def next(self, peer_states: Sequence[RankState] = ()) -> Optional[Batch]:
+        """The next batch this rank runs, or None when there is none for it now."""
+        if not self.static:
+            batch = self._claim_from(-1)
+            if batch is not None:
+                logger.info("Assigned %d prompts to rank %d (batch %d)", batch.size, self.rank, batch.index)
+            return batch
+        batch = self._claim_from(self.rank)
+        for other, state in enumerate(peer_states):
             if batch is not None:
                 break
-            batch = self._claim_from(other)
+            if state == RankState.FAILED:
+                batch = self._claim_from(other)
+                if batch is not None:
+                    logger.info("Assigned %d prompts to rank %d (batch %d of failed rank %d)", batch.size,
+                                self.rank, batch.index, other)
         return batch
+
+    def may_grow(self, peer_states: Sequence[RankState]) -> bool:
+        """Static: a rank still starting may yet fail, and then its share is ours to take."""
+        return self.static and RankState.STARTING in peer_states
 
     def share(self, rank: int) -> int:
         """Records in a rank's static share (0 under dynamic)."""

@@ -5,33 +5,15 @@ from typing import List
 
 import torch.distributed as dist
 
+from spmd_dp.batches import Claims, dynamic_batches
 from spmd_dp.config import load_config
-from spmd_dp.control import READY
-from spmd_dp.data import RecordSpec, scan_input
 from spmd_dp.engines import Completion
-from spmd_dp.metrics import RankStats
+from spmd_dp.generation import GenerationLoop, token_demand
+from spmd_dp.inputs import RecordSpec, scan_input
+from spmd_dp.messages import RankState, RankStats
+from spmd_dp.outbox import Outbox
 from spmd_dp.prompts import PromptBuilder
-from spmd_dp.work import BatchQueue, dynamic_batches
-from spmd_dp.worker import Generator, token_demand
 from tests.conftest import write_jsonl
-
-
-class FakeControl:
-    tick_s = 0.01
-    peer_states = [READY]
-    watchdog = None
-
-    def __init__(self):
-        self.items = []
-
-    def check(self):
-        pass
-
-    def put(self, item):
-        self.items.append(item)
-
-    def ranks_in(self, state):
-        return []
 
 
 class FakeEngine:
@@ -51,9 +33,6 @@ class FakeEngine:
         done, self.queue = self.queue[:self.capacity], self.queue[self.capacity:]
         return [Completion(r.request_id, ["x"], prompt_tokens=1, output_tokens=1) for r in done]
 
-    def has_unfinished(self):
-        return bool(self.queue)
-
     def close(self):
         pass
 
@@ -64,10 +43,14 @@ def run_loop(tmp_path, records, batch_size, engine, *overrides):
     cfg = load_config([f"batch_size={batch_size}", *overrides])
     prompts = PromptBuilder(cfg)
     index, _ = scan_input(inp, RecordSpec("id", prompts.check), batch_size)
-    queue = BatchQueue(dist.HashStore(), dynamic_batches([(0, len(records))], batch_size), "dynamic", 0, 1)
-    control = FakeControl()
-    stats = Generator(cfg, engine, queue, index, prompts, control, 0, RankStats(0), len(records)).run()
-    return control, stats
+    claims = Claims(dist.HashStore(), dynamic_batches([(0, len(records))], batch_size), "dynamic", 0, 1)
+    outbox = Outbox(0, 1)
+    outbox.state = outbox.peer_states[0] = RankState.READY
+    stats = GenerationLoop(cfg, engine, claims, index, prompts, outbox, 0, RankStats(0), len(records)).run()
+    sent = []
+    while not outbox.queue.empty():
+        sent.append(outbox.queue.get())
+    return sent, stats
 
 
 def token_records(n):
@@ -76,15 +59,15 @@ def token_records(n):
 
 def test_engine_kept_full_across_batch_boundaries(tmp_path):
     engine = FakeEngine(32, None)
-    control, stats = run_loop(tmp_path, token_records(200), 8, engine, "generation_options.max_tokens=100")
-    assert stats.records == 200 and sorted(i["start"] for i in control.items) == list(range(0, 200, 8))
+    sent, stats = run_loop(tmp_path, token_records(200), 8, engine, "generation_options.max_tokens=100")
+    assert stats.records == 200 and sorted(b.start for b in sent) == list(range(0, 200, 8))
     assert engine.max_queued >= 32 + 8  # more queued than the engine runs at once
 
 
 def test_claims_stop_at_the_kv_cache(tmp_path):
     # each request needs 20 prompt + 100 output tokens: a KV cache of 1200 tokens holds 10 of them
     engine = FakeEngine(64, 1200)
-    control, stats = run_loop(tmp_path, token_records(200), 4, engine, "generation_options.max_tokens=100")
+    sent, stats = run_loop(tmp_path, token_records(200), 4, engine, "generation_options.max_tokens=100")
     assert stats.records == 200
     assert 10 <= engine.max_queued <= 10 + 4  # one batch past the KV cache, not the 64 + 4 of max_num_seqs
     assert token_demand(type("R", (), {"prompt": [1] * 20, "sampling": {"max_tokens": 100, "n": 2}})()) == 220

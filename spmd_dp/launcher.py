@@ -1,4 +1,4 @@
-"""Who am I: the rank state derived once from the launcher's environment.
+"""The launcher's environment: who started this process, and as which rank.
 
 Only this module knows which launcher started the process: torchrun (RANK,
 LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT), Slurm's
@@ -6,7 +6,9 @@ srun without torchrun (SLURM_PROCID, SLURM_LOCALID, SLURM_NTASKS, ...) or
 nothing (one process, world size 1). `RankEnv.from_environ` returns one frozen,
 validated object; a bad value raises a `UsageError` naming the variable.
 `scrub_launcher_env` removes torchrun's variables before vLLM starts (vLLM's
-workers must not take our gloo world for theirs).
+workers must not take our gloo world for theirs). `ranks_per_node` is the launch
+scripts' rule for how many ranks a node runs (`python -m spmd_dp.launcher
+ranks-per-node G` prints it), so the three scripts share one copy of it.
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 from dataclasses import dataclass
 from typing import Mapping, MutableMapping, Optional
 
+from spmd_dp.devices import physical_gpus_on_node, visible_gpus
 from spmd_dp.errors import UsageError
 
 TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -47,10 +51,6 @@ class RankEnv:
             raise UsageError(
                 f"environment error: LOCAL_RANK={self.local_rank}, LOCAL_WORLD_SIZE={self.local_world_size} "
                 f"do not fit WORLD_SIZE={self.world_size}; launch with torchrun or srun")
-
-    @property
-    def is_master(self) -> bool:
-        return self.rank == 0
 
     @property
     def store_prefix(self) -> str:
@@ -210,3 +210,43 @@ def scrub_launcher_env(environ: MutableMapping[str, str] | None = None) -> list[
     for k in removed:
         del env[k]
     return removed
+
+
+def ranks_per_node(environ: Mapping[str, str], gpus_per_rank: int,
+                   physical: Optional[list] | str = "query") -> int:
+    """Ranks a launch script starts on this node: NPROC_PER_NODE when set; else the node's GPUs (Slurm's
+    SLURM_GPUS_ON_NODE, else CUDA_VISIBLE_DEVICES, else nvidia-smi's) / gpus_per_rank; without GPUs,
+    Slurm's --ntasks-per-node, else 1."""
+    if environ.get("NPROC_PER_NODE"):
+        return _int(environ, "NPROC_PER_NODE")
+    if gpus_per_rank < 1:
+        raise UsageError(f"launch error: GPUS_PER_DP_RANK={gpus_per_rank}; use an integer >= 1")
+    if environ.get("SLURM_GPUS_ON_NODE"):
+        gpus = _int(environ, "SLURM_GPUS_ON_NODE")
+    else:
+        found = visible_gpus(environ, physical_gpus_on_node() if physical == "query" else physical)
+        gpus = len(found) if found else 0
+    if gpus > 0:
+        if gpus < gpus_per_rank:
+            raise UsageError(f"launch error: {gpus} GPUs on this node but engine_options.gpus_per_dp_rank="
+                             f"{gpus_per_rank}; ask for more GPUs per node or a smaller gpus_per_dp_rank")
+        return gpus // gpus_per_rank
+    tasks = environ.get("SLURM_NTASKS_PER_NODE", "")
+    return int(tasks.split("(")[0]) if tasks.split("(")[0].isdigit() else 1
+
+
+def _cli(argv: list[str]) -> int:
+    """`python -m spmd_dp.launcher ranks-per-node GPUS_PER_DP_RANK`: for scripts/*.sh and slurm.sbatch."""
+    if len(argv) != 2 or argv[0] != "ranks-per-node" or not argv[1].isdigit():
+        print("usage: python -m spmd_dp.launcher ranks-per-node GPUS_PER_DP_RANK", file=sys.stderr)
+        return 2
+    try:
+        print(ranks_per_node(os.environ, int(argv[1])))
+    except UsageError as e:
+        print(f"spmd_dp: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_cli(sys.argv[1:]))

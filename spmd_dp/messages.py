@@ -1,0 +1,85 @@
+"""What ranks tell each other: the control-plane states and the messages ranks send rank 0.
+
+Typed dataclasses, sent as JSON (nothing received is unpickled): `BatchDone` is a
+finished batch with its output lines, `RankStats` a rank's totals at its end.
+`encode`/`decode` turn a list of them into bytes and back, each tagged with its type.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from enum import IntEnum
+from typing import Any, Dict, List, Optional, Union
+
+
+class RankState(IntEnum):
+    """A rank's engine, as every rank sees it through the control plane's per-round all-gather."""
+
+    STARTING = 0
+    READY = 1
+    FAILED = 2  # its engine could not start: it stays in the control plane with no work
+
+
+@dataclass
+class BatchDone:
+    """A finished batch: records [start, stop) of the input, as output lines for rank 0 to commit."""
+
+    index: int  # "batch Y" of the logs
+    start: int
+    stop: int
+    rank: int
+    lines: List[str]  # one JSON object per generated record, in input order
+    errors: List[Dict[str, Any]] = field(default_factory=list)  # records the engine refused (on_bad_record=skip)
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    elapsed_s: float = 0.0  # claim to last finished request
+
+    @property
+    def records(self) -> int:
+        return len(self.lines)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(len(x) for x in self.lines) + len(self.lines)
+
+
+@dataclass
+class RankStats:
+    """What one rank did; it sends this to rank 0 at its end, for the metrics."""
+
+    rank: int
+    records: int = 0
+    batches: int = 0
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    engine_start_s: float = 0.0
+    busy_s: float = 0.0  # first claim to last finished batch
+    gen_start_unix: float = 0.0  # wall clock of the first claim and of the last finished batch,
+    gen_end_unix: float = 0.0  # to measure the run's generation span across ranks
+    engine_failed: Optional[str] = None
+
+    @property
+    def output_tokens_per_s(self) -> float:
+        return self.output_tokens / self.busy_s if self.busy_s > 0 else 0.0
+
+    @property
+    def nbytes(self) -> int:
+        return 0
+
+
+Message = Union[BatchDone, RankStats]
+_TYPES = {"batch": BatchDone, "stats": RankStats}
+_TAGS = {cls: tag for tag, cls in _TYPES.items()}
+
+
+def encode(messages: List[Message]) -> bytes:
+    return json.dumps([{"type": _TAGS[type(m)], **asdict(m)} for m in messages]).encode()
+
+
+def decode(data: bytes) -> List[Message]:
+    out: List[Message] = []
+    for d in json.loads(data):
+        cls = _TYPES[d.pop("type")]
+        out.append(cls(**d))
+    return out

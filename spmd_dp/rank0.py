@@ -1,0 +1,124 @@
+"""Rank 0's role in a workflow node: scan the input, open the journal, commit what arrives, report.
+
+Only rank 0 makes a `Rank0` (spmd_dp/run.py). `open()` validates the whole input
+(spmd_dp/inputs.py), opens the journal (resume or refuse) and writes the resolved
+config; what it returns (`WorkOrder`) is broadcast to every rank. While the ranks
+generate, the control thread hands it every rank's messages (`handle`): finished
+batches are committed at once, rank statistics kept for the metrics. `finish()`
+checks that every record is committed, writes the final file in input order, the
+errors file and the metrics, and prints the summary table.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from spmd_dp.batches import Span
+from spmd_dp.config import RunConfig, to_yaml
+from spmd_dp.errors import RunFailure, UsageError
+from spmd_dp.inputs import BadRecord, RecordSpec, scan_input
+from spmd_dp.journal import Journal, fingerprint
+from spmd_dp.log import logger
+from spmd_dp.messages import BatchDone, Message, RankStats
+from spmd_dp.metrics import Metrics
+from spmd_dp.output import assemble, atomic_write, write_errors
+from spmd_dp.plan import OutputPaths
+from spmd_dp.progress import Progress
+from spmd_dp.prompts import PromptBuilder
+
+
+@dataclass
+class WorkOrder:
+    """What rank 0 tells every rank before the work starts (broadcast as JSON)."""
+
+    index: Dict[str, Any] = field(default_factory=dict)  # InputIndex.to_json()
+    pending: List[Span] = field(default_factory=list)  # record spans not committed yet
+    complete: bool = False  # the journal says the output is written already
+    error: Optional[str] = None  # a UsageError's line: every rank exits 2
+
+
+class Rank0:
+    def __init__(self, cfg: RunConfig, paths: OutputPaths, prompts: PromptBuilder, world: int) -> None:
+        self.cfg, self.paths, self.prompts = cfg, paths, prompts
+        self.journal = Journal(paths, {})
+        self.metrics = Metrics(world)
+        self.bad: List[BadRecord] = []
+        self.n_records = 0
+        self.progress: Optional[Progress] = None
+        self.failed: Dict[int, str] = {}
+
+    def open(self) -> WorkOrder:
+        """Scan the input, open the journal, say what is left to do (or why not)."""
+        cfg, paths = self.cfg, self.paths
+        logger.info("prompts from %s", self.prompts.describe())
+        try:
+            index, self.bad = scan_input(cfg.input_path, RecordSpec(cfg.primary_key, self.prompts.check),
+                                         cfg.batch_size, skip_bad=cfg.on_bad_record == "skip")
+            if self.bad:
+                logger.warning("%d bad records in %s (first: line %d: %s); on_bad_record=skip: they go to %s",
+                               len(self.bad), cfg.input_path, self.bad[0].line, self.bad[0].reason, paths.errors)
+            self.n_records = index.n_records
+            self.journal.fingerprint = fingerprint(cfg, index.sha256, index.n_records, self.prompts.template_path)
+            self.journal.open(overwrite=cfg.overwrite)
+            atomic_write(paths.config, [to_yaml(cfg).encode()])
+        except UsageError as e:
+            return WorkOrder(error=str(e))
+        except OSError as e:
+            return WorkOrder(error=f"output error: {e.strerror}: {e.filename}; check that output_dir="
+                                   f"{cfg.output_dir!r} is a writable directory")
+        if self.journal.complete:
+            logger.info("%s is complete already (journal %s); nothing to do", paths.final, paths.journal)
+            return WorkOrder(index.to_json(), [], True)
+        pending = self.journal.missing(index.n_records)
+        todo = sum(b - a for a, b in pending)
+        if todo < index.n_records:
+            logger.info("resuming: %d of %d records committed already, %d to go", index.n_records - todo,
+                        index.n_records, todo)
+        self.progress = Progress(todo)
+        return WorkOrder(index.to_json(), pending)
+
+    def handle(self, messages: List[Message]) -> None:
+        """Called by the control thread with one rank's messages of a round."""
+        batches = [m for m in messages if isinstance(m, BatchDone)]
+        if batches:
+            self.journal.commit(batches)
+        for m in messages:
+            if isinstance(m, BatchDone):
+                logger.info("Received results for batch %d from rank %d (%d records)", m.index, m.rank, m.records)
+                self.progress.update(m.stop - m.start, m.output_tokens)
+            elif isinstance(m, RankStats):
+                self.metrics.add_rank(m)
+                if m.engine_failed:
+                    self.failed[m.rank] = m.engine_failed
+
+    def finish(self) -> None:
+        """Every rank is done: write the final file, the errors file and the metrics; print the summary."""
+        self.progress.close()
+        missing = self.journal.missing(self.n_records)
+        if missing:
+            raise RunFailure(f"{sum(b - a for a, b in missing)} records were not generated (first span "
+                             f"{missing[0][0]}..{missing[0][1] - 1}); rerun with the same output_dir to resume")
+        t0 = time.monotonic()
+        size = assemble(self.journal, self.n_records)
+        merge_s = time.monotonic() - t0
+        skipped = None
+        if self.cfg.on_bad_record == "skip":
+            skipped = write_errors(self.paths.errors, [b.to_json() for b in self.bad] + self.journal.errors)
+            if skipped:
+                logger.warning("%d records skipped: see %s", skipped, self.paths.errors)
+        report = self.metrics.report()
+        report.total.update(merge_s=round(merge_s, 3), output_bytes=size, skipped_records=skipped,
+                            merge_mb_per_s=round(size / 1e6 / merge_s, 1) if merge_s > 0 else None)
+        atomic_write(self.paths.metrics, [report.to_json().encode()])
+        for line in report.table().splitlines():
+            logger.info("%s", line)
+        if self.failed:
+            logger.warning("ranks %s could not start their engines (%s); the others did their share",
+                           sorted(self.failed), "; ".join(f"rank {r}: {m}" for r, m in sorted(self.failed.items())))
+
+    def close(self) -> None:
+        self.journal.close()
+        if self.progress is not None:
+            self.progress.close()
