@@ -24,7 +24,7 @@ from spmd_dp.devices import physical_gpus_on_node, visible_gpus
 from spmd_dp.errors import UsageError
 
 TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-# What torchrun (and torch.distributed) put in the environment; vLLM must see none of it.
+# What torchrun and its elastic agent put in the environment; vLLM must see none of it.
 _SCRUB_PREFIXES = ("TORCHELASTIC_", "GROUP_", "ROLE_")
 _SCRUB_NAMES = set(TORCHRUN_VARS) | {"TORCH_NCCL_ASYNC_ERROR_HANDLING"}
 
@@ -202,7 +202,7 @@ def _expand_nodelist(nodelist: str) -> list[str]:
 def scrub_launcher_env(environ: MutableMapping[str, str] | None = None) -> list[str]:
     """Remove torchrun's variables so that vLLM's own workers start a world of their own.
 
-    With the launcher's variables gone and torch.distributed uninitialised in the rank (spmd_dp's
+    With the launcher's variables gone and no default process group in the rank (spmd_dp's
     groups are its own: spmd_dp/comm.py), vLLM may fork its engine and workers (its default, and
     ~17 s faster a start than spawn); VLLM_WORKER_MULTIPROC_METHOD=spawn, when set, is kept."""
     env = os.environ if environ is None else environ

@@ -10,17 +10,16 @@
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import asdict
 from datetime import timedelta
-from typing import Optional, Sequence
+from typing import Sequence
 
 from spmd_dp.batches import Claims, make_batches
 from spmd_dp.comm import Group, rendezvous, substore
 from spmd_dp.config import RunConfig
 from spmd_dp.control import ControlPlane
 from spmd_dp.devices import agree_kv_budget
-from spmd_dp.engines import Engine, EngineStartError, build_engine, set_engine_environment
+from spmd_dp.engines import set_engine_environment
 from spmd_dp.engines.cache import EngineCache, engine_key
 from spmd_dp.errors import RunFailure, UsageError
 from spmd_dp.generation import GenerationLoop
@@ -85,7 +84,12 @@ def run_node(cfg: RunConfig, plan: RankPlan, prompts: PromptBuilder, store, time
                                rank0.handle if rank0 else None)
         control.start()
         stats = RankStats(plan.rank)
-        engine = start_engine(cfg, plan, group, engines, stats)
+        kv_budget = None
+        if cfg.engine_options.agree_kv_cache:
+            kv_budget = agree_kv_budget(plan.device, cfg.engine_options, plan.env.local_world_size,
+                                        plan.world_size, group.min)
+        scrub_launcher_env()  # vLLM's workers must form a world of their own, not join ours
+        engine = engines.start(cfg, plan.device, plan.rank, kv_budget, stats)
         outbox.state = RankState.FAILED if engine is None else RankState.READY
         if engine is not None:
             todo = sum(b.size for b in batches)
@@ -103,27 +107,3 @@ def run_node(cfg: RunConfig, plan: RankPlan, prompts: PromptBuilder, store, time
     finally:
         if rank0:
             rank0.close()
-
-
-def start_engine(cfg: RunConfig, plan: RankPlan, group: Group, engines: EngineCache,
-                 stats: RankStats) -> Optional[Engine]:
-    """This rank's engine on its slice (kept from the previous node when it is the same), or None if it
-    cannot start: the rank then stays in the control plane with no work, and the others do its share."""
-    kv_budget = None
-    if cfg.engine_options.agree_kv_cache:
-        kv_budget = agree_kv_budget(plan.device, cfg.engine_options, plan.env.local_world_size, plan.world_size,
-                                    group.min)
-    scrub_launcher_env()  # vLLM's workers must form a world of their own, not join ours
-    t0 = time.monotonic()
-    try:
-        engine, kept = engines.get(engine_key(cfg, plan.device.ids),
-                                   lambda: build_engine(cfg, plan.device, plan.rank, kv_budget))
-    except EngineStartError as e:
-        stats.engine_failed = str(e)
-        logger.error("engine failed to start on rank %d: %s; this rank takes no work", plan.rank, e)
-        return None
-    finally:
-        stats.engine_start_s = round(time.monotonic() - t0, 3)
-    logger.info("Worker rank %d is ready (engine %s in %.1fs)", plan.rank, "kept" if kept else "started",
-                stats.engine_start_s)
-    return engine

@@ -1,13 +1,16 @@
-"""The rank's engine, kept from one workflow node to the next when the next would start the same one."""
+"""Starting the rank's engine, and keeping it from one workflow node to the next when the next would start the same one."""
 
 from __future__ import annotations
 
 import json
 import threading
+import time
 from dataclasses import asdict
-from typing import Callable, Optional, Tuple
+from typing import Optional
 
-from spmd_dp.engines.base import Engine
+from spmd_dp.engines import build_engine
+from spmd_dp.engines.base import Engine, EngineStartError
+from spmd_dp.log import logger
 
 
 def engine_key(cfg, device_ids) -> str:
@@ -22,13 +25,25 @@ class EngineCache:
         self.engine: Optional[Engine] = None
         self.closing: Optional[threading.Thread] = None
 
-    def get(self, key: str, build: Callable[[], Engine]) -> Tuple[Engine, bool]:
-        """The engine for `key` and whether it was kept from the previous node (else `build()` starts it)."""
-        if self.engine is not None and self.key == key:
-            return self.engine, True
-        self.close()
-        self.engine, self.key = build(), key
-        return self.engine, False
+    def start(self, cfg, device, rank: int, kv_budget: Optional[float], stats) -> Optional[Engine]:
+        """This rank's engine for the node (kept from the previous node when it is the same), or None if it
+        cannot start: the rank then stays in the control plane with no work, and the others do its share."""
+        key = engine_key(cfg, device.ids)
+        kept = self.engine is not None and self.key == key
+        t0 = time.monotonic()
+        if not kept:
+            self.close()
+            try:
+                self.engine, self.key = build_engine(cfg, device, rank, kv_budget), key
+            except EngineStartError as e:
+                stats.engine_failed = str(e)
+                logger.error("engine failed to start on rank %d: %s; this rank takes no work", rank, e)
+                return None
+            finally:
+                stats.engine_start_s = round(time.monotonic() - t0, 3)
+        logger.info("Worker rank %d is ready (engine %s in %.1fs)", rank, "kept" if kept else "started",
+                    stats.engine_start_s)
+        return self.engine
 
     def release(self) -> None:
         """This rank's work is done: free its devices while the others finish (vLLM takes seconds)."""
