@@ -19,9 +19,10 @@ from spmd_dp.comm import Group, rendezvous, substore
 from spmd_dp.config import RunConfig
 from spmd_dp.control import ControlPlane
 from spmd_dp.devices import agree_kv_budget
+from spmd_dp.drain import Drain
 from spmd_dp.engines import set_engine_environment
 from spmd_dp.engines.cache import EngineCache, engine_key
-from spmd_dp.errors import RunFailure, UsageError
+from spmd_dp.errors import Drained, PeerLost, RunFailure, UsageError
 from spmd_dp.generation import GenerationLoop
 from spmd_dp.inputs import InputIndex
 from spmd_dp.launcher import scrub_launcher_env
@@ -49,20 +50,25 @@ def run(cfgs: Sequence[RunConfig]) -> int:
         logger.info("Starting %d data parallel workers (%s, schedule=%s, batch_size=%d)", plan.world_size,
                     cfgs[0].inference_engine, cfgs[0].schedule, cfgs[0].batch_size)
     engines = EngineCache()
+    drain = Drain(cfgs[0].drain_timeout).install()  # SIGTERM, SIGUSR1, Ctrl-C: finish what is in flight
     try:
         for i, (cfg, plan, prompts) in enumerate(zip(cfgs, plans, builders)):
             if len(cfgs) > 1 and plan.is_rank0:
                 logger.info("workflow node %d/%d: %s", i + 1, len(cfgs), cfg.name)
             keep = i + 1 < len(cfgs) and engine_key(cfgs[i + 1], plans[i + 1].device.ids) == \
                 engine_key(cfg, plan.device.ids)
-            run_node(cfg, plan, prompts, substore(store, f"job{i}"), timeout, engines, keep)
+            run_node(cfg, plan, prompts, substore(store, f"job{i}"), timeout, engines, keep, drain)
+            if drain.requested and i + 1 < len(cfgs):
+                raise Drained(f"stopped by {drain.why} before workflow node {cfgs[i + 1].name}; rerun to resume",
+                              drain.signum)
     finally:
+        drain.restore()
         engines.close()
     return 0
 
 
 def run_node(cfg: RunConfig, plan: RankPlan, prompts: PromptBuilder, store, timeout: timedelta,
-             engines: EngineCache, keep_engine: bool) -> None:
+             engines: EngineCache, keep_engine: bool, drain: Drain) -> None:
     """One workflow node on the world: `store` is its namespace (its groups and claim counters)."""
     group = Group(substore(store, "setup"), plan.rank, plan.world_size, timeout)
     plan.device.apply()
@@ -70,6 +76,7 @@ def run_node(cfg: RunConfig, plan: RankPlan, prompts: PromptBuilder, store, time
     logger.info("%s", plan.describe())
     plan.device.log_physical(plan.rank)
     rank0 = Rank0(cfg, OutputPaths.of(cfg), prompts, plan.world_size) if plan.is_rank0 else None
+    control = None
     try:
         order = WorkOrder(**group.broadcast_json(asdict(rank0.open()) if rank0 else None))
         if order.error:
@@ -79,9 +86,9 @@ def run_node(cfg: RunConfig, plan: RankPlan, prompts: PromptBuilder, store, time
         batches = make_batches(cfg.schedule, order.pending, plan.world_size, cfg.batch_size)
         claims = Claims(substore(store, "work"), batches, cfg.schedule, plan.rank, plan.world_size)
         claims.announce()
-        outbox = Outbox(plan.rank, plan.world_size)
+        outbox = Outbox(plan.rank, plan.world_size, drain)
         control = ControlPlane(Group(substore(store, "control"), plan.rank, plan.world_size, timeout), outbox,
-                               rank0.handle if rank0 else None)
+                               rank0.handle if rank0 else None, cfg.batch_timeout)
         control.start()
         stats = RankStats(plan.rank)
         kv_budget = None
@@ -94,16 +101,26 @@ def run_node(cfg: RunConfig, plan: RankPlan, prompts: PromptBuilder, store, time
         if engine is not None:
             todo = sum(b.size for b in batches)
             GenerationLoop(cfg, engine, claims, InputIndex.from_json(order.index), prompts, outbox, plan.rank,
-                           stats, fair_share=-(-todo // plan.world_size)).run()
-            if not keep_engine:
+                           stats, fair_share=-(-todo // plan.world_size), n_batches=len(batches)).run()
+            if not keep_engine or outbox.state == RankState.GAVE_UP:
                 engines.release()
         outbox.put(stats)
         outbox.finish()
         control.wait_done()
-        if len(outbox.ranks_in(RankState.FAILED)) == plan.world_size:
-            raise RunFailure(f"no rank could start its engine ({stats.engine_failed}); see the log of each rank")
+        if len(outbox.ranks_in(RankState.FAILED, RankState.GAVE_UP)) == plan.world_size:
+            what = "start its engine" if outbox.ranks_in(RankState.FAILED) == list(range(plan.world_size)) else \
+                "keep its engine running"
+            raise RunFailure(f"no rank could {what} (this rank: {stats.engine_failed}); see the log of each rank; "
+                             f"what was committed is kept: rerun with the same output_dir to resume")
         if rank0:
-            rank0.finish()
+            rank0.finish(drain)
+        elif drain.requested and outbox.committed < len(batches):
+            raise Drained(f"stopped by {drain.why} after draining; rank 0's line says what was committed; rerun "
+                          f"with the same output_dir to resume", drain.signum)
+    except (Exception, KeyboardInterrupt) as e:
+        if control is not None and not isinstance(e, (PeerLost, Drained, UsageError)):
+            control.leaving(f"{type(e).__name__}: {e}" if not isinstance(e, RunFailure) else str(e))
+        raise
     finally:
         if rank0:
             rank0.close()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from spmd_dp.engines.base import Completion, Engine, EngineStartError, Request
+from spmd_dp.engines.base import Completion, Engine, EngineFailure, EngineGaveUp, EngineStartError, Request
 
 
 def set_engine_environment() -> None:
@@ -20,15 +20,16 @@ def set_engine_environment() -> None:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
 
-def build_engine(cfg, device_slice, rank: int, kv_budget: Optional[float] = None) -> Engine:
-    """Start the engine of `cfg.inference_engine` on this rank's device slice."""
+def build_engine(cfg, device_slice, rank: int, kv_budget: Optional[float] = None, attempt: int = 0) -> Engine:
+    """Start the engine of `cfg.inference_engine` on this rank's device slice (attempt: 0, then restarts)."""
     if cfg.inference_engine == "echo":
         from spmd_dp.engines.echo import EchoEngine
 
-        return EchoEngine(cfg.engine_options, cfg.batch_size, rank)
+        return EchoEngine(cfg.engine_options, cfg.batch_size, rank, attempt)
     from spmd_dp.engines.vllm_engine import VllmEngine
 
     return VllmEngine(cfg, device_slice, kv_budget)
 
 
-__all__ = ["Completion", "Engine", "EngineStartError", "Request", "build_engine", "set_engine_environment"]
+__all__ = ["Completion", "Engine", "EngineFailure", "EngineGaveUp", "EngineStartError", "Request", "build_engine",
+           "set_engine_environment"]

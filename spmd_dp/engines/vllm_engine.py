@@ -9,6 +9,7 @@ Requests return only when finished (RequestOutputKind.FINAL_ONLY).
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, Dict, List, Optional
 
@@ -29,6 +30,9 @@ def engine_kwargs(cfg, device_slice) -> Dict[str, Any]:
         "dtype": "float32" if eo.dtype == "auto" and is_embedded(cfg.model_name) else eo.dtype,
         "gpu_memory_utilization": eo.gpu_memory_utilization,
         "disable_log_stats": True,
+        # on SIGTERM/SIGINT the engine process finishes its requests for this long instead of aborting
+        # them (a drain, spmd_dp/drain.py): under torchrun and Slurm it gets the rank's signal
+        "shutdown_timeout": math.ceil(cfg.drain_timeout),
     }
     if eo.max_model_len is not None:
         kwargs["max_model_len"] = eo.max_model_len
