@@ -123,7 +123,8 @@ class Claims:
         else:
             self.queues = {-1: list(batches)}
         self.exhausted: set = set()
-        self.returned_seen = 0  # returned slots below this one are taken (by this rank or another)
+        self.returned_seen = 0  # returned slots below this one are taken, or this rank's own (own_returned)
+        self.own_returned: set = set()
 
     def give_back(self, batches: Sequence[Batch]) -> None:
         """Hand claimed, unfinished batches back: the other ranks take them before new work."""
@@ -131,13 +132,19 @@ class Claims:
             slot = self.store.add("returned/n", 1) - 1
             self.store.set(f"returned/{slot}", f"{b.index} {self.rank}")
 
-    def _claim_returned(self) -> Optional[Batch]:
+    def _claim_returned(self, peer_states: Sequence[RankState]) -> Optional[Batch]:
+        """A batch some rank handed back, if any is left. A rank leaves the batches it handed back itself
+        to the others (they may be why its engine stalled), unless no other rank takes work any more."""
         n = self.store.add("returned/n", 0)
-        while self.returned_seen < n:
-            slot = self.returned_seen
-            self.returned_seen += 1
+        alone = all(s.out for r, s in enumerate(peer_states) if r != self.rank)
+        for slot in list(self.own_returned) + list(range(self.returned_seen, n)):
+            self.returned_seen = max(self.returned_seen, slot + 1)
+            index, giver = (int(x) for x in self.store.get(f"returned/{slot}").split())
+            if giver == self.rank and not alone:
+                self.own_returned.add(slot)
+                continue
+            self.own_returned.discard(slot)
             if self.store.add(f"returned/{slot}/taken", 1) == 1:  # this rank won the slot
-                index, giver = (int(x) for x in self.store.get(f"returned/{slot}").split())
                 batch = self.batches[index]
                 logger.info("Assigned %d prompts to rank %d (batch %d, handed back by rank %d)", batch.size,
                             self.rank, batch.index, giver)
@@ -161,7 +168,7 @@ class Claims:
 
     def next(self, peer_states: Sequence[RankState] = ()) -> Optional[Batch]:
         """The next batch this rank runs, or None when there is none for it now (more may come back)."""
-        batch = self._claim_returned()
+        batch = self._claim_returned(peer_states)
         if batch is not None:
             return batch
         if not self.static:

@@ -94,6 +94,7 @@ class GenerationLoop:
         self.next_claim = 0.0  # after a claim found nothing, the next try waits a tick
         self.idle_from: Optional[int] = None  # the control round from which every rank was idle
         self.last_emit: Optional[float] = None
+        self.drained = 0  # batches finished during a drain
 
     def _has_room(self) -> bool:
         kv = self.engine.kv_tokens
@@ -181,6 +182,7 @@ class GenerationLoop:
         self.outbox.put(BatchDone(b.index, b.start, b.stop, self.rank, lines, errors, prompt_tokens, output_tokens,
                                   round(time.monotonic() - job.claimed_at, 3)))
         self.last_emit = time.monotonic()
+        self.drained += self.drain.requested
         s = self.stats
         s.records += len(lines)
         s.batches += 1
@@ -291,10 +293,11 @@ class GenerationLoop:
                 if not self._recover(failure):
                     break
         box.idle = True
-        if self.drain.requested and self.inflight:
-            logger.warning("rank %d: drain: %d batches (%d records) did not finish within drain_timeout=%gs; "
-                           "a rerun does them", self.rank, len(self.inflight),
-                           sum(j.batch.size for j in self.inflight.values()), self.drain.timeout_s)
+        if self.drain.requested:
+            left = sum(j.batch.size for j in self.inflight.values())
+            logger.info("rank %d drained: %d batches in flight finished and went to rank 0%s", self.rank,
+                        self.drained, f"; {len(self.inflight)} batches ({left} records) did not finish within "
+                        f"drain_timeout={self.drain.timeout_s:g}s: a rerun does them" if self.inflight else "")
         if self.last_emit is not None:
             self.stats.busy_s = round(self.last_emit - start, 3)
             self.stats.gen_end_unix = round(self.stats.gen_start_unix + self.stats.busy_s, 3)

@@ -62,7 +62,8 @@ def run(cfgs: Sequence[RunConfig]) -> int:
                 raise Drained(f"stopped by {drain.why} before workflow node {cfgs[i + 1].name}; rerun to resume",
                               drain.signum)
     finally:
-        drain.restore()
+        if not drain.requested:  # after a drain, a second SIGTERM (torchrun's, as a peer exits) is ignored
+            drain.restore()
         engines.close()
     return 0
 
