@@ -141,12 +141,12 @@ def test_a_stalled_engine_hands_its_work_back(tmp_path):
     assert read_jsonl(tmp_path / "out" / "out.jsonl") == expected_rows(records)
     log = p.stderr
     handed = re.search(r"rank 1 handed back (\d+) batches \(([\d, ]+);.*: its engine stalled: no step returned within "
-                       r"batch_timeout=4s", log)
+                       r"batch_timeout=4.0s", log)
     assert handed, log[-3000:]
     back = sorted(int(b) for b in handed.group(2).split(", "))
     taken = re.findall(r"\[rank (\d)/3 .*\(batch (\d+), handed back by rank 1\)", log)
     assert sorted(int(b) for _, b in taken) == back and {r for r, _ in taken} <= {"0", "2"}  # the others took them
-    assert "rank 1 on no device (echo engine): engine stalled: no step returned within batch_timeout=4s; " \
+    assert "rank 1 on no device (echo engine): engine stalled: no step returned within batch_timeout=4.0s; " \
            "restarting it on the same slice (restart 1 of 2)" in log
     assert metrics(tmp_path)["ranks"][1]["engine_restarts"] == 1  # the new engine ran on
 

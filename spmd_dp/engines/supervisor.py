@@ -108,7 +108,7 @@ class SupervisedEngine:
             if dead is not None:
                 raise EngineFailure(dead)
             if time.monotonic() > deadline:
-                raise EngineFailure(f"no step returned within batch_timeout={self.stall_s:g}s", stalled=True)
+                raise EngineFailure(f"no step returned within batch_timeout={self.stall_s}s", stalled=True)
 
     def restart(self, failure: EngineFailure) -> None:
         """One line naming the rank, its devices and the cause; end the old engine; start a new one on the
