@@ -194,7 +194,8 @@ class GenerationLoop:
         job = next(iter(self.inflight.values()), None)  # in claim order (a restart resets every batch's clock)
         if job is not None and time.monotonic() - job.since > self.cfg.batch_timeout:
             b = job.batch
-            return f"batch {b.index} (records {b.start}..{b.stop - 1}) exceeded batch_timeout={self.cfg.batch_timeout}s"
+            return (f"batch {b.index} (records {b.start}..{b.stop - 1}) on rank {self.rank} exceeded "
+                    f"batch_timeout={self.cfg.batch_timeout}s")
         return None
 
     def _step(self) -> None:
