@@ -31,7 +31,7 @@ import time
 from typing import Callable, List, Optional, Set
 
 from spmd_dp.comm import Group
-from spmd_dp.errors import PeerLost, RunFailure
+from spmd_dp.errors import Drained, PeerLost, RunFailure, UsageError
 from spmd_dp.log import logger
 from spmd_dp.messages import BatchDone, Message, RankState, decode, encode
 from spmd_dp.outbox import Outbox
@@ -122,16 +122,23 @@ class ControlPlane(threading.Thread):
         if not isinstance(error, RunFailure) or self.outbox.finished:
             return
         if not self.outbox.acknowledged.wait(STUCK_GRACE_S) and threading.main_thread().is_alive():
-            self.leaving(str(error))
+            self.leaving(error)
             print(f"spmd_dp: error: {error} (the generation loop did not return; exiting)", file=sys.stderr,
                   flush=True)
             terminate_children()
             os._exit(1)
 
-    def leaving(self, reason: str) -> None:
-        """This rank leaves the run on an error: say why, for the others to report (best effort, bounded)."""
+    def leaving(self, error: BaseException) -> None:
+        """This rank leaves the run on an error of its own: say why, for the others to report (best effort,
+        bounded). Not for a peer's exit, a drain or bad input (every rank has those)."""
+        if isinstance(error, (PeerLost, Drained, UsageError)):
+            return
+        text = str(error).strip()
+        reason = text.splitlines()[0] if text else ""
+        if not isinstance(error, RunFailure):
+            reason = f"{type(error).__name__}: {reason}" if reason else type(error).__name__
         try:
-            self.group.notes.set(f"exit/{self.group.rank}", reason.strip().splitlines()[0] if reason else "?")
+            self.group.notes.set(f"exit/{self.group.rank}", reason)
         except Exception as e:  # the store may be gone with rank 0
             logger.debug("could not leave a note in the store: %s", e)
 

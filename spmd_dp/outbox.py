@@ -16,7 +16,7 @@ import time
 from typing import List, Optional
 
 from spmd_dp.drain import Drain
-from spmd_dp.errors import RunFailure
+from spmd_dp.errors import Drained, RunFailure
 from spmd_dp.messages import Message, RankState
 
 
@@ -48,6 +48,18 @@ class Outbox:
 
     def ranks_in(self, *states: RankState) -> List[int]:
         return [r for r, s in enumerate(self.peer_states) if s in states]
+
+    def raise_if_stopped(self, engine_failed: Optional[str], n_batches: int, is_rank0: bool) -> None:
+        """After the end agreement: no rank could generate (exit 1), or a drain stopped the run early (rank 0
+        says so with the counts, in Rank0.finish)."""
+        world = len(self.peer_states)
+        if len(self.ranks_in(RankState.FAILED, RankState.GAVE_UP)) == world:
+            what = "start its engine" if len(self.ranks_in(RankState.FAILED)) == world else "keep its engine running"
+            raise RunFailure(f"no rank could {what} (this rank: {engine_failed}); see the log of each rank; what "
+                             f"was committed is kept: rerun with the same output_dir to resume")
+        if self.drain.requested and not is_rank0 and self.committed < n_batches:
+            raise Drained(f"stopped by {self.drain.why} after draining; rank 0's line says what was committed; "
+                          f"rerun with the same output_dir to resume", self.drain.signum)
 
     def check(self) -> None:
         """Raise the control plane's error in the caller's thread."""

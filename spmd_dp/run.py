@@ -22,7 +22,7 @@ from spmd_dp.devices import agree_kv_budget
 from spmd_dp.drain import Drain
 from spmd_dp.engines import set_engine_environment
 from spmd_dp.engines.cache import EngineCache, engine_key
-from spmd_dp.errors import Drained, PeerLost, RunFailure, UsageError
+from spmd_dp.errors import Drained, UsageError
 from spmd_dp.generation import GenerationLoop
 from spmd_dp.inputs import InputIndex
 from spmd_dp.launcher import scrub_launcher_env
@@ -108,19 +108,12 @@ def run_node(cfg: RunConfig, plan: RankPlan, prompts: PromptBuilder, store, time
         outbox.put(stats)
         outbox.finish()
         control.wait_done()
-        if len(outbox.ranks_in(RankState.FAILED, RankState.GAVE_UP)) == plan.world_size:
-            what = "start its engine" if outbox.ranks_in(RankState.FAILED) == list(range(plan.world_size)) else \
-                "keep its engine running"
-            raise RunFailure(f"no rank could {what} (this rank: {stats.engine_failed}); see the log of each rank; "
-                             f"what was committed is kept: rerun with the same output_dir to resume")
+        outbox.raise_if_stopped(stats.engine_failed, len(batches), plan.is_rank0)  # no rank could run, or drained
         if rank0:
             rank0.finish(drain)
-        elif drain.requested and outbox.committed < len(batches):
-            raise Drained(f"stopped by {drain.why} after draining; rank 0's line says what was committed; rerun "
-                          f"with the same output_dir to resume", drain.signum)
     except (Exception, KeyboardInterrupt) as e:
-        if control is not None and not isinstance(e, (PeerLost, Drained, UsageError)):
-            control.leaving(f"{type(e).__name__}: {e}" if not isinstance(e, RunFailure) else str(e))
+        if control is not None:
+            control.leaving(e)  # for the other ranks to say why this one left
         raise
     finally:
         if rank0:

@@ -58,8 +58,10 @@ class _Stepper(threading.Thread):
             except BaseException as e:
                 future.set_exception(e)
 
-    def stop(self) -> None:
+    def stop(self, wait_s: float = 1.0) -> None:
+        """End the thread once its call returns (waiting a little: a stuck one is abandoned)."""
         self.calls.put((None, None))
+        self.join(wait_s)
 
 
 class SupervisedEngine:
