@@ -273,6 +273,7 @@ class GenerationLoop:
         box = self.outbox
         start = time.monotonic()
         self.stats.gen_start_unix = time.time()
+        cut = f"within drain_timeout={self.drain.timeout_s:g}s"
         while True:
             box.check()
             box.beat()
@@ -288,8 +289,9 @@ class GenerationLoop:
                     continue
                 self._step()
             except EngineFailure as failure:
-                if self.drain.requested:  # vLLM's engine exits once drained; no restart in a drain
+                if self.drain.requested:  # vLLM's engine got the signal too and stopped: no restart in a drain
                     logger.info("rank %d: the engine stopped during the drain (%s)", self.rank, failure.cause)
+                    cut = "before the engine stopped"
                     break
                 if not self._recover(failure):
                     break
@@ -297,8 +299,8 @@ class GenerationLoop:
         if self.drain.requested:
             left = sum(j.batch.size for j in self.inflight.values())
             logger.info("rank %d drained: %d batches in flight finished and went to rank 0%s", self.rank,
-                        self.drained, f"; {len(self.inflight)} batches ({left} records) did not finish within "
-                        f"drain_timeout={self.drain.timeout_s:g}s: a rerun does them" if self.inflight else "")
+                        self.drained, f"; {len(self.inflight)} batches ({left} records) did not finish {cut}: a "
+                        f"rerun does them" if self.inflight else "")
         if self.last_emit is not None:
             self.stats.busy_s = round(self.last_emit - start, 3)
             self.stats.gen_end_unix = round(self.stats.gen_start_unix + self.stats.busy_s, 3)
