@@ -12,7 +12,9 @@ Kinds (3 ranks of the echo engine unless said):
   vllm-kill9    2 ranks of real vLLM: kill -9 of a random rank's EngineCore after it finished 1-4 batches
 
 A run completes when it exits 0 (echo-sigterm: when its rerun does) with the output file written; keys
-are counted in that file against the input (lost: absent; duplicated: present more than once).
+are counted in that file against the input (lost: absent; duplicated: present more than once), and
+batches in the log (rank 0 received one twice in a run: the journal commits it once, but it was
+generated twice).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from collections import Counter
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+STARTED = []  # every torchrun this script started: ended when it ends, however it ends
 
 
 def torchrun(args, nproc, log: Path):
@@ -40,7 +43,8 @@ def torchrun(args, nproc, log: Path):
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--rdzv-backend=c10d",
            "--rdzv-endpoint=localhost:0", "-m", "spmd_dp", *args]
     with open(log, "a") as f:
-        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+        STARTED.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT))
+    return STARTED[-1]
 
 
 def children(pid: int):
@@ -75,6 +79,12 @@ def wait_until(cond, proc, timeout):
     return True
 
 
+def received_twice(log_text: str) -> int:
+    """Batches rank 0 received more than once in one run (the journal would commit each once anyway)."""
+    seen = Counter(re.findall(r"Received results for batch (\d+) from", log_text))
+    return sum(1 for n in seen.values() if n > 1)
+
+
 def keys(out_file: Path, ids):
     seen = Counter(json.loads(ln)["id"] for ln in open(out_file)) if out_file.exists() else Counter()
     return sum(1 for i in ids if i not in seen), sum(1 for n in seen.values() if n > 1)
@@ -103,6 +113,7 @@ def echo_run(kind: str, seed: int, work: Path) -> dict:
         rc = proc.wait(timeout=600)
         text = log.read_text()
         faults = text.count(": engine died: ") + text.count(": engine stalled: ")
+        twice = received_twice(text)
     else:  # echo-sigterm, then the rerun
         proc = torchrun(base, 3, log)
         at = rng.randint(1, 40)
@@ -112,10 +123,11 @@ def echo_run(kind: str, seed: int, work: Path) -> dict:
                 os.kill(pid, signal.SIGTERM)
                 faults = 1
         proc.wait(timeout=600)
+        twice = received_twice(log.read_text())
         rc = torchrun(base, 3, log).wait(timeout=600)
     lost, dup = keys(work / "out" / "out.jsonl", [f"r{i:05d}" for i in range(n)])
     return {"kind": kind, "seed": seed, "faults": faults, "completed": rc == 0 and (work / "out" / "out.jsonl").exists(),
-            "lost": lost, "duplicated": dup, "rc": rc}
+            "lost": lost, "duplicated": dup, "received_twice": twice, "rc": rc}
 
 
 def vllm_run(seed: int, work: Path) -> dict:
@@ -135,7 +147,7 @@ def vllm_run(seed: int, work: Path) -> dict:
     pattern = re.compile(rf"Received results for batch \d+ from rank {victim}\b")
     if wait_until(lambda: len(pattern.findall(log.read_text())) >= after, proc, 600):
         rank = rank_pid(proc.pid, victim)
-        core = next((c for c in children(rank or -1) if "EngineCore" in Path(f"/proc/{c}/comm").read_text()), None)
+        core = next((c for c in children(rank or -1) if "EngineCore" in Path(f"/proc/{c}/cmdline").read_text()), None)
         if core is not None:
             os.kill(core, signal.SIGKILL)
             faults = 1
@@ -144,7 +156,8 @@ def vllm_run(seed: int, work: Path) -> dict:
     readd = re.search(r"re-added (\d+) requests", text)
     lost, dup = keys(work / "out" / "out.jsonl", [f"k{i:04d}" for i in range(n)])
     return {"kind": "vllm-kill9", "seed": seed, "faults": faults, "completed": rc == 0, "lost": lost,
-            "duplicated": dup, "rc": rc, "victim": victim, "re_added": int(readd.group(1)) if readd else 0}
+            "duplicated": dup, "received_twice": received_twice(text), "rc": rc, "victim": victim,
+            "re_added": int(readd.group(1)) if readd else 0}
 
 
 def main() -> int:
@@ -155,6 +168,17 @@ def main() -> int:
     ap.add_argument("--keep", help="keep each run's folder (logs, outputs) under this directory")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        return run_all(args)
+    finally:
+        for proc in STARTED:
+            if proc.poll() is None:
+                proc.terminate()  # torchrun passes SIGTERM to its workers
+                proc.wait(timeout=60)
+
+
+def run_all(args) -> int:
     results = []
     for kind in args.kinds.split(","):
         for seed in range(args.first_seed, args.first_seed + args.runs):
@@ -166,11 +190,13 @@ def main() -> int:
                 r["s"] = round(time.monotonic() - t0, 1)
             print(json.dumps(r), flush=True)
             results.append(r)
-    print(f"\n{'kind':<14}{'runs':>6}{'faults':>8}{'completed':>11}{'keys lost':>11}{'duplicated':>12}")
+    print(f"\n{'kind':<14}{'runs':>6}{'faults':>8}{'completed':>11}{'keys lost':>11}{'duplicated':>12}"
+          f"{'batches sent twice':>20}")
     for kind in args.kinds.split(","):
         rs = [r for r in results if r["kind"] == kind]
         print(f"{kind:<14}{len(rs):>6}{sum(r['faults'] for r in rs):>8}{sum(r['completed'] for r in rs):>11}"
-              f"{sum(r['lost'] for r in rs):>11}{sum(r['duplicated'] for r in rs):>12}")
+              f"{sum(r['lost'] for r in rs):>11}{sum(r['duplicated'] for r in rs):>12}"
+              f"{sum(r['received_twice'] for r in rs):>20}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
     bad = [r for r in results if not r["completed"] or r["lost"] or r["duplicated"]]

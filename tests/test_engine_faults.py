@@ -5,6 +5,7 @@ moment; scripts/fault_injection.py runs many more of them and counts faults, run
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -30,6 +31,20 @@ def start(args, nproc=None, max_restarts=0):
         sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--rdzv-backend=c10d",
         "--rdzv-endpoint=localhost:0", f"--max-restarts={max_restarts}", "-m", "spmd_dp", *args]
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@contextlib.contextmanager
+def running(proc):
+    """Whatever happens in the test, the run ends: SIGTERM (torchrun passes it to its workers), then SIGKILL."""
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
 
 
 def worker_pids(torchrun_pid: int) -> dict:
@@ -168,10 +183,11 @@ def test_a_peer_that_exits_is_named_with_its_reason(tmp_path):
 
     records = make_records(400)
     inp = write_jsonl(tmp_path / "data" / "in2.jsonl", records)
-    proc = start(echo_args(tmp_path, inp, "batch_size=5", "engine_options.echo_delay_s=0.02", "name=killed"), nproc=2)
-    wait_for(lambda: journal_batches(tmp_path / "out" / "killed.journal.jsonl") >= 3, 120, proc, "3 batches")
-    os.kill(worker_pids(proc.pid)[1], signal.SIGKILL)
-    out, _ = proc.communicate(timeout=120)
+    with running(start(echo_args(tmp_path, inp, "batch_size=5", "engine_options.echo_delay_s=0.02", "name=killed"),
+                       nproc=2)) as proc:
+        wait_for(lambda: journal_batches(tmp_path / "out" / "killed.journal.jsonl") >= 3, 120, proc, "3 batches")
+        os.kill(worker_pids(proc.pid)[1], signal.SIGKILL)
+        out, _ = proc.communicate(timeout=120)
     line = [ln for ln in out.splitlines() if ln.startswith("spmd_dp: error: rank 0 stops")]
     assert line and "rank 1 left without a word (killed? out of memory?" in line[0], out[-3000:]
 
@@ -185,13 +201,13 @@ def test_sigterm_drains_in_flight_batches_and_the_rerun_resumes(tmp_path, seed):
     inp = write_jsonl(tmp_path / "data" / "in.jsonl", records)
     args = echo_args(tmp_path, inp, "batch_size=5", "engine_options.echo_delay_s=0.02")
     journal = tmp_path / "out" / "out.journal.jsonl"
-    proc = start(args, nproc=2)
-    at = rng.randint(2, 10)
-    wait_for(lambda: journal_batches(journal) >= at, 120, proc, f"{at} batches")
-    victim = rng.randrange(2)
-    os.kill(worker_pids(proc.pid)[victim], signal.SIGTERM)  # one rank gets it: every rank drains
-    before = journal_batches(journal)
-    out, _ = proc.communicate(timeout=120)
+    with running(start(args, nproc=2)) as proc:
+        at = rng.randint(2, 10)
+        wait_for(lambda: journal_batches(journal) >= at, 120, proc, f"{at} batches")
+        victim = rng.randrange(2)
+        os.kill(worker_pids(proc.pid)[victim], signal.SIGTERM)  # one rank gets it: every rank drains
+        before = journal_batches(journal)
+        out, _ = proc.communicate(timeout=120)
     assert proc.returncode != 0  # stopped early (each rank exits 143; torchrun reports it)
     assert re.search(rf"\[rank {victim}/2 .*WARNING SIGTERM: draining: no new batches", out)
     assert re.search(rf"\[rank {1 - victim}/2 .*WARNING SIGTERM on rank {victim}: draining", out)
@@ -213,15 +229,15 @@ def test_ctrl_c_drains_and_a_second_ctrl_c_stops_at_once(tmp_path):
     records = make_records(100, words=8)
     inp = write_jsonl(tmp_path / "data" / "in.jsonl", records)
     # a request takes 8 x 0.5 s: the drain would wait out drain_timeout=120
-    proc = start(echo_args(tmp_path, inp, "batch_size=2", "generation_options.max_tokens=8",
-                           "engine_options.echo_delay_s=0.5", "drain_timeout=120"))
-    wait_for(lambda: journal_batches(tmp_path / "out" / "out.journal.jsonl") >= 1, 120, proc, "a batch")
-    proc.send_signal(signal.SIGINT)
-    time.sleep(2)
-    assert proc.poll() is None  # draining
-    t0 = time.monotonic()
-    proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=60)
+    with running(start(echo_args(tmp_path, inp, "batch_size=2", "generation_options.max_tokens=8",
+                               "engine_options.echo_delay_s=0.5", "drain_timeout=120"))) as proc:
+        wait_for(lambda: journal_batches(tmp_path / "out" / "out.journal.jsonl") >= 1, 120, proc, "a batch")
+        proc.send_signal(signal.SIGINT)
+        time.sleep(2)
+        assert proc.poll() is None  # draining
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
     assert time.monotonic() - t0 < 15
     assert proc.returncode == 130, out[-3000:]
     assert "SIGINT: draining: no new batches" in out and "(Ctrl-C again to stop at once)" in out
@@ -263,7 +279,7 @@ def test_kill_9_of_a_vllm_engine_core_mid_run_restarts_it_in_place(tmp_path, see
                                  "--rdzv-backend=c10d", "--rdzv-endpoint=localhost:0", "-m", "spmd_dp",
                                  *args("killed")], cwd=REPO, stdout=f, stderr=subprocess.STDOUT, text=True,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    try:
+    with running(proc):
         after = rng.randint(1, 4)  # batches rank 1 has finished before the kill
         wait_for(lambda: len(re.findall(r"Received results for batch \d+ from rank 1", log.read_text())) >= after,
                  400, proc, f"{after} batches from rank 1")
@@ -273,9 +289,6 @@ def test_kill_9_of_a_vllm_engine_core_mid_run_restarts_it_in_place(tmp_path, see
         os.kill(core, signal.SIGKILL)
         t_kill = time.time()
         proc.wait(timeout=500)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     out = log.read_text()
     assert proc.returncode == 0, out[-5000:]
     line = re.search(rf"\[rank 1/2 .*WARNING rank 1 on CPU cores 1 \(tensor_parallel_size=1\): engine died: its process "
