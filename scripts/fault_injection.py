@@ -139,7 +139,8 @@ def vllm_run(seed: int, work: Path) -> dict:
             f.write(json.dumps({"id": f"k{i:04d}", "prompt": f"Tell me about w{i} and the day {i * 7}"}) + "\n")
     args = [f"data_dir={work}", "input_data_path=in.jsonl", f"output_dir={work / 'out'}", "name=out",
             "generation_options.temperature=0", "generation_options.max_tokens=32", "+generation_options.ignore_eos=true",
-            "batch_size=8", "engine_options.max_model_len=512", "engine_options.max_num_seqs=16"]
+            "batch_size=8", "engine_options.max_model_len=512", "engine_options.max_num_seqs=16",
+            "schedule=static"]  # each rank has its half whenever its engine is up (engine starts differ by seconds)
     log = work / "run.log"
     victim, after = rng.randrange(2), rng.randint(1, 4)
     proc = torchrun(args, 2, log)
