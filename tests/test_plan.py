@@ -68,6 +68,16 @@ def test_the_torch_free_modules_import_neither_torch_nor_vllm():
     assert out.stdout.strip() == "[]"
 
 
+def _input_work_home(tmp_path, n):
+    """An input of n records, an empty working directory and a home directory (HOME for the run)."""
+    records = make_records(n)
+    inp = write_jsonl(tmp_path / "data" / "in.jsonl", records)
+    work, home = tmp_path / "work", tmp_path / "home"
+    work.mkdir()
+    home.mkdir()
+    return records, inp, work, home
+
+
 def _run_in(cwd: Path, home: Path, args):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
                                                              "MASTER_ADDR", "MASTER_PORT")}
@@ -78,11 +88,7 @@ def _run_in(cwd: Path, home: Path, args):
 
 def test_tilde_output_dir_from_the_command_line(tmp_path):
     """Regression: the journal, parts and config went to a folder named '~' under the working directory."""
-    records = make_records(20)
-    inp = write_jsonl(tmp_path / "data" / "in.jsonl", records)
-    work, home = tmp_path / "work", tmp_path / "home"
-    work.mkdir()
-    home.mkdir()
+    records, inp, work, home = _input_work_home(tmp_path, 20)
     args = [a for a in echo_args(tmp_path, inp, "batch_size=4") if not a.startswith("output_dir=")]
     p = _run_in(work, home, [*args, "output_dir='~/somewhere'"])
     assert p.returncode == 0, p.stderr[-3000:]
@@ -96,11 +102,7 @@ def test_tilde_output_dir_from_the_command_line(tmp_path):
 
 
 def test_tilde_output_dir_from_a_workflow_file(tmp_path):
-    records = make_records(12)
-    inp = write_jsonl(tmp_path / "data" / "in.jsonl", records)
-    work, home = tmp_path / "work", tmp_path / "home"
-    work.mkdir()
-    home.mkdir()
+    records, inp, work, home = _input_work_home(tmp_path, 12)
     wf = tmp_path / "wf.json"
     wf.write_text(json.dumps({
         "name": "wf", "data_dir": str(inp.parent), "output_dir": "~/wf_out",
