@@ -104,7 +104,7 @@ class Rank0:
         size = assemble(self.journal, self.n_records, float32_columns(self.cfg.name))
         merge_s = time.monotonic() - t0
         skipped = None
-        if self.cfg.on_bad_record == "skip":
+        if self.cfg.on_bad_record == "skip" or self.journal.errors:  # (on_long_prompt=skip: whatever on_bad_record)
             skipped = write_errors(self.paths.errors, [b.to_json() for b in self.bad] + self.journal.errors)
             if skipped:
                 logger.warning("%d records skipped: see %s", skipped, self.paths.errors)

@@ -87,6 +87,8 @@ class EchoEngine:
             return [Completion(req.request_id, prompt_tokens=len(words), value=self._pool(req),
                                finish_reason="stop", truncated_from=truncated)]
         max_tokens = int(req.sampling.get("max_tokens", 16))
+        if self.max_model_len is not None:  # as vLLM, the output stops at the end of the context
+            max_tokens = min(max_tokens, self.max_model_len - len(words))
         out = words[:max_tokens]
         if self.delay:
             time.sleep(self.delay * len(out))
