@@ -7,6 +7,7 @@ import, for validating a pipeline, for tests and for benchmarks.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Dict, List, Optional
 

@@ -104,7 +104,7 @@ class VllmEngine:
         kwargs = engine_kwargs(cfg, device_slice, task, share)
         if kv_budget is not None and device_slice.kind == "cuda":
             kwargs["gpu_memory_utilization"] = kv_budget / share
-        logger.info("starting vLLM (task=%s) on %s: %s", task, device_slice.describe(),
+        logger.info("starting vLLM (%s) on %s: %s", "generate" if task == "generate" else "pooling runner", device_slice.describe(),
                     ", ".join(f"{k}={v}" for k, v in kwargs.items()))
         try:
             self.llm = LLM(**kwargs)
@@ -121,6 +121,7 @@ class VllmEngine:
         self.parts: Dict[str, Dict[str, Any]] = {}  # task=score: a request's sub-requests (bi-encoder: two)
         self.truncated: Dict[str, int] = {}  # request id -> prompt tokens before truncation
         self.asked: Dict[str, tuple] = {}  # request id -> (logprobs k, prompt_logprobs k) asked for
+        self.tasks: Dict[str, str] = {}  # request id -> its task (an engine may serve classify and reward)
 
     # -- adding --------------------------------------------------------------------------------------------
     def add(self, request: Request) -> Optional[Completion]:
@@ -154,6 +155,7 @@ class VllmEngine:
                 pooling.setdefault("use_activation", False)  # the reward model's raw score
             params = self._PoolingParams(task="classify" if r.task == "reward" else r.task, **pooling)
         self.engine.add_request(r.request_id, prompt, params, lora_request=lora)
+        self.tasks[r.request_id] = r.task
         if generate and (params.logprobs is not None or params.prompt_logprobs is not None):
             self.asked[r.request_id] = (params.logprobs or 0, params.prompt_logprobs or 0)
         return None
@@ -220,10 +222,9 @@ class VllmEngine:
                 continue
             if "#" in out.request_id:
                 c = self._score_part(out)
-            elif self.task == "generate":
-                c = self._generated(out)
             else:
-                c = self._pooled(out)
+                task = self.tasks.pop(out.request_id, self.task)
+                c = self._generated(out) if task == "generate" else self._pooled(out, task)
             if c is not None:
                 c.truncated_from = self.truncated.pop(c.request_id, None)
                 done.append(c)
@@ -247,12 +248,12 @@ class VllmEngine:
             c.prompt_logprobs.token_ids = ids
         return c
 
-    def _pooled(self, out) -> Completion:
+    def _pooled(self, out, task: str) -> Completion:
         if getattr(out, "error", None) is not None:
             return Completion(out.request_id, error=_first_line(out.error), error_kind=FAILED)
         data = out.outputs.data
         value: Any = float32_list(data)
-        if self.task == "reward" and len(value) == 1:
+        if task == "reward" and len(value) == 1:
             value = value[0]
         return Completion(out.request_id, prompt_tokens=len(out.prompt_token_ids or ()), value=value,
                           finish_reason="stop")
