@@ -29,50 +29,55 @@ def build_engine(cfg, device_slice, rank: int, kv_budget: Optional[float] = None
         from spmd_dp.engines.echo import EchoEngine
 
         return EchoEngine(cfg.engine_options, cfg.batch_size, rank)
-    from spmd_dp.engines.vllm_engine import VllmEngine
+    from spmd_dp.engines.vllm_engine import VllmEngine, engine_kwargs
 
-    tasks = task_list(cfg.task)
-    if len(tasks) == 1:
-        return VllmEngine(cfg, device_slice, kv_budget, tasks[0])
-    engines: Dict[str, Engine] = {}
+    # tasks that need the same engine share it (classify and reward: the pooling runner's classify)
+    groups: Dict[str, List[str]] = {}
+    for task in task_list(cfg.task):
+        key = json.dumps(engine_kwargs(cfg, device_slice, task), sort_keys=True, default=str)
+        groups.setdefault(key, []).append(task)
+    if len(groups) == 1:
+        return VllmEngine(cfg, device_slice, kv_budget, task_list(cfg.task)[0])
+    engines: List[Engine] = []
     try:
-        for task in tasks:
-            engines[task] = VllmEngine(cfg, device_slice, kv_budget, task, share=len(tasks))
+        for tasks in groups.values():
+            engines.append(VllmEngine(cfg, device_slice, kv_budget, tasks[0], share=len(groups)))
     except BaseException:
-        for engine in engines.values():
+        for engine in engines:
             engine.close()
         raise
-    return TaskEngines(engines)
+    return TaskEngines({task: engine for tasks, engine in zip(groups.values(), engines) for task in tasks})
 
 
 class TaskEngines:
-    """Several engines on one rank, one per task: a request goes to its task's engine."""
+    """Several engines on one rank (vLLM runs one runner per model instance): a request goes to its task's."""
 
-    def __init__(self, engines: Dict[str, Engine]) -> None:
-        self.engines = engines
-        self.capacity = sum(e.capacity for e in engines.values())
-        kv = [e.kv_tokens for e in engines.values()]
+    def __init__(self, by_task: Dict[str, Engine]) -> None:
+        self.by_task = by_task
+        self.engines = list({id(e): e for e in by_task.values()}.values())
+        self.capacity = sum(e.capacity for e in self.engines)
+        kv = [e.kv_tokens for e in self.engines]
         self.kv_tokens = None if None in kv else sum(kv)
-
-        self.pending = {task: 0 for task in engines}  # requests in each engine (vLLM's step blocks when idle)
+        self.pending = [0] * len(self.engines)  # requests in each engine (vLLM's step blocks when it has none)
 
     def add(self, request: Request) -> Optional[Completion]:
-        rejected = self.engines[request.task].add(request)
+        engine = self.by_task[request.task]
+        rejected = engine.add(request)
         if rejected is None:
-            self.pending[request.task] += 1
+            self.pending[self.engines.index(engine)] += 1
         return rejected
 
     def step(self) -> List[Completion]:
         done: List[Completion] = []
-        for task, engine in self.engines.items():
-            if self.pending[task]:
+        for i, engine in enumerate(self.engines):
+            if self.pending[i]:
                 finished = engine.step()
-                self.pending[task] -= len(finished)
+                self.pending[i] -= len(finished)
                 done += finished
         return done
 
     def close(self) -> None:
-        for engine in self.engines.values():
+        for engine in self.engines:
             engine.close()
 
 
