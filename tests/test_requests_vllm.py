@@ -152,39 +152,32 @@ def test_openai_batch_chat_and_embeddings_on_two_ranks(tmp_path):
 
 
 def test_classify_reward_and_scores(tmp_path):
-    """classify and reward share one engine of the classifier (softmax of the raw rewards = the probabilities);
-    score is a cross-encoder with the 1-label model and a bi-encoder (cosine of embeddings) with the LM."""
+    """classify, reward and score share one engine of the 1-label model: the reward is the raw logit, classify
+    its sigmoid, score a cross-encoder's; with the LM, embed and score share one engine: score is then the
+    cosine of the two texts' embeddings (a bi-encoder)."""
     recs = [{"id": f"{t}{i}", "prompt": p, "task": t} for i, p in enumerate(PROMPTS) for t in ("classify", "reward")]
+    recs += [{"id": f"score{i}", "prompt": PROMPTS[0], "document": d, "task": "score"} for i, d in enumerate(PROMPTS)]
     inp = write_jsonl(tmp_path / "data" / "cls.jsonl", recs)
-    p = spmd(run_args(tmp_path, inp, "cls", "model_name=spmd-dp/tiny-llama-classifier", "task=[classify,reward]",
-                      "output_format=parquet"), timeout=900)
+    p = spmd(run_args(tmp_path, inp, "cls", "model_name=spmd-dp/tiny-llama-reward", "task=[classify,reward,score]"),
+             timeout=900)
     assert p.returncode == 0, p.stderr[-4000:]
-    assert p.stderr.count("starting vLLM") == 1  # one engine serves both tasks
-    import pyarrow.parquet as pq
-
-    rows = {r["id"]: r["cls"] for r in pq.read_table(tmp_path / "out" / "cls.parquet").to_pylist()}
+    assert p.stderr.count("starting vLLM") == 1  # one engine serves the three tasks
+    rows = {r["id"]: r["cls"] for r in read_jsonl(tmp_path / "out" / "cls.jsonl")}
     for i in range(len(PROMPTS)):
-        probs, logits = rows[f"classify{i}"], rows[f"reward{i}"]
-        assert len(probs) == len(logits) == 3 and abs(sum(probs) - 1) < 1e-5
-        soft = [math.exp(x) / sum(math.exp(y) for y in logits) for x in logits]
-        assert all(abs(a - b) < 1e-5 for a, b in zip(soft, probs))
-    assert rows["classify0"] != rows["classify1"]
+        (prob,), reward = rows[f"classify{i}"], rows[f"reward{i}"]
+        assert isinstance(reward, float) and abs(1 / (1 + math.exp(-reward)) - prob) < 1e-5
+    scores = [rows[f"score{i}"] for i in range(len(PROMPTS))]
+    assert all(isinstance(s, float) and 0 < s < 1 for s in scores) and len(set(scores)) == len(scores)
 
     pairs = [{"id": i, "prompt": PROMPTS[0], "document": d, "task": "score"} for i, d in enumerate(PROMPTS)]
     pairs += [{"id": 10 + i, "prompt": t, "task": "embed"} for i, t in enumerate(PROMPTS)]
     inp = write_jsonl(tmp_path / "data" / "pairs.jsonl", pairs)
     p = spmd(run_args(tmp_path, inp, "bi", "task=[embed,score]"), timeout=900)
     assert p.returncode == 0, p.stderr[-4000:]
+    assert p.stderr.count("starting vLLM") == 1
     bi = {r["id"]: r["bi"] for r in read_jsonl(tmp_path / "out" / "bi.jsonl")}
     for i in range(len(PROMPTS)):
         q, d = bi[10], bi[10 + i]
         cosine = sum(a * b for a, b in zip(q, d)) / math.sqrt(sum(a * a for a in q) * sum(b * b for b in d))
         assert abs(bi[i] - cosine) < 1e-4, (i, bi[i], cosine)
     assert abs(bi[0] - 1) < 1e-4  # a text against itself
-
-    scored = [{"id": i, "prompt": PROMPTS[0], "document": d} for i, d in enumerate(PROMPTS)]
-    inp = write_jsonl(tmp_path / "data" / "cross.jsonl", scored)
-    p = spmd(run_args(tmp_path, inp, "cross", "model_name=spmd-dp/tiny-llama-reward", "task=score"), timeout=900)
-    assert p.returncode == 0, p.stderr[-4000:]
-    cross = [r["cross"] for r in read_jsonl(tmp_path / "out" / "cross.jsonl")]
-    assert all(isinstance(s, float) and 0 < s < 1 for s in cross) and len(set(cross)) == len(cross)

@@ -47,6 +47,17 @@ def lora_rank(adapters: Dict[str, str]) -> int:
     return next((x for x in LORA_RANKS if x >= r), r)
 
 
+def score_convert(model: str) -> Optional[str]:
+    """task=score: a sequence classifier scores pairs as a cross-encoder (classify), another model as a
+    bi-encoder (embed): what vLLM's convert=auto picks, said explicitly when the model's config.json is at
+    hand, so that score shares the engine of classify or embed. None: leave it to vLLM."""
+    config = Path(model).expanduser() / "config.json"
+    if not config.is_file():
+        return None
+    archs = json.loads(config.read_text()).get("architectures") or []
+    return "classify" if any(a.endswith("ForSequenceClassification") for a in archs) else "embed"
+
+
 def engine_kwargs(cfg, device_slice, task: str = "generate", share: int = 1) -> Dict[str, Any]:
     """vllm.LLM(...) arguments. share: engines on this slice (task=[...]); each gets 1/share of the GPU memory."""
     eo = cfg.engine_options
@@ -61,8 +72,9 @@ def engine_kwargs(cfg, device_slice, task: str = "generate", share: int = 1) -> 
     }
     if task != "generate":
         kwargs["runner"] = "pooling"
-        if POOLING_RUNNER[task] != "auto":
-            kwargs["convert"] = POOLING_RUNNER[task]
+        convert = POOLING_RUNNER[task] if POOLING_RUNNER[task] != "auto" else score_convert(kwargs["model"])
+        if convert is not None:
+            kwargs["convert"] = convert
     if eo.lora_adapters:
         # one slot more than adapters: vLLM CPU 0.32 indexes the base model's requests with -1, i.e. the
         # last slot; left empty (zeros) it adds nothing (measured: base outputs change when it holds an adapter)
