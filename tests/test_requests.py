@@ -244,3 +244,30 @@ def test_parquet_list_columns(tmp_path):
     table = pq.read_table(tmp_path / "out" / "emb.parquet")
     assert table.schema.field("emb").type == pa.list_(pa.float32())
     assert all(len(v) == 8 for v in table.column("emb").to_pylist())
+
+
+def test_openai_body_maps_onto_vllm_options():
+    b = PromptBuilder(load_config(["input_format=openai_batch", "+engine_options.lora_adapters.pirate=/x"]))
+    line = {"custom_id": "c1", "method": "POST", "url": "/v1/chat/completions", "body": {
+        "model": "pirate", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 50,
+        "max_completion_tokens": 20, "temperature": 0.2, "top_p": 0.9, "n": 2, "stop": ["\n"], "seed": 7,
+        "logprobs": True, "top_logprobs": 4, "user": "ignored", "response_format": {
+            "type": "json_schema", "json_schema": {"name": "s", "strict": True, "schema": SCHEMA}}}}
+    req = b.request("0:0", line, {"temperature": 0.7, "max_tokens": 512})
+    assert req.key == "c1" and req.lora == "pirate" and req.task == "generate"
+    assert req.sampling == {"temperature": 0.2, "max_tokens": 20, "top_p": 0.9, "n": 2, "stop": ["\n"], "seed": 7,
+                            "logprobs": 4, "structured_outputs": {"json": SCHEMA}}
+    emb = b.request("0:1", {"custom_id": "e", "method": "POST", "url": "/v1/embeddings",
+                            "body": {"input": ["one text"], "dimensions": 4}}, {})
+    assert (emb.task, emb.prompt, emb.pooling) == ("embed", "one text", {"dimensions": 4})
+    cases = {
+        "body.input must be one text or one list of token ids": {"url": "/v1/embeddings", "body": {"input": ["a", "b"]}},
+        "'url' is '/v1/responses'": {"url": "/v1/responses", "body": {"input": "x"}},
+        "body.messages is missing": {"url": "/v1/chat/completions", "body": {"prompt": "x"}},
+        "must not be sent in stream mode": {"url": "/v1/completions", "body": {"prompt": "x", "stream": True}},
+        "response_format.type is 'xml'": {"url": "/v1/completions", "body": {"prompt": "x",
+                                                                          "response_format": {"type": "xml"}}},
+    }
+    for expected, line in cases.items():
+        why = b.check({"custom_id": "x", "method": "POST", **line})
+        assert why is not None and expected in why, (expected, why)

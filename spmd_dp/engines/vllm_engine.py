@@ -198,12 +198,19 @@ class VllmEngine:
         return rendered
 
     def _render(self, prompt, tokenization_kwargs: Optional[Dict[str, Any]] = None):
-        """The prompt as LLM.generate()/LLM.chat() hand it to the engine (vLLM >= 0.30 renders it first)."""
+        """The prompt as LLM.generate()/LLM.chat() hand it to the engine (vLLM >= 0.30 renders it first;
+        before, the engine took the prompt itself: truncation then needs vLLM >= 0.30)."""
         if isinstance(prompt, Chat):
-            return self.llm._preprocess_chat_one(prompt.messages, tokenization_kwargs=tokenization_kwargs)
+            render_chat = getattr(self.llm, "_preprocess_chat_one", None)
+            if render_chat is not None:
+                return render_chat(prompt.messages, tokenization_kwargs=tokenization_kwargs)
+            tokenizer = self.llm.get_tokenizer()
+            text = tokenizer.apply_chat_template(prompt.messages, tokenize=False, add_generation_prompt=True)
+            return {"prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)}
         if not isinstance(prompt, str):
             prompt = {"prompt_token_ids": list(prompt)}
-        return self.llm._preprocess_cmpl_one(prompt, tokenization_kwargs)
+        render = getattr(self.llm, "_preprocess_cmpl_one", None)
+        return render(prompt, tokenization_kwargs) if render is not None else prompt
 
     def _add_score(self, r: Request, lora) -> Optional[Completion]:
         """LLM.score() for one pair, through the pooling runner's scoring IO processor (vllm/entrypoints/pooling)."""
