@@ -175,8 +175,8 @@ class PromptError(ValueError):
     """A record cannot be turned into a prompt."""
 
 
-IMAGES_REFUSED = ("images in chat messages are not supported (no multimodal model was provable on vLLM CPU "
-                  "in this build); send text parts only")
+IMAGES_REFUSED = ("images in chat messages are not supported yet (vLLM 0.32's vision models need a CPU "
+                  "torchvision, which the CPU build lacks: not proven here); send text parts only")
 
 
 def _check_messages(messages: Any, field: str) -> Messages:
