@@ -181,6 +181,8 @@ class VllmEngine:
             if getattr(e, "parameter", None) != "input_tokens":  # vLLM's renderer: longer than the context
                 raise
             rendered, n = None, getattr(e, "value", None) or self.max_model_len + 1
+            if isinstance(r.prompt, str):  # vLLM's tokenizer stopped counting at the limit: the whole length
+                n = max(n, len(self.llm.get_tokenizer().encode(r.prompt)))
         if n is None:  # not a token prompt: vLLM checks it
             return rendered
         fit = fit_context(n, int(sampling.get("max_tokens") or 16), self.max_model_len, r.on_long_prompt,
