@@ -19,7 +19,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List, Optional, Union
 
 from spmd_dp.engines.base import Completion, Logprobs
 from spmd_dp.errors import RunFailure
@@ -49,10 +49,12 @@ def atomic_write(path: Path, chunks: Iterable[bytes]) -> int:
     return n
 
 
-def output_row(record: Dict[str, Any], name: str, c: Completion, metadata: Optional[Dict[str, Any]],
-               token_ids: bool = False) -> str:
+def output_row(record: Dict[str, Any], name: str, c: Union[Completion, List[str]],
+               metadata: Optional[Dict[str, Any]], token_ids: bool = False) -> str:
     """One output line: the record, its result under `name` (a list when n > 1), token ids and logprobs
-    when asked (`token_ids`: return_token_ids), its metadata when asked."""
+    when asked (`token_ids`: return_token_ids), its metadata when asked. `c`: the completion, or just its texts."""
+    if isinstance(c, list):
+        c = Completion("", texts=c)
     out = dict(record)
 
     def one_or_all(items: List[Any]) -> Any:
