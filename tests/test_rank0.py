@@ -3,6 +3,7 @@
 import json
 
 from spmd_dp.config import load_config
+from spmd_dp.engines.base import Completion
 from spmd_dp.messages import BatchDone, RankStats
 from spmd_dp.output import output_row
 from spmd_dp.plan import OutputPaths
@@ -19,9 +20,8 @@ def rank0(tmp_path, records, *overrides, world=2):
 
 
 def done(records, start, stop, rank=1):
-    return BatchDone(start // 4, start, stop, rank,
-                     [output_row(r, "t", [r["prompt"].split()[0]], None) for r in records[start:stop]],
-                     output_tokens=stop - start)
+    lines = [output_row(r, "t", Completion("", [r["prompt"].split()[0]]), None) for r in records[start:stop]]
+    return BatchDone(start // 4, start, stop, rank, lines, output_tokens=stop - start)
 
 
 def test_open_handle_finish(tmp_path):
