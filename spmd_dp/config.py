@@ -8,6 +8,7 @@ validated `RunConfig`; every mistake becomes a one-line `UsageError`.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -30,6 +31,12 @@ OUTPUT_FORMATS = ("jsonl", "parquet")
 ON_BAD_RECORD = ("fail", "skip")
 ECHO_FAULTS = ("die", "hang")
 DEFAULT_MODEL = "spmd-dp/tiny-llama"
+TASKS = ("generate", "embed", "classify", "score", "reward")  # generate: vLLM's generate runner; the rest: pooling
+INPUT_FORMATS = ("auto", "jsonl", "openai_batch")
+ON_LONG_PROMPT = ("fail", "skip", "truncate_left", "truncate_right")
+STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object")  # vLLM's StructuredOutputsParams
+STRUCTURED_OPTIONS = ("disable_any_whitespace", "disable_additional_properties", "whitespace_pattern")
+POOLING_OPTIONS = ("dimensions", "use_activation")  # vLLM's PoolingParams
 
 
 @dataclass
@@ -62,12 +69,18 @@ class EngineOptions:
     # the echo engine (inference_engine=echo): a dry run with no model
     echo_delay_s: float = 0.0  # seconds slept per word returned
     echo_fail_ranks: List[int] = field(default_factory=list)  # fault injection: engine start fails here
+    echo_fail_keys: List[str] = field(default_factory=list)  # fault injection: these records' requests fail ...
+    echo_fail_times: int = 1  # ... this many times each (then succeed): rehearses max_retries
     # fault injection mid-run: on these ranks the engine dies (or hangs: echo_fault=hang) after
     # echo_fault_after_steps steps; so do its next echo_fault_times - 1 restarts (then one runs clean)
     echo_fault_ranks: List[int] = field(default_factory=list)
     echo_fault: str = "die"  # die | hang
     echo_fault_after_steps: int = 10
     echo_fault_times: int = 1
+    # LoRA adapters (vLLM's LoRARequest): name -> folder (PEFT format), hub id, or an embedded adapter
+    # (spmd-dp/tiny-llama-lora-a); a record picks one by name (lora_adapter)
+    lora_adapters: Dict[str, str] = field(default_factory=dict)
+    max_lora_rank: Optional[int] = None  # null: the largest `r` of the adapters' adapter_config.json (else 16)
 
 
 @dataclass
@@ -91,6 +104,11 @@ class GenerationOptions:
     frequency_penalty: Optional[float] = None
     repetition_penalty: Optional[float] = None
     skip_special_tokens: Optional[bool] = None
+    logprobs: Optional[int] = None  # k: the k most likely tokens (and the sampled one's) per generated token
+    prompt_logprobs: Optional[int] = None  # k: the same for every prompt token
+    # vLLM's StructuredOutputsParams: one of json (a JSON schema: object, JSON text or a .json file), regex,
+    # choice (list of strings), grammar (EBNF/Lark), json_object (true); plus disable_any_whitespace, ...
+    structured_outputs: Dict[str, Any] = field(default_factory=dict)  # {}: none
     extra: Dict[str, Any] = field(default_factory=dict)  # any other SamplingParams field
 
 
@@ -133,6 +151,16 @@ class RunConfig:
     return_metadata: bool = False  # add ${name}_metadata: finish_reason, token counts, rank, batch
     on_bad_record: str = "fail"  # skip: bad records go to ${output_dir}/${name}.errors.jsonl, the rest run
     log_level: str = "INFO"
+    # per-record requests (spmd_dp/requests.py): each of these may be set per record by a field of the same name
+    task: Any = "generate"  # generate | embed | classify | score | reward, or a list of them (one engine each)
+    input_format: str = "auto"  # auto/jsonl: records; openai_batch: OpenAI Batch API request lines (spmd_dp/openai_batch.py)
+    return_token_ids: bool = False  # add ${name}_token_ids (also written whenever logprobs are asked for)
+    lora_adapter: Optional[str] = None  # the adapter (a name in engine_options.lora_adapters); null: the base model
+    pooling_options: Dict[str, Any] = field(default_factory=dict)  # PoolingParams: dimensions, use_activation
+    document_field: str = "document"  # task=score: the record's second text (the first is its prompt)
+    max_retries: int = 0  # requests the engine failed (not bad input) are tried again up to this many times
+    on_long_prompt: str = "fail"  # a prompt longer than the context: fail | skip | truncate_left | truncate_right
+    clamp_max_tokens: bool = False  # lower max_tokens to what the context leaves after the prompt
 
     @property
     def input_path(self) -> Path:
@@ -264,6 +292,44 @@ def validate(cfg: RunConfig) -> None:
     _check(go.temperature is None or go.temperature >= 0, "generation_options.temperature", go.temperature,
            "use a float >= 0 (0 = greedy)")
     _check(go.top_p is None or 0 < go.top_p <= 1, "generation_options.top_p", go.top_p, "use a float in (0, 1]")
+    _check(go.logprobs is None or go.logprobs >= 0, "generation_options.logprobs", go.logprobs,
+           "use null or an integer k >= 0 (the k most likely tokens per generated token)")
+    _check(go.prompt_logprobs is None or go.prompt_logprobs >= 0, "generation_options.prompt_logprobs",
+           go.prompt_logprobs, "use null or an integer k >= 0")
+    if go.structured_outputs:
+        why = structured_outputs_problem(go.structured_outputs, allow_file=True)
+        _check(why is None, "generation_options.structured_outputs", go.structured_outputs, why or "")
+        go.structured_outputs = _read_schema_file(go.structured_outputs)
+    tasks = task_list(cfg.task)
+    _check(bool(tasks) and all(t in TASKS for t in tasks) and len(set(tasks)) == len(tasks), "task", cfg.task,
+           f"use one of {', '.join(TASKS)}, or a list of them, e.g. task=[generate,embed]")
+    _check(cfg.input_format in INPUT_FORMATS, "input_format", cfg.input_format, f"use one of {', '.join(INPUT_FORMATS)}")
+    if cfg.input_format == "openai_batch":
+        _check(cfg.primary_key in ("id", "custom_id"), "primary_key", cfg.primary_key,
+               "OpenAI batch files are keyed by custom_id: leave primary_key unset")
+        cfg.primary_key = "custom_id"
+        _check(cfg.output_format == "jsonl", "output_format", cfg.output_format,
+               "OpenAI batch output files are JSONL: use output_format=jsonl with input_format=openai_batch")
+    _check(cfg.on_long_prompt in ON_LONG_PROMPT, "on_long_prompt", cfg.on_long_prompt,
+           f"use one of {', '.join(ON_LONG_PROMPT)}")
+    _check(cfg.max_retries >= 0, "max_retries", cfg.max_retries, "use an integer >= 0")
+    _check(bool(cfg.document_field), "document_field", cfg.document_field, "name the field of a score task's second text")
+    unknown_pool = sorted(set(cfg.pooling_options) - set(POOLING_OPTIONS))
+    _check(not unknown_pool, "pooling_options", unknown_pool, f"use vLLM PoolingParams fields: {', '.join(POOLING_OPTIONS)}")
+    for name, where in eo.lora_adapters.items():
+        _check(bool(name) and isinstance(where, str) and bool(where), "engine_options.lora_adapters", {name: where},
+               "map a name to a folder, e.g. +engine_options.lora_adapters.pirate=/adapters/pirate")
+    _check(cfg.lora_adapter is None or cfg.lora_adapter in eo.lora_adapters, "lora_adapter", cfg.lora_adapter,
+           f"name one of engine_options.lora_adapters ({', '.join(eo.lora_adapters) or 'none set'}) or null")
+    _check(eo.max_lora_rank is None or eo.max_lora_rank >= 1, "engine_options.max_lora_rank", eo.max_lora_rank,
+           "use null (read from the adapters) or an integer >= 1")
+    _check(eo.echo_fail_times >= 0, "engine_options.echo_fail_times", eo.echo_fail_times, "use an integer >= 0")
+    if eo.lora_adapters and (go.prompt_logprobs is not None):
+        _check(False, "generation_options.prompt_logprobs", go.prompt_logprobs, LORA_PROMPT_LOGPROBS)
+    if eo.max_model_len is not None and cfg.on_long_prompt.startswith("truncate"):
+        _check(go.max_tokens < eo.max_model_len, "generation_options.max_tokens", go.max_tokens,
+               f"on_long_prompt={cfg.on_long_prompt} keeps max_model_len - max_tokens prompt tokens: use "
+               f"max_tokens < engine_options.max_model_len={eo.max_model_len}")
     fields = [f for f in GenerationOptions.__dataclass_fields__ if f != "extra"]
     overlap = set(go.extra) & set(fields)
     _check(not overlap, "generation_options.extra", sorted(overlap), "set these fields directly under generation_options")
@@ -273,10 +339,60 @@ def validate(cfg: RunConfig) -> None:
         _check(not unknown, f"generation_options_per_rank.{rank}", unknown, f"use generation_options fields: {', '.join(fields)}")
 
 
+LORA_PROMPT_LOGPROBS = ("vLLM 0.32 cannot give prompt_logprobs with LoRA adapters enabled (its LoRA logits layer "
+                        "fails: measured on CPU); run such records without engine_options.lora_adapters")
+
+
+def _read_schema_file(spec: Dict[str, Any]) -> Dict[str, Any]:
+    """structured_outputs.json given as a path to a .json file: the schema it holds."""
+    value = spec.get("json")
+    if not (isinstance(value, str) and value.strip().endswith(".json") and not value.lstrip().startswith("{")):
+        return spec
+    path = Path(value).expanduser()
+    try:
+        schema = json.loads(path.read_text())
+    except OSError as e:
+        raise UsageError(f"config error: generation_options.structured_outputs.json={value!r}: {e.strerror}; give "
+                         f"a JSON schema file that exists, or the schema itself") from None
+    except json.JSONDecodeError as e:
+        raise UsageError(f"config error: generation_options.structured_outputs.json={value!r} is not JSON ({e.msg} "
+                         f"at line {e.lineno}); fix the schema file") from None
+    return {**spec, "json": schema}
+
+
+def task_list(task: Any) -> List[str]:
+    """`task` as a list: one engine per task on the rank (the first is the records' default)."""
+    if isinstance(task, str):
+        return [task]
+    return [str(t) for t in task] if isinstance(task, (list, tuple)) or OmegaConf.is_list(task) else []
+
+
+def structured_outputs_problem(spec: Any, allow_file: bool = False) -> Optional[str]:
+    """Why `spec` is not a StructuredOutputsParams object (shape only; compiling it: spmd_dp/structured.py)."""
+    if not isinstance(spec, dict):
+        return f"give an object with one of {', '.join(STRUCTURED_KINDS)}, e.g. {{\"choice\": [\"yes\", \"no\"]}}"
+    unknown = sorted(set(spec) - set(STRUCTURED_KINDS) - set(STRUCTURED_OPTIONS))
+    if unknown:
+        return f"unknown fields {unknown}; use one of {', '.join(STRUCTURED_KINDS)} (+ {', '.join(STRUCTURED_OPTIONS)})"
+    kinds = [k for k in STRUCTURED_KINDS if spec.get(k) is not None]
+    if len(kinds) != 1:
+        return f"give exactly one of {', '.join(STRUCTURED_KINDS)} (got {kinds or 'none'})"
+    kind, value = kinds[0], spec[kinds[0]]
+    if kind == "json" and not (isinstance(value, dict) or (isinstance(value, str) and value.strip())):
+        return "json must be a JSON schema: an object" + (", JSON text or a .json file" if allow_file else " or JSON text")
+    if kind == "choice" and not (isinstance(value, list) and value and all(isinstance(c, str) for c in value)):
+        return "choice must be a non-empty list of strings"
+    if kind in ("regex", "grammar") and not (isinstance(value, str) and value.strip() and "\x00" not in value):
+        return f"{kind} must be a non-empty string"
+    if kind == "json_object" and value is not True:
+        return "json_object must be true"
+    return None
+
+
 def sampling_kwargs(cfg: "RunConfig", rank: int) -> Dict[str, Any]:
     """A rank's SamplingParams keyword arguments (null fields left out, `seed` is per record)."""
     go = cfg.generation_options
-    out = {k: v for k, v in vars(go).items() if k != "extra" and v is not None}
+    out = {k: v for k, v in vars(go).items() if k != "extra" and v is not None and v != {}}
     out.update(go.extra)
     out.update(cfg.generation_options_per_rank.get(str(rank), {}))
     return out
@@ -287,4 +403,4 @@ def to_yaml(cfg: RunConfig) -> str:
 
 
 __all__ = ["RunConfig", "EngineOptions", "GenerationOptions", "load_config", "compose_config", "validate",
-           "sampling_kwargs", "to_yaml"]
+           "sampling_kwargs", "task_list", "structured_outputs_problem", "to_yaml"]

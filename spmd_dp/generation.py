@@ -17,7 +17,8 @@ restarted. When the engine cannot be restarted, the loop hands its batches back 
 the rank takes no more work. A rank with nothing to do waits until rank 0 has
 committed every batch, taking any batch another rank hands back. A drain (SIGTERM,
 spmd_dp/drain.py) stops the claims and lets the batches in flight finish until
-`drain_timeout`.
+`drain_timeout`. A request the engine failed (not bad input, and not the engine's own
+death) is added again, up to its `max_retries`.
 """
 
 from __future__ import annotations
@@ -29,11 +30,12 @@ from typing import Any, Dict, List, Optional
 
 from spmd_dp.batches import Batch, Claims
 from spmd_dp.config import RunConfig, sampling_kwargs
-from spmd_dp.engines.base import Completion, Engine, EngineFailure, EngineGaveUp, Request
+from spmd_dp.engines.base import FAILED, REJECTED, Completion, Engine, EngineFailure, EngineGaveUp, Request
 from spmd_dp.errors import RunFailure
 from spmd_dp.inputs import InputIndex, read_batch
 from spmd_dp.log import logger
 from spmd_dp.messages import BatchDone, RankState, RankStats
+from spmd_dp.openai_batch import output_line
 from spmd_dp.outbox import Outbox
 from spmd_dp.output import output_row
 from spmd_dp.prompts import PromptBuilder
@@ -51,9 +53,11 @@ class _InFlight:
     done: List[Optional[Completion]] = field(default_factory=list)
     remaining: int = 0
     demands: List[int] = field(default_factory=list)  # KV tokens each request may need (0: not in the engine)
+    requests: List[Optional[Request]] = field(default_factory=list)  # kept for a retry
+    tries: List[int] = field(default_factory=list)
 
 
-SKIPPED = "skipped: a bad input record"
+BAD_RECORD = "skipped: a bad input record"
 
 
 def token_demand(request: Request) -> int:
@@ -62,8 +66,10 @@ def token_demand(request: Request) -> int:
     if isinstance(prompt, list):
         n = len(prompt)
     else:
-        text = prompt if isinstance(prompt, str) else " ".join(m["content"] for m in prompt.messages)
+        text = prompt if isinstance(prompt, str) else str(getattr(prompt, "messages", prompt))
         n = len(text) // 4 + 1
+    if request.task != "generate":
+        return n
     return n + int(request.sampling.get("max_tokens") or 16) * int(request.sampling.get("n") or 1)
 
 
@@ -101,11 +107,11 @@ class GenerationLoop:
         return self.queued < self.target and (kv is None or self.demand < kv or self.queued == 0)
 
     def _request(self, batch: Batch, i: int, record: Dict[str, Any]) -> Request:
-        sampling = self.prompts.sampling(self.sampling, record)
-        seed = sampling.pop("seed", self.seed)
-        if seed is not None:
-            sampling["seed"] = record_seed(seed, record[self.cfg.primary_key])
-        return Request(f"{batch.index}:{i}", self.prompts.build(record), sampling)
+        request = self.prompts.request(f"{batch.index}:{i}", record, self.sampling)
+        seed = request.sampling.pop("seed", self.seed)
+        if seed is not None and request.task == "generate":
+            request.sampling["seed"] = record_seed(seed, record[self.cfg.primary_key])
+        return request
 
     def _fill(self) -> None:
         """Claim batches while the engine has room (returned work first, spmd_dp/batches.py)."""
@@ -124,8 +130,8 @@ class GenerationLoop:
         if batch is None:
             return False
         records = read_batch(self.index, batch.start, batch.stop)
-        now = time.monotonic()
-        job = _InFlight(batch, records, now, now, [None] * len(records), len(records), [0] * len(records))
+        now, n = time.monotonic(), len(records)
+        job = _InFlight(batch, records, now, now, [None] * n, n, [0] * n, [None] * n, [0] * n)
         self.inflight[batch.index] = job
         settled = [c for i, record in enumerate(records) if (c := self._submit(job, i, record)) is not None]
         for c in settled:  # skipped bad records and requests the engine refused
@@ -135,8 +141,8 @@ class GenerationLoop:
     def _submit(self, job: _InFlight, i: int, record: Optional[Dict[str, Any]]) -> Optional[Completion]:
         """Add one record's request to the engine; a Completion when it is settled at once (skipped, refused)."""
         if record is None:
-            return Completion(f"{job.batch.index}:{i}", error=SKIPPED)
-        request = self._request(job.batch, i, record)
+            return Completion(f"{job.batch.index}:{i}", error=BAD_RECORD)
+        request = job.requests[i] = self._request(job.batch, i, record)
         rejected = self.engine.add(request)
         if rejected is not None:
             return rejected
@@ -145,16 +151,36 @@ class GenerationLoop:
         self.demand += job.demands[i]
         return None
 
+    def _retry(self, job: _InFlight, i: int, c: Completion) -> bool:
+        """Add a request the engine failed again, if it has tries left; True if it did."""
+        request = job.requests[i]
+        if c.error_kind != FAILED or request is None or job.tries[i] >= request.max_retries:
+            return False
+        job.tries[i] += 1
+        logger.warning("record %s=%r: %s; trying again (%d of max_retries=%d)", self.cfg.primary_key, request.key,
+                       c.error, job.tries[i], request.max_retries)
+        rejected = self.engine.add(request)
+        if rejected is not None:
+            self._finish_request(rejected)
+        else:
+            self.queued += 1
+        return True
+
     def _finish_request(self, c: Completion) -> None:
         batch_index, i = (int(x) for x in c.request_id.split(":"))
         job = self.inflight.get(batch_index)
         if job is None or job.done[i] is not None:
             return  # of a batch handed back, or finished already: not this rank's to report
-        if c.error is not None and c.error != SKIPPED and self.cfg.on_bad_record == "fail":
+        if c.error is not None and self._retry(job, i, c):
+            return
+        if (c.error is not None and c.error != BAD_RECORD and c.error_kind in (REJECTED, FAILED)
+                and self.cfg.on_bad_record == "fail" and not self.prompts.openai):
             rec = job.records[i]
+            what = "was rejected by the engine" if c.error_kind == REJECTED else \
+                f"failed in the engine ({job.tries[i] + 1} tries: max_retries={job.requests[i].max_retries})"
             raise RunFailure(f"record {self.cfg.primary_key}={rec[self.cfg.primary_key]!r} (batch {batch_index}, "
-                             f"record {job.batch.start + i}) was rejected by the engine: {c.error}; set "
-                             f"on_bad_record=skip to send such records to the errors file")
+                             f"record {job.batch.start + i}) {what}: {c.error}; set on_bad_record=skip to send such "
+                             f"records to the errors file")
         job.done[i] = c
         job.remaining -= 1
         self.demand -= job.demands[i]
@@ -167,16 +193,27 @@ class GenerationLoop:
         b = job.batch
         for i, (record, c) in enumerate(zip(job.records, job.done)):
             assert c is not None
+            if c.error == BAD_RECORD:  # the scan reported it
+                continue
+            if self.prompts.openai:  # every request has its line, an error line if it failed
+                lines.append(output_line(record, c, self.cfg.model_name))
+                if c.error is None:
+                    prompt_tokens += c.prompt_tokens
+                    output_tokens += c.output_tokens
+                continue
             if c.error is not None:
-                if c.error != SKIPPED:  # the scan reported the skipped ones
-                    errors.append({"position": b.start + i, "key": record[self.cfg.primary_key],
-                                   "error": f"rejected by the engine: {c.error}"})
+                what = {REJECTED: "rejected by the engine", FAILED: "failed in the engine"}.get(c.error_kind, "skipped")
+                errors.append({"position": b.start + i, "key": record[self.cfg.primary_key], "error": f"{what}: {c.error}"})
                 continue
             metadata = None
             if self.cfg.return_metadata:
                 metadata = {"finish_reason": c.finish_reason, "prompt_tokens": c.prompt_tokens,
                             "output_tokens": c.output_tokens, "rank": self.rank, "batch": b.index}
-            lines.append(output_row(record, self.cfg.name, c.texts, metadata))
+                if c.truncated_from is not None:
+                    metadata["truncated_from"] = c.truncated_from
+                if job.tries[i]:
+                    metadata["retries"] = job.tries[i]
+            lines.append(output_row(record, self.cfg.name, c, metadata, self.cfg.return_token_ids))
             prompt_tokens += c.prompt_tokens
             output_tokens += c.output_tokens
         self.outbox.put(BatchDone(b.index, b.start, b.stop, self.rank, lines, errors, prompt_tokens, output_tokens,

@@ -178,4 +178,15 @@ def fingerprint(cfg, input_sha256: str, n_records: int, template: Optional[Path]
         "prompt_field": cfg.prompt_field,
         "primary_key": cfg.primary_key,
         "output_format": cfg.output_format,
+        # per-record requests (spmd_dp/requests.py): what changes the results
+        "task": cfg.task,
+        "input_format": cfg.input_format,
+        "return_token_ids": cfg.return_token_ids,
+        "lora_adapters": dict(cfg.engine_options.lora_adapters),
+        "lora_adapter": cfg.lora_adapter,
+        "pooling_options": dict(cfg.pooling_options),
+        "document_field": cfg.document_field,
+        "on_long_prompt": cfg.on_long_prompt,
+        "clamp_max_tokens": cfg.clamp_max_tokens,
+        "max_model_len": cfg.engine_options.max_model_len,
     }

@@ -20,7 +20,7 @@ import sys
 from dataclasses import dataclass
 from typing import Mapping, MutableMapping, Optional
 
-from spmd_dp.devices import physical_gpus_on_node, visible_gpus
+from spmd_dp.devices import physical_gpus_on_node
 from spmd_dp.errors import UsageError
 
 TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -212,27 +212,28 @@ def scrub_launcher_env(environ: MutableMapping[str, str] | None = None) -> list[
     return removed
 
 
-def ranks_per_node(environ: Mapping[str, str], gpus_per_rank: int,
-                   physical: Optional[list] | str = "query") -> int:
+def ranks_per_node(environ: Mapping[str, str], gpus_per_rank: int, physical: Optional[list] | str = "query") -> int:
     """Ranks a launch script starts on this node: NPROC_PER_NODE when set; else the node's GPUs (Slurm's
-    SLURM_GPUS_ON_NODE, else CUDA_VISIBLE_DEVICES, else nvidia-smi's) / gpus_per_rank; without GPUs,
-    Slurm's --ntasks-per-node, else 1."""
+    SLURM_GPUS_ON_NODE, else those CUDA_VISIBLE_DEVICES names, else nvidia-smi's) / gpus_per_rank; without
+    GPUs, Slurm's --ntasks-per-node (SLURM_NTASKS_PER_NODE), else 1. physical: the node's (index, uuid)
+    list, or "query" to ask nvidia-smi (tests pass a list)."""
     if environ.get("NPROC_PER_NODE"):
         return _int(environ, "NPROC_PER_NODE")
     if gpus_per_rank < 1:
         raise UsageError(f"launch error: GPUS_PER_DP_RANK={gpus_per_rank}; use an integer >= 1")
     if environ.get("SLURM_GPUS_ON_NODE"):
         gpus = _int(environ, "SLURM_GPUS_ON_NODE")
+    elif "CUDA_VISIBLE_DEVICES" in environ:
+        gpus = len([x for x in environ["CUDA_VISIBLE_DEVICES"].split(",") if x.strip()])
     else:
-        found = visible_gpus(environ, physical_gpus_on_node() if physical == "query" else physical)
-        gpus = len(found) if found else 0
+        gpus = len(physical_gpus_on_node() or []) if physical == "query" else len(physical or [])
     if gpus > 0:
         if gpus < gpus_per_rank:
-            raise UsageError(f"launch error: {gpus} GPUs on this node but engine_options.gpus_per_dp_rank="
+            raise UsageError(f"launch error: {gpus} GPUs on the node but engine_options.gpus_per_dp_rank="
                              f"{gpus_per_rank}; ask for more GPUs per node or a smaller gpus_per_dp_rank")
         return gpus // gpus_per_rank
-    tasks = environ.get("SLURM_NTASKS_PER_NODE", "")
-    return int(tasks.split("(")[0]) if tasks.split("(")[0].isdigit() else 1
+    tasks = environ.get("SLURM_NTASKS_PER_NODE", "").split("(")[0]  # '4(x2)' -> '4'
+    return int(tasks) if tasks.isdigit() else 1
 
 
 def _cli(argv: list[str]) -> int:

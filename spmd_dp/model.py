@@ -76,6 +76,10 @@ class ModelSpec:
     seed: int = 0
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    num_labels: int = 0
+    """0: a causal LM (``LlamaForCausalLM``); N >= 1: a sequence classifier
+    (``LlamaForSequenceClassification``, a ``score`` head of N labels), which vLLM
+    runs with its pooling runner (classify, score, reward)."""
 
     @property
     def head_dim(self) -> int:
@@ -83,8 +87,11 @@ class ModelSpec:
 
     def version(self) -> str:
         """Short hash of the spec, the builder version and the corpus bytes."""
+        spec = dataclasses.asdict(self)
+        if not self.num_labels:  # the causal LMs keep the hash (and cache folder) they had
+            del spec["num_labels"]
         payload = json.dumps(
-            {"spec": dataclasses.asdict(self), "builder": BUILDER_VERSION}, sort_keys=True
+            {"spec": spec, "builder": BUILDER_VERSION}, sort_keys=True
         ).encode() + CORPUS_PATH.read_bytes()
         return hashlib.sha256(payload).hexdigest()[:12]
 
@@ -95,12 +102,49 @@ EMBEDDED_MODELS: dict[str, ModelSpec] = {
     "spmd-dp/small-llama": ModelSpec(
         layers=4, hidden=512, heads=8, kv_heads=8, intermediate=1408, seed=1
     ),
+    # the tiny Llama's body with a classification head: task=classify (3 labels) and
+    # task=score / task=reward (1 label: a cross-encoder / reward model)
+    "spmd-dp/tiny-llama-classifier": ModelSpec(
+        layers=2, hidden=128, heads=2, kv_heads=2, intermediate=256, num_labels=3
+    ),
+    "spmd-dp/tiny-llama-reward": ModelSpec(
+        layers=2, hidden=128, heads=2, kv_heads=2, intermediate=256, num_labels=1
+    ),
+}
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """A LoRA adapter (PEFT format) for an embedded model, random weights from a fixed seed."""
+
+    base: str  # an EMBEDDED_MODELS name
+    rank: int = 8
+    alpha: int = 16
+    seed: int = 0
+    std: float = 0.05
+    targets: tuple = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+    def version(self) -> str:
+        payload = json.dumps({"adapter": dataclasses.asdict(self), "base": EMBEDDED_MODELS[self.base].version(),
+                              "builder": BUILDER_VERSION}, sort_keys=True).encode()
+        return hashlib.sha256(payload).hexdigest()[:12]
+
+
+EMBEDDED_ADAPTERS: dict[str, AdapterSpec] = {
+    # two adapters for the tiny Llama: `+engine_options.lora_adapters.a=spmd-dp/tiny-llama-lora-a`
+    "spmd-dp/tiny-llama-lora-a": AdapterSpec(base="spmd-dp/tiny-llama", seed=101),
+    "spmd-dp/tiny-llama-lora-b": AdapterSpec(base="spmd-dp/tiny-llama", seed=202),
 }
 
 
 def is_embedded(model_name: str) -> bool:
     """True if ``model_name`` names one of the embedded models."""
     return model_name in EMBEDDED_MODELS
+
+
+def is_embedded_adapter(name: str) -> bool:
+    """True if ``name`` names one of the embedded LoRA adapters."""
+    return name in EMBEDDED_ADAPTERS
 
 
 def default_cache_dir() -> Path:
@@ -112,12 +156,17 @@ def default_cache_dir() -> Path:
 def resolve_model(model_name: str, cache_dir: str | None = None) -> str:
     """Return a path vLLM can load for ``model_name``.
 
-    An embedded name gives its materialised folder, built on first use; any
-    other name (a hub id or a local path) is returned unchanged.
+    An embedded name (model or LoRA adapter) gives its materialised folder, built
+    on first use; any other name (a hub id or a local path) is returned unchanged.
     """
-    if not is_embedded(model_name):
+    if is_embedded_adapter(model_name):
+        spec: Any = EMBEDDED_ADAPTERS[model_name]
+        write = lambda out: write_lora_adapter(spec, out)  # noqa: E731
+    elif is_embedded(model_name):
+        spec = EMBEDDED_MODELS[model_name]
+        write = lambda out: write_model_folder(spec, out)  # noqa: E731
+    else:
         return model_name
-    spec = EMBEDDED_MODELS[model_name]
     root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     final = root / f"{model_name.replace('/', '--')}-{spec.version()}"
     if final.is_dir():
@@ -128,7 +177,7 @@ def resolve_model(model_name: str, cache_dir: str | None = None) -> str:
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache may be shared
     try:
         logger.info("building embedded model %s in %s", model_name, final)
-        write_model_folder(spec, tmp)
+        write(tmp)
         os.rename(tmp, final)
     except OSError:
         # Another process renamed its copy into place first: use that one.
@@ -155,8 +204,14 @@ def write_model_folder(spec: ModelSpec, out_dir: Path) -> None:
     ids = {tok: tokenizer.token_to_id(tok) for tok in SPECIAL_TOKENS}
     bos, eos, pad, eot = ids[BOS_TOKEN], ids[EOS_TOKEN], ids[PAD_TOKEN], ids[EOT_TOKEN]
 
+    head: dict[str, Any] = {}
+    if spec.num_labels:
+        head = {"num_labels": spec.num_labels,
+                "id2label": {str(i): f"LABEL_{i}" for i in range(spec.num_labels)},
+                "label2id": {f"LABEL_{i}": i for i in range(spec.num_labels)}}
     _write_json(out_dir / "config.json", {
-        "architectures": ["LlamaForCausalLM"],
+        **head,
+        "architectures": ["LlamaForSequenceClassification" if spec.num_labels else "LlamaForCausalLM"],
         "model_type": "llama",
         "vocab_size": spec.vocab_size,
         "hidden_size": spec.hidden,
@@ -256,5 +311,54 @@ def _write_weights(spec: ModelSpec, path: Path) -> None:
         tensors[p + "input_layernorm.weight"] = torch.ones(h)
         tensors[p + "post_attention_layernorm.weight"] = torch.ones(h)
     tensors["model.norm.weight"] = torch.ones(h)
-    tensors["lm_head.weight"] = normal(spec.vocab_size, h)
+    if spec.num_labels:
+        tensors["score.weight"] = normal(spec.num_labels, h)
+    else:
+        tensors["lm_head.weight"] = normal(spec.vocab_size, h)
     save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def write_lora_adapter(spec: AdapterSpec, out_dir: Path) -> None:
+    """A PEFT LoRA adapter folder (``adapter_config.json``, ``adapter_model.safetensors``)
+    for ``spec.base``: lora_A and lora_B drawn from ``spec.seed`` (B is not zero, as a
+    freshly initialised PEFT adapter's would be, so the adapter changes the outputs)."""
+    import torch
+    from safetensors.torch import save_file
+
+    base = EMBEDDED_MODELS[spec.base]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(spec.seed)
+
+    def normal(*shape: int) -> torch.Tensor:
+        t = torch.empty(shape, dtype=torch.float64).normal_(0.0, spec.std, generator=gen)
+        return t.to(torch.float32)
+
+    h, hd, inter = base.hidden, base.head_dim, base.intermediate
+    shapes = {  # (in, out) of each target projection
+        "q_proj": (h, base.heads * hd), "k_proj": (h, base.kv_heads * hd), "v_proj": (h, base.kv_heads * hd),
+        "o_proj": (base.heads * hd, h), "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h),
+    }
+    tensors: dict[str, torch.Tensor] = {}
+    for i in range(base.layers):
+        for target in spec.targets:
+            block = "self_attn" if target in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+            p = f"base_model.model.model.layers.{i}.{block}.{target}"
+            fan_in, fan_out = shapes[target]
+            tensors[p + ".lora_A.weight"] = normal(spec.rank, fan_in)
+            tensors[p + ".lora_B.weight"] = normal(fan_out, spec.rank)
+    save_file(tensors, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
+    _write_json(out_dir / "adapter_config.json", {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": spec.base,
+        "r": spec.rank,
+        "lora_alpha": spec.alpha,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "target_modules": list(spec.targets),
+        "modules_to_save": None,
+        "use_rslora": False,
+        "use_dora": False,
+    })

@@ -1,7 +1,12 @@
 """The output: the shape of an output row, atomic writes, and the final file assembled in input order.
 
-A row is the input record plus the generated text under `${name}` (a list when
-`generation_options.n` > 1) and, with `return_metadata=true`, `${name}_metadata`.
+A row is the input record plus the result under `${name}`: the generated text (a list
+when `generation_options.n` > 1), or for pooling tasks the embedding / class
+probabilities (float32 lists) or the score / reward (a float). Beside it, when asked:
+`${name}_token_ids` (output token ids), `${name}_logprobs` and `${name}_prompt_logprobs`
+(column-wise: the chosen token's logprob and the top-k ids and logprobs per position;
+lists in JSONL, list columns of float32 in Parquet), `${name}_metadata`. With
+`input_format=openai_batch` a row is the OpenAI output line instead (spmd_dp/openai_batch.py).
 `assemble` writes `${name}.jsonl` (or `.parquet`) from the committed parts in
 input order, atomically, and removes the parts; `write_errors` writes
 `${name}.errors.jsonl`. What is committed, and where, is the journal's business
@@ -16,6 +21,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional
 
+from spmd_dp.engines.base import Completion, Logprobs
 from spmd_dp.errors import RunFailure
 from spmd_dp.log import logger
 
@@ -43,17 +49,39 @@ def atomic_write(path: Path, chunks: Iterable[bytes]) -> int:
     return n
 
 
-def output_row(record: Dict[str, Any], name: str, texts: List[str], metadata: Optional[Dict[str, Any]]) -> str:
-    """One output line: the record, its text under `name` (a list when n > 1), its metadata when asked."""
+def output_row(record: Dict[str, Any], name: str, c: Completion, metadata: Optional[Dict[str, Any]],
+               token_ids: bool = False) -> str:
+    """One output line: the record, its result under `name` (a list when n > 1), token ids and logprobs
+    when asked (`token_ids`: return_token_ids), its metadata when asked."""
     out = dict(record)
-    out[name] = texts[0] if len(texts) == 1 else texts
+
+    def one_or_all(items: List[Any]) -> Any:
+        return items[0] if len(items) == 1 else items
+
+    out[name] = c.value if c.value is not None else one_or_all(c.texts)
+    if c.token_ids is not None and (token_ids or c.logprobs is not None):
+        out[f"{name}_token_ids"] = one_or_all(c.token_ids)
+    if c.logprobs is not None:
+        out[f"{name}_logprobs"] = one_or_all([_columns(lp) for lp in c.logprobs])
+    if c.prompt_logprobs is not None:
+        out[f"{name}_prompt_logprobs"] = {"token_ids": c.prompt_logprobs.token_ids, **_columns(c.prompt_logprobs)}
     if metadata is not None:
         out[f"{name}_metadata"] = metadata
     return json.dumps(out, ensure_ascii=False)
 
 
-def assemble(journal, n_records: int) -> int:
-    """Write the final output in input order (atomically) from the journal's parts; returns its size in bytes."""
+def _columns(lp: Logprobs) -> Dict[str, Any]:
+    return {"logprobs": lp.logprobs, "top_ids": lp.top_ids, "top_logprobs": lp.top_logprobs}
+
+
+def float32_columns(name: str) -> List[str]:
+    """The output's columns of floats spmd_dp writes (vectors, scores, logprobs): float32 in Parquet."""
+    return [name, f"{name}_logprobs", f"{name}_prompt_logprobs"]
+
+
+def assemble(journal, n_records: int, float32: Iterable[str] = ()) -> int:
+    """Write the final output in input order (atomically) from the journal's parts; returns its size in bytes.
+    float32: columns whose floats are float32 in Parquet (JSONL keeps the digits written)."""
     paths = journal.paths
     missing = journal.missing(n_records)
     if missing:
@@ -72,7 +100,7 @@ def assemble(journal, n_records: int) -> int:
     if paths.final.suffix == ".parquet":
         jsonl = paths.parts / "final.jsonl"
         atomic_write(jsonl, chunks())
-        size = jsonl_to_parquet(jsonl, paths.final)
+        size = jsonl_to_parquet(jsonl, paths.final, float32=float32)
     else:
         size = atomic_write(paths.final, chunks())
     journal.mark_complete(lines, size)
@@ -88,8 +116,9 @@ def write_errors(path: Path, rows: List[Dict[str, Any]]) -> int:
     return len(rows)
 
 
-def jsonl_to_parquet(src: Path, dst: Path, rows_per_group: int = 8192) -> int:
-    """Convert JSONL to Parquet (pyarrow), streaming: one pass to unify the schema, one to write."""
+def jsonl_to_parquet(src: Path, dst: Path, rows_per_group: int = 8192, float32: Iterable[str] = ()) -> int:
+    """Convert JSONL to Parquet (pyarrow), streaming: one pass to unify the schema, one to write.
+    Lists become list columns; the floats of the `float32` columns are float32 (list<float> for a vector)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -111,6 +140,8 @@ def jsonl_to_parquet(src: Path, dst: Path, rows_per_group: int = 8192) -> int:
     except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
         raise RunFailure(f"cannot write Parquet: the records' fields change type ({e}); use output_format=jsonl "
                          f"(the results are committed: rerun with output_format=jsonl)") from None
+    narrow = set(float32)
+    schema = pa.schema([f.with_type(_float32(f.type)) if f.name in narrow else f for f in schema])
     tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
     with pq.ParquetWriter(tmp, schema) as writer:
         for g in groups():
@@ -120,3 +151,16 @@ def jsonl_to_parquet(src: Path, dst: Path, rows_per_group: int = 8192) -> int:
     os.replace(tmp, dst)
     fsync_dir(dst.parent)
     return dst.stat().st_size
+
+
+def _float32(t):
+    """The type with its floats as float32 (inside lists and structs too)."""
+    import pyarrow as pa
+
+    if pa.types.is_floating(t):
+        return pa.float32()
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        return pa.list_(_float32(t.value_type))
+    if pa.types.is_struct(t):
+        return pa.struct([f.with_type(_float32(f.type)) for f in t])
+    return t

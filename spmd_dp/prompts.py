@@ -8,36 +8,54 @@ In order of precedence, per record:
     an error naming the record);
   - the `prompt_field` (default `prompt`): text, or a list of token ids.
 With `chat=true` a text prompt becomes a one-turn conversation (after `system_prompt`).
-A record may carry its own `generation_options` object, merged over the config's.
+With `task=score` the prompt is a `Pair`: the text above and the record's `document_field`.
+A record may carry its own options (`generation_options`, ...: spmd_dp/requests.py); with
+`input_format=openai_batch` a record is an OpenAI request line, mapped first (spmd_dp/openai_batch.py).
 `PromptBuilder.check` validates a record (used by the input scan, before any model
-loads); `PromptBuilder.build` makes the prompt.
+loads); `PromptBuilder.request` makes the engine request.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
 import jinja2
 from jinja2.sandbox import SandboxedEnvironment
 
-from spmd_dp.config import GenerationOptions, RunConfig
+from spmd_dp import openai_batch
+from spmd_dp.config import RunConfig
+from spmd_dp.engines.base import Request
 from spmd_dp.errors import UsageError
+from spmd_dp.requests import RequestOptions
 
-Messages = List[Dict[str, str]]
-Prompt = Union[str, List[int], "Chat"]
-RECORD_OPTIONS = "generation_options"
-_SAMPLING_FIELDS = {f.name for f in fields(GenerationOptions)} - {"extra"}
+Messages = List[Dict[str, Any]]
+Prompt = Union[str, List[int], "Chat", "Pair"]
 
 
 @dataclass
 class Chat:
-    messages: Messages
+    messages: Messages  # content: a string, or a list of {"type": "text", "text"} parts
 
     def last_user_text(self) -> str:
-        users = [m["content"] for m in self.messages if m.get("role") == "user"]
+        users = [text_of(m["content"]) for m in self.messages if m.get("role") == "user"]
         return users[-1] if users else ""
+
+
+@dataclass
+class Pair:
+    """task=score: the two texts whose relevance vLLM scores (LLM.score's data_1, data_2)."""
+
+    query: str
+    document: str
+
+
+def text_of(content: Any) -> str:
+    """A message's text: its string, or its text parts joined by newlines."""
+    if isinstance(content, str):
+        return content
+    return "\n".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
 
 
 def find_template(cfg: RunConfig) -> Optional[Path]:
@@ -59,7 +77,9 @@ def find_template(cfg: RunConfig) -> Optional[Path]:
 class PromptBuilder:
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
-        self.template_path = find_template(cfg)
+        self.openai = cfg.input_format == "openai_batch"
+        self.options = RequestOptions(cfg)
+        self.template_path = None if self.openai else find_template(cfg)
         self.template: Optional[jinja2.Template] = None
         if self.template_path is not None:
             env = SandboxedEnvironment(undefined=jinja2.StrictUndefined, keep_trailing_newline=False,
@@ -68,29 +88,57 @@ class PromptBuilder:
                 self.template = env.from_string(self.template_path.read_text())
             except jinja2.TemplateSyntaxError as e:
                 raise UsageError(f"config error: template {self.template_path}:{e.lineno}: {e.message}") from None
-        self.extra_options = set(cfg.generation_options.extra)
 
     def describe(self) -> str:
+        if self.openai:
+            return "OpenAI batch request lines"
         if self.template_path is not None:
             return f"template {self.template_path}" + (" as chat" if self.cfg.chat else "")
         return f"field '{self.cfg.prompt_field}'" + (" as chat" if self.cfg.chat else "")
 
     def check(self, record: Dict[str, Any]) -> Optional[str]:
         """Why the record cannot be prompted, or None. Runs the whole build (templates too)."""
-        opts = record.get(RECORD_OPTIONS)
-        if opts is not None:
-            if not isinstance(opts, dict):
-                return f"'{RECORD_OPTIONS}' must be an object, got {type(opts).__name__}"
-            unknown = sorted(set(opts) - _SAMPLING_FIELDS - self.extra_options)
-            if unknown:
-                return f"'{RECORD_OPTIONS}' has unknown fields {unknown}; allowed: {sorted(_SAMPLING_FIELDS)}"
+        try:
+            record = self.view(record)
+        except PromptError as e:
+            return str(e)
+        why = self.options.check(record)
+        if why is not None:
+            return why
         try:
             self.build(record)
         except PromptError as e:
             return str(e)
         return None
 
+    def view(self, record: Dict[str, Any]) -> Dict[str, Any]:
+        """The record as spmd_dp's record shape (an OpenAI request line is mapped; others are themselves)."""
+        if not self.openai:
+            return record
+        cfg = self.cfg
+        try:
+            return openai_batch.to_record(record, cfg.messages_field, cfg.prompt_field,
+                                          cfg.engine_options.lora_adapters)
+        except openai_batch.BodyError as e:
+            raise PromptError(f"OpenAI request: {e}") from None
+
+    def request(self, request_id: str, record: Dict[str, Any], base: Dict[str, Any]) -> Request:
+        """The engine request of a checked record (`base`: the rank's SamplingParams keyword arguments)."""
+        record = self.view(record)
+        return self.options.request(request_id, record, self.build(record), base)
+
     def build(self, record: Dict[str, Any]) -> Prompt:
+        prompt = self._build(record)
+        if self.options.task(record) != "score":
+            return prompt
+        document = record.get(self.cfg.document_field)
+        if not isinstance(prompt, str) or not isinstance(document, str):
+            raise PromptError(f"task=score needs two texts: the prompt (text, got {type(prompt).__name__}) and the "
+                              f"field '{self.cfg.document_field}' (text, got {type(document).__name__}); set "
+                              f"document_field=<field>")
+        return Pair(prompt, document)
+
+    def _build(self, record: Dict[str, Any]) -> Prompt:
         cfg = self.cfg
         messages = record.get(cfg.messages_field)
         if messages is not None:
@@ -121,19 +169,32 @@ class PromptBuilder:
             return Chat(system + [{"role": "user", "content": text}])
         return text
 
-    def sampling(self, base: Dict[str, Any], record: Dict[str, Any]) -> Dict[str, Any]:
-        opts = record.get(RECORD_OPTIONS)
-        return {**base, **opts} if opts else base
 
 
 class PromptError(ValueError):
     """A record cannot be turned into a prompt."""
 
 
+IMAGES_REFUSED = ("images in chat messages are not supported yet (vLLM 0.32's vision models need a CPU "
+                  "torchvision, which the CPU build lacks: not proven here); send text parts only")
+
+
 def _check_messages(messages: Any, field: str) -> Messages:
     if not isinstance(messages, list) or not messages:
         raise PromptError(f"'{field}' must be a non-empty list of {{role, content}} objects")
     for i, m in enumerate(messages):
-        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str)):
             raise PromptError(f"'{field}'[{i}] must be an object with string 'role' and 'content'")
+        content = m.get("content")
+        if isinstance(content, str):
+            continue
+        if not (isinstance(content, list) and content and all(isinstance(p, dict) for p in content)):
+            raise PromptError(f"'{field}'[{i}] must be an object with string 'role' and 'content' (or a list of "
+                              f"content parts)")
+        for j, part in enumerate(content):
+            if part.get("type") in ("image_url", "input_image", "image"):
+                raise PromptError(f"'{field}'[{i}].content[{j}]: {IMAGES_REFUSED}")
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise PromptError(f"'{field}'[{i}].content[{j}] must be a text part {{\"type\": \"text\", "
+                                  f"\"text\": ...}}, got type {part.get('type')!r}")
     return messages

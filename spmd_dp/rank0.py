@@ -24,7 +24,7 @@ from spmd_dp.journal import Journal, fingerprint
 from spmd_dp.log import logger
 from spmd_dp.messages import BatchDone, Message, RankStats
 from spmd_dp.metrics import Metrics
-from spmd_dp.output import assemble, atomic_write, write_errors
+from spmd_dp.output import assemble, atomic_write, float32_columns, write_errors
 from spmd_dp.plan import OutputPaths
 from spmd_dp.progress import Progress
 from spmd_dp.prompts import PromptBuilder
@@ -96,12 +96,12 @@ class Rank0:
                 if m.engine_failed:
                     self.failed[m.rank] = m
 
-    def finish(self, drain: Drain) -> None:
+    def finish(self, drain: Optional[Drain] = None) -> None:
         """Every rank is done: write the final file, the errors file and the metrics; print the summary.
         After a drain that left work undone, say what was committed and stop (a rerun resumes)."""
         self.progress.close()
         missing = self.journal.missing(self.n_records)
-        if missing and drain.requested:
+        if missing and drain is not None and drain.requested:
             left = sum(b - a for a, b in missing)
             self._report(final=False)
             raise Drained(f"stopped by {drain.why} after draining: {self.n_records - left} of {self.n_records} "
@@ -111,10 +111,10 @@ class Rank0:
             raise RunFailure(f"{sum(b - a for a, b in missing)} records were not generated (first span "
                              f"{missing[0][0]}..{missing[0][1] - 1}); rerun with the same output_dir to resume")
         t0 = time.monotonic()
-        size = assemble(self.journal, self.n_records)
+        size = assemble(self.journal, self.n_records, float32_columns(self.cfg.name))
         merge_s = time.monotonic() - t0
         skipped = None
-        if self.cfg.on_bad_record == "skip":
+        if self.cfg.on_bad_record == "skip" or self.journal.errors:  # (on_long_prompt=skip: whatever on_bad_record)
             skipped = write_errors(self.paths.errors, [b.to_json() for b in self.bad] + self.journal.errors)
             if skipped:
                 logger.warning("%d records skipped: see %s", skipped, self.paths.errors)

@@ -120,16 +120,20 @@ def test_misconfiguration_is_one_line_and_exit_2(tmp_path, records_file, overrid
 
 
 def test_environment_errors(tmp_path, records_file):
-    half = spmd(echo_args(tmp_path, records_file), env={"RANK": "0", "WORLD_SIZE": "2"})
     # conftest's spmd() drops torchrun's variables: set them through the command's environment instead
     import subprocess
     import sys
-    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "2"}
-    p = subprocess.run([sys.executable, "-m", "spmd_dp", *echo_args(tmp_path, records_file)], env=env,
-                       capture_output=True, text=True, timeout=60)
-    assert p.returncode == 2
-    assert "RANK, WORLD_SIZE set but LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT not" in one_line(p)
-    assert half.returncode == 0  # without the half-set variables the same run is fine
+    clean = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
+                                                               "MASTER_ADDR", "MASTER_PORT")}
+    for half_set, missing in [({"RANK": "0", "WORLD_SIZE": "2"},
+                               "RANK, WORLD_SIZE set but LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT not"),
+                              ({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"},
+                               "MASTER_ADDR, MASTER_PORT set but RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE not")]:
+        p = subprocess.run([sys.executable, "-m", "spmd_dp", *echo_args(tmp_path, records_file)],
+                           env={**clean, **half_set}, capture_output=True, text=True, timeout=60)
+        assert p.returncode == 2, p.stderr[-2000:]
+        assert missing in one_line(p)
+        assert not (tmp_path / "out").exists()  # refused before anything was written
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "0"}
     p = subprocess.run([sys.executable, "-m", "spmd_dp", *[a for a in echo_args(tmp_path, records_file)
                                                             if a != "inference_engine=echo"]],

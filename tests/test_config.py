@@ -25,11 +25,11 @@ def test_defaults_are_the_seeds():
 def test_overrides():
     cfg = load_config(["batch_size=64", "engine_options.gpus_per_dp_rank=2", "schedule=static",
                        "generation_options.temperature=0", "+engine_options.vllm_kwargs.enforce_eager=true",
-                       "+generation_options.extra.logprobs=2", "engine_options.echo_fail_ranks=[1]",
+                       "+generation_options.extra.include_stop_str_in_output=true", "engine_options.echo_fail_ranks=[1]",
                        "input_data_path=/abs/in.jsonl"])
     assert (cfg.batch_size, cfg.engine_options.gpus_per_dp_rank, cfg.schedule) == (64, 2, "static")
     assert cfg.engine_options.vllm_kwargs == {"enforce_eager": True}
-    assert cfg.generation_options.extra == {"logprobs": 2}
+    assert cfg.generation_options.extra == {"include_stop_str_in_output": True}
     assert cfg.engine_options.echo_fail_ranks == [1]
     assert str(cfg.input_path) == "/abs/in.jsonl"
 

@@ -7,7 +7,7 @@ import torch.distributed as dist
 
 from spmd_dp.batches import Claims, dynamic_batches
 from spmd_dp.config import load_config
-from spmd_dp.engines import Completion
+from spmd_dp.engines import Completion, Request
 from spmd_dp.generation import GenerationLoop, token_demand
 from spmd_dp.inputs import RecordSpec, scan_input
 from spmd_dp.messages import BatchDone, RankState, RankStats
@@ -80,7 +80,7 @@ def test_claims_stop_at_the_kv_cache(tmp_path):
     sent, stats = run_loop(tmp_path, token_records(200), 4, engine, "generation_options.max_tokens=100")
     assert stats.records == 200
     assert 10 <= engine.max_queued <= 10 + 4  # one batch past the KV cache, not the 64 + 4 of max_num_seqs
-    assert token_demand(type("R", (), {"prompt": [1] * 20, "sampling": {"max_tokens": 100, "n": 2}})()) == 220
+    assert token_demand(Request("0:0", [1] * 20, {"max_tokens": 100, "n": 2})) == 220
 
 
 class StepEngine(FakeEngine):

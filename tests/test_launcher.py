@@ -2,7 +2,7 @@
 
 import pytest
 
-from spmd_dp.launcher import RankEnv, scrub_launcher_env
+from spmd_dp.launcher import RankEnv, ranks_per_node, scrub_launcher_env
 from spmd_dp.errors import UsageError
 
 TORCHRUN = {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "node0",
@@ -43,7 +43,7 @@ def test_slurm_without_torchrun():
            "SLURM_STEP_NODELIST": "gpu[01-02]", "SLURM_RESTART_COUNT": "1"}
     e = RankEnv.from_environ(env)
     assert (e.rank, e.local_rank, e.world_size, e.local_world_size, e.launcher) == (5, 1, 8, 4, "slurm")
-    assert e.master_addr in ("gpu01", "gpu")  # scontrol expands it when installed
+    assert e.master_addr == "gpu01"  # the first host of the step, by scontrol or by our own expansion
     assert e.master_port == 21234 and e.restart_count == 1
 
 
@@ -51,3 +51,23 @@ def test_scrub_removes_torchrun_world():
     env = {**TORCHRUN, "GROUP_RANK": "1", "ROLE_NAME": "default", "PATH": "/bin", "CUDA_VISIBLE_DEVICES": "0"}
     scrub_launcher_env(env)
     assert env == {"PATH": "/bin", "CUDA_VISIBLE_DEVICES": "0"}
+
+
+@pytest.mark.parametrize("env,g,expected", [
+    ({"NPROC_PER_NODE": "5", "SLURM_GPUS_ON_NODE": "8"}, 1, 5),  # given wins
+    ({"SLURM_GPUS_ON_NODE": "8"}, 2, 4),                          # what Slurm allocated
+    ({"SLURM_GPUS_ON_NODE": "8", "CUDA_VISIBLE_DEVICES": "0"}, 1, 8),
+    ({"CUDA_VISIBLE_DEVICES": "0,1,2,3"}, 1, 4),                  # what is visible
+    ({"CUDA_VISIBLE_DEVICES": "0,1,2,3"}, 4, 1),
+    ({}, 2, 2),                                                   # nvidia-smi's four GPUs (the stand-in list)
+    ({"CUDA_VISIBLE_DEVICES": ""}, 1, 1),                         # GPUs hidden: one rank
+    ({"CUDA_VISIBLE_DEVICES": "", "SLURM_NTASKS_PER_NODE": "3(x2)"}, 1, 3),
+])
+def test_ranks_per_node_one_rule_for_the_launch_scripts(env, g, expected):
+    node = [(str(i), f"GPU-{i}") for i in range(4)]
+    assert ranks_per_node(env, g, physical=node) == expected
+
+
+def test_ranks_per_node_refuses_too_few_gpus():
+    with pytest.raises(UsageError, match="2 GPUs on the node but engine_options.gpus_per_dp_rank=4"):
+        ranks_per_node({"SLURM_GPUS_ON_NODE": "2"}, 4, physical=[])

@@ -228,3 +228,15 @@ def test_chat_template_renders(tiny_dir: Path) -> None:
     tok = Tokenizer.from_file(str(tiny_dir / "tokenizer.json"))
     assert tok.token_to_id(m.EOT_TOKEN) in gen["eos_token_id"]
     assert tok.encode(out, add_special_tokens=False).ids.count(tok.token_to_id(m.EOT_TOKEN)) == 4
+
+
+def test_embedded_lora_adapters_are_peft_folders_built_byte_identical(tmp_path: Path) -> None:
+    name = "spmd-dp/tiny-llama-lora-a"
+    first, second = (Path(m.resolve_model(name, str(tmp_path / d))) for d in ("one", "two"))
+    assert file_hashes(first) == file_hashes(second)
+    assert set(file_hashes(first)) == {"adapter_config.json", "adapter_model.safetensors"}
+    config = json.loads((first / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 8 and "q_proj" in config["target_modules"]
+    other = Path(m.resolve_model("spmd-dp/tiny-llama-lora-b", str(tmp_path / "one")))
+    assert file_hashes(other)["adapter_model.safetensors"] != file_hashes(first)["adapter_model.safetensors"]
+    assert m.is_embedded_adapter(name) and not m.is_embedded(name)

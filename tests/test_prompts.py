@@ -61,8 +61,9 @@ def test_token_ids_and_per_record_options(tmp_path):
     assert "list of token ids" in b.check({"id": 1, "prompt": [1, "a"]})
     assert b.check({"id": 1, "prompt": "x", "generation_options": {"max_tokens": 3}}) is None
     assert "unknown fields ['wat']" in b.check({"id": 1, "prompt": "x", "generation_options": {"wat": 1}})
-    assert b.sampling({"max_tokens": 8, "temperature": 0.7}, {"generation_options": {"max_tokens": 3}}) == \
-        {"max_tokens": 3, "temperature": 0.7}
+    req = b.request("0:0", {"id": 1, "prompt": "x", "generation_options": {"max_tokens": 3}},
+                    {"max_tokens": 8, "temperature": 0.7})
+    assert req.sampling == {"max_tokens": 3, "temperature": 0.7} and req.prompt == "x" and req.key == 1
 
 
 def test_templates_overrides_and_metadata_through_torchrun(tmp_path):

@@ -98,7 +98,8 @@ def _dry_sbatch(tmp_path: Path, env: Dict[str, str], *args: str) -> subprocess.C
     for f in ("srun", "scontrol"):
         (bin_dir / f).chmod(0o755)
     base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "CUDA_VISIBLE", "NPROC", "GPUS_PER"))}
-    full = {**base, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242", "SLURM_NNODES": "2",
+    full = {**base, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": sys.executable, "SLURM_JOB_ID": "4242",
+            "SLURM_NNODES": "2",
             "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_CPUS_ON_NODE": "32", **env}
     return subprocess.run(["bash", str(SBATCH), *args], env=full, capture_output=True, text=True, timeout=60)
 
@@ -109,10 +110,10 @@ def _srun_argv(p: subprocess.CompletedProcess) -> List[str]:
 
 
 def test_sbatch_one_torchrun_per_node_one_rank_per_gpu_slice(tmp_path):
-    argv = _srun_argv(_dry_sbatch(tmp_path, {"SLURM_GPUS_ON_NODE": "8", "PYTHON": "/opt/py"},
+    argv = _srun_argv(_dry_sbatch(tmp_path, {"SLURM_GPUS_ON_NODE": "8", "PYTHON": sys.executable},
                                   "engine_options.gpus_per_dp_rank=2", "name=x y"))
     assert argv[:5] == ["--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--cpus-per-task=32", "--kill-on-bad-exit=1"]
-    assert argv[5:] == ["/opt/py", "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=4",
+    assert argv[5:] == [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=4",
                         "--rdzv-backend=c10d", "--rdzv-endpoint=gpu07:24242", "--rdzv-id=4242", "--max-restarts=0",
                         "-m", "spmd_dp", "engine_options.gpus_per_dp_rank=2", "name=x y"]
 
@@ -142,8 +143,10 @@ def test_sbatch_gpus_per_rank_and_rendezvous_from_env_or_overrides(tmp_path):
 
 
 def test_sbatch_srun_launcher_and_errors(tmp_path):
-    argv = _srun_argv(_dry_sbatch(tmp_path, {"LAUNCHER": "srun", "SLURM_GPUS_ON_NODE": "4", "PYTHON": "py"}, "a=1"))
-    assert argv[:3] == ["--nodes=2", "--ntasks=8", "--ntasks-per-node=4"] and argv[-4:] == ["py", "-m", "spmd_dp", "a=1"]
+    argv = _srun_argv(_dry_sbatch(tmp_path, {"LAUNCHER": "srun", "SLURM_GPUS_ON_NODE": "4", "PYTHON": sys.executable},
+                                  "a=1"))
+    assert argv[:3] == ["--nodes=2", "--ntasks=8", "--ntasks-per-node=4"]
+    assert argv[-4:] == [sys.executable, "-m", "spmd_dp", "a=1"]
     p = _dry_sbatch(tmp_path, {"SLURM_GPUS_ON_NODE": "2"}, "engine_options.gpus_per_dp_rank=4")
     assert p.returncode == 2 and "2 GPUs on the node but engine_options.gpus_per_dp_rank=4" in p.stderr
     p = _dry_sbatch(tmp_path, {"SLURM_JOB_ID": ""})

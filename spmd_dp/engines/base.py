@@ -27,9 +27,38 @@ class EngineGaveUp(Exception):
 
 @dataclass
 class Request:
+    """One record's request, as spmd_dp/requests.py builds it; each engine maps it onto its own API
+    (vLLM: SamplingParams / PoolingParams, LoRARequest, the renderer's truncation)."""
+
     request_id: str
-    prompt: Union[str, List[int]]
-    sampling: Dict[str, Any]  # SamplingParams keyword arguments
+    prompt: Any  # str | token ids | prompts.Chat | prompts.Pair (task=score: query, document)
+    sampling: Dict[str, Any]  # SamplingParams keyword arguments (structured_outputs: StructuredOutputsParams')
+    task: str = "generate"  # generate | embed | classify | score | reward
+    pooling: Dict[str, Any] = field(default_factory=dict)  # PoolingParams keyword arguments
+    lora: Optional[str] = None  # an adapter named in engine_options.lora_adapters; None: the base model
+    on_long_prompt: str = "fail"  # fail | skip | truncate_left | truncate_right (requests.fit_context)
+    clamp_max_tokens: bool = False
+    max_retries: int = 0
+    key: Any = None  # the record's primary key (messages, fault injection)
+
+
+@dataclass
+class Logprobs:
+    """Per position: the chosen token's logprob and the top-k (ids, logprobs), k = the logprobs asked for.
+    Column-wise (lists of equal length), so they are compact in JSONL and list columns in Parquet."""
+
+    logprobs: List[Optional[float]] = field(default_factory=list)
+    top_ids: List[List[int]] = field(default_factory=list)
+    top_logprobs: List[List[float]] = field(default_factory=list)
+    token_ids: Optional[List[int]] = None  # prompt logprobs only: the prompt's tokens
+    tokens: Optional[List[str]] = None  # the chosen tokens' text (for the OpenAI output; not in spmd_dp's rows)
+    top_tokens: Optional[List[List[str]]] = None
+
+
+# Completion.error_kind: why a request has no result
+REJECTED = "rejected"  # the engine refused it as given (bad input: on_bad_record decides)
+SKIPPED = "skipped"  # on_long_prompt=skip: to the errors file, the run goes on
+FAILED = "failed"  # the engine failed it (not the input's fault): tried again up to max_retries
 
 
 @dataclass
@@ -38,8 +67,15 @@ class Completion:
     texts: List[str] = field(default_factory=list)  # one per completion (generation_options.n)
     prompt_tokens: int = 0
     output_tokens: int = 0
-    finish_reason: Optional[str] = None
-    error: Optional[str] = None  # the request was rejected (e.g. prompt longer than max_model_len)
+    finish_reason: Optional[str] = None  # of the first completion
+    finish_reasons: Optional[List[str]] = None  # of each completion (n > 1)
+    error: Optional[str] = None  # the request has no result (see error_kind)
+    error_kind: str = REJECTED
+    token_ids: Optional[List[List[int]]] = None  # per completion
+    logprobs: Optional[List[Logprobs]] = None  # per completion, when asked for
+    prompt_logprobs: Optional[Logprobs] = None
+    value: Union[None, float, List[float]] = None  # pooling tasks: embedding / class probabilities / score / reward
+    truncated_from: Optional[int] = None  # on_long_prompt=truncate_*: the prompt's length before
 
 
 class Engine(Protocol):

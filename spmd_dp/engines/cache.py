@@ -8,6 +8,7 @@ import time
 from dataclasses import asdict
 from typing import Optional
 
+from spmd_dp.config import task_list
 from spmd_dp.engines import build_engine
 from spmd_dp.engines.base import EngineStartError
 from spmd_dp.engines.supervisor import SupervisedEngine
@@ -17,7 +18,8 @@ from spmd_dp.log import logger
 def engine_key(cfg, device_ids) -> str:
     """Nodes with the same key can share one engine (consecutive workflow nodes on one model)."""
     eo = {k: v for k, v in asdict(cfg.engine_options).items() if not k.startswith("dp_")}
-    return json.dumps([cfg.inference_engine, cfg.model_name, eo, list(device_ids)], sort_keys=True, default=str)
+    return json.dumps([cfg.inference_engine, cfg.model_name, eo, list(device_ids), task_list(cfg.task)],
+                      sort_keys=True, default=str)
 
 
 class EngineCache:
