@@ -193,3 +193,10 @@ def test_drain_handler_first_ctrl_c_drains_second_stops():
     finally:
         drain.restore()
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    slurm = Drain(5.0).install()  # Slurm's notice
+    try:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(0.05)
+        assert slurm.why == "SIGUSR1" and slurm.signum == signal.SIGUSR1 and not slurm.expired()
+    finally:
+        slurm.restore()
