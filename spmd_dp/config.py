@@ -28,6 +28,7 @@ SCHEDULES = ("dynamic", "static")
 DEVICES = ("auto", "cuda", "cpu")
 OUTPUT_FORMATS = ("jsonl", "parquet")
 ON_BAD_RECORD = ("fail", "skip")
+INPUT_FORMATS = ("auto", "jsonl", "parquet", "hf_dataset")  # auto: by extension (spmd_dp/inputs/formats.py)
 DEFAULT_MODEL = "spmd-dp/tiny-llama"
 
 
@@ -91,9 +92,12 @@ class RunConfig:
     data_dir: str = str(ASSETS_DIR)
     output_dir: str = "outputs"
     prompts_dir: Optional[str] = None
-    # seed 000, load node
-    input_data_path: str = "sample.jsonl"
+    # seed 000, load node. input_data_path: a file, a folder, a glob, a URL (s3://, gs://, hf://, file://), or a
+    # list of them, relative to data_dir unless absolute (spmd_dp/inputs/sources.py)
+    input_data_path: Any = "sample.jsonl"
     primary_key: str = "id"
+    input_format: str = "auto"  # auto (by extension) | jsonl | parquet | hf_dataset (datasets' save_to_disk)
+    storage_options: Dict[str, Any] = field(default_factory=dict)  # fsspec options for URLs (endpoint_url, anon, ...)
     # the prompt of a record (spmd_dp/prompts.py): a `messages_field` list is a chat; else a template
     # (prompt_template, or ${prompts_dir}/${name}.jinja|.txt) rendered with the record; else prompt_field
     prompt_field: str = "prompt"
@@ -122,7 +126,9 @@ class RunConfig:
 
     @property
     def input_path(self) -> Path:
-        return Path(self.data_dir).expanduser() / Path(self.input_data_path).expanduser()
+        """The input as a local path (the first entry of a list; `~` expanded)."""
+        entry = self.input_data_path[0] if isinstance(self.input_data_path, list) else self.input_data_path
+        return Path(self.data_dir).expanduser() / Path(str(entry)).expanduser()
 
 
 ConfigStore.instance().store(name="spmd_dp_schema", node=RunConfig)
@@ -136,8 +142,17 @@ def find_config_dir() -> Path:
     raise UsageError(f"config error: no config.yaml in {PACKAGE_DIR.parent / 'conf'}; reinstall spmd_dp")
 
 
+def _quote_home(override: str) -> str:
+    """key=~/x -> key='~/x': Hydra's override grammar takes no unquoted '~' in a value (spmd_dp expands it)."""
+    key, eq, value = override.partition("=")
+    if eq and value.startswith("~") and not key.startswith("~"):
+        return f"{key}='{value}'"
+    return override
+
+
 def compose_config(overrides: List[str], config_name: str = "config", config_dir: str | None = None) -> DictConfig:
     """Hydra composition of `<config_dir>/<config_name>.yaml` + overrides (not validated)."""
+    overrides = [_quote_home(o) for o in overrides]
     cdir = Path(config_dir).resolve() if config_dir else find_config_dir()
     if not (cdir / f"{config_name}.yaml").is_file():
         raise UsageError(f"config error: no config file {cdir / (config_name + '.yaml')}; pass --config-dir/--config-name")
@@ -176,6 +191,11 @@ def _one_line(e: BaseException) -> str:
         return f"config error: {what}; available: {', '.join(options)}"
     if "Error parsing override" in text:
         return f"config error: {first}; write overrides as key=value, e.g. batch_size=64"
+    override = getattr(e, "override", None)
+    if override and "=" in override:  # a value with characters Hydra's grammar reserves ([ ] { } ...)
+        key, _, value = override.partition("=")
+        return (f"config error: cannot parse the override {override} ({first}); quote the value: "
+                f"'{key}=\"{value}\"'")
     where = f"{key}: " if key else ""
     return f"config error: {where}{first}"
 
@@ -218,6 +238,10 @@ def validate(cfg: RunConfig) -> None:
     _check(cfg.batch_size >= 1, "batch_size", cfg.batch_size, "use an integer >= 1 (the seed's default is 32)")
     _check(cfg.batch_timeout > 0, "batch_timeout", cfg.batch_timeout, "use seconds > 0 (the seed's default is 600.0)")
     _check(bool(cfg.primary_key), "primary_key", cfg.primary_key, "name the field that identifies a record, e.g. id")
+    paths = cfg.input_data_path if isinstance(cfg.input_data_path, list) else [cfg.input_data_path]
+    _check(bool(paths) and all(isinstance(p, str) and p for p in paths), "input_data_path", cfg.input_data_path,
+           "give a file, a folder, a glob or a URL, or a list of them: input_data_path=[a.jsonl,shards/*.parquet]")
+    _check(cfg.input_format in INPUT_FORMATS, "input_format", cfg.input_format, f"use one of {', '.join(INPUT_FORMATS)}")
     _check(bool(cfg.prompt_field), "prompt_field", cfg.prompt_field, "name the field that holds the prompt, e.g. prompt")
     _check(bool(cfg.model_name), "model_name", cfg.model_name, f"give a hub id, a local path or {DEFAULT_MODEL}")
     _check(eo.gpus_per_dp_rank >= 1, "engine_options.gpus_per_dp_rank", eo.gpus_per_dp_rank, "use an integer >= 1")

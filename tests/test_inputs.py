@@ -19,7 +19,7 @@ def test_scan_and_read_any_span(tmp_path):
     lines.insert(12, "   ")
     p.write_text("\n".join(lines) + "\n")
     idx, bad = scan_input(p, SPEC, stride=4)
-    assert idx.n_records == 23 and bad == [] and len(idx.offsets) == 6
+    assert idx.n_records == 23 and bad == [] and len(idx.pieces[0].locator) == 6
     for start, stop in [(0, 23), (3, 9), (8, 12), (22, 23), (5, 6)]:
         assert [r["id"] for r in read_batch(idx, start, stop)] == list(range(start, stop))
 
