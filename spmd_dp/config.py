@@ -59,6 +59,7 @@ class EngineOptions:
     # the echo engine (inference_engine=echo): a dry run with no model
     echo_delay_s: float = 0.0  # seconds slept per word returned
     echo_fail_ranks: List[int] = field(default_factory=list)  # fault injection: engine start fails here
+    echo_start_s: float = 0.0  # seconds the echo engine takes to start (rehearses a slow engine start)
 
 
 @dataclass
@@ -261,6 +262,7 @@ def validate(cfg: RunConfig) -> None:
     _check(eo.cpu_kvcache_space_gib is None or eo.cpu_kvcache_space_gib > 0, "engine_options.cpu_kvcache_space_gib",
            eo.cpu_kvcache_space_gib, "use null or a whole number of GiB >= 1")
     _check(eo.echo_delay_s >= 0, "engine_options.echo_delay_s", eo.echo_delay_s, "use seconds >= 0")
+    _check(eo.echo_start_s >= 0, "engine_options.echo_start_s", eo.echo_start_s, "use seconds >= 0")
     _check(go.max_tokens >= 1, "generation_options.max_tokens", go.max_tokens, "use an integer >= 1")
     _check(go.n >= 1, "generation_options.n", go.n, "use an integer >= 1")
     _check(go.temperature is None or go.temperature >= 0, "generation_options.temperature", go.temperature,

@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Tuple
 from spmd_dp.batches import Span
 from spmd_dp.config import RunConfig, to_yaml
 from spmd_dp.errors import RunFailure, UsageError
-from spmd_dp.inputs import BadRecord, InputIndex, RecordSpec, ScanResult, locations, scan
+from spmd_dp.inputs import BadRecord, InputIndex, RecordSpec, ScanResult, locations, shared_scan
 from spmd_dp.journal import Journal, fingerprint
 from spmd_dp.log import logger
 from spmd_dp.messages import BatchDone, Message, RankStats
@@ -52,7 +52,7 @@ def open_node(cfg: RunConfig, prompts: PromptBuilder, group, rank0: Optional["Ra
     """Every rank: scan a share of the input (merged over `group`, a spmd_dp.comm.Group), then rank 0 opens the
     journal; the WorkOrder is rank 0's, on every rank. A bad input is the same one-line error on every rank."""
     try:
-        result = scan(locations(cfg.data_dir, cfg.input_data_path), cfg.input_format, record_spec(cfg, prompts),
+        result = shared_scan(locations(cfg.data_dir, cfg.input_data_path), cfg.input_format, record_spec(cfg, prompts),
                       cfg.batch_size, cfg.on_bad_record == "skip", group, cfg.storage_options or None)
     except UsageError as e:
         return None, WorkOrder(error=str(e))

@@ -6,7 +6,8 @@ count as words); the engine sleeps `echo_delay_s` per word it
 returns, so its time grows with output length like a real engine's. Requests
 run one after another. A prompt of more words than `engine_options.max_model_len`
 is refused, as vLLM refuses one of more tokens. `echo_fail_ranks` lists ranks whose
-engine fails at start (fault injection, to rehearse a rank that cannot start).
+engine fails at start (fault injection, to rehearse a rank that cannot start);
+`echo_start_s` is how long it takes to start (to rehearse a slow start, as vLLM's).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ class EchoEngine:
     def __init__(self, options, batch_size: int, rank: int) -> None:
         if rank in options.echo_fail_ranks:
             raise EngineStartError(f"echo engine: rank {rank} is listed in engine_options.echo_fail_ranks")
+        time.sleep(options.echo_start_s)
         self.delay = options.echo_delay_s
         self.max_model_len = options.max_model_len
         self.capacity = batch_size

@@ -34,10 +34,44 @@ class IndexedPiece:
     first: int  # its first record's position in the input
     records: int
     locator: Any  # JSONL: np.uint64 byte offsets, one per stride records; tables: [[unit, rows], ...]
-    crc: int = 0  # a checksum of its content (JSONL: its lines; Parquet: the footer; Arrow: the messages)
+    crc: int = 0  # CRC-32 of its content (JSONL: its lines; Parquet: the footer; Arrow: the messages)
+    nbytes: int = 0  # JSONL: the bytes of its lines (to combine the pieces' CRCs into the file's)
 
     def locator_json(self) -> Any:
         return locator_to_json(self.locator)
+
+
+def _gf2_times(mat: List[int], vec: int) -> int:
+    out, i = 0, 0
+    while vec:
+        if vec & 1:
+            out ^= mat[i]
+        vec >>= 1
+        i += 1
+    return out
+
+
+def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
+    """CRC-32 of A+B from those of A and of B (len2 bytes): zlib's crc32_combine, which Python's zlib lacks."""
+    if len2 <= 0:
+        return crc1
+    odd = [0xEDB88320] + [1 << n for n in range(31)]  # the operator for one zero bit
+    even = [_gf2_times(odd, odd[n]) for n in range(32)]  # two zero bits
+    odd = [_gf2_times(even, even[n]) for n in range(32)]  # four
+    while True:
+        even = [_gf2_times(odd, odd[n]) for n in range(32)]
+        if len2 & 1:
+            crc1 = _gf2_times(even, crc1)
+        len2 >>= 1
+        if not len2:
+            break
+        odd = [_gf2_times(even, even[n]) for n in range(32)]
+        if len2 & 1:
+            crc1 = _gf2_times(odd, crc1)
+        len2 >>= 1
+        if not len2:
+            break
+    return crc1 ^ crc2
 
 
 def locator_to_json(locator: Any) -> Any:
@@ -77,11 +111,10 @@ class InputIndex:
         files' common folder (moving the whole input keeps it); the checksum is of the content, not the time."""
         urls = [f.url for f in self.files]
         root = posixpath.dirname(posixpath.commonprefix(urls)) if len(urls) > 1 else posixpath.dirname(urls[0])
-        crcs: Dict[int, List[int]] = {}
-        for p in self.pieces:
-            crcs.setdefault(p.file, []).append(p.crc)
-        return [[f.url[len(root):].lstrip("/"), f.size, hashlib.sha256(json.dumps(crcs.get(i, [])).encode())
-                 .hexdigest()[:16]] for i, f in enumerate(self.files)]
+        crcs = [0] * len(self.files)
+        for p in self.pieces:  # a JSONL file's: the CRC-32 of all its bytes, however it was cut into pieces
+            crcs[p.file] = crc32_combine(crcs[p.file], p.crc, p.nbytes) if p.nbytes else crcs[p.file] ^ p.crc
+        return [[f.url[len(root):].lstrip("/"), f.size, f"{crc:08x}"] for f, crc in zip(self.files, crcs)]
 
     def content_sha256(self) -> str:
         return hashlib.sha256(json.dumps([self.content(), self.n_records]).encode()).hexdigest()
@@ -90,7 +123,7 @@ class InputIndex:
         """Everything a rank reads by: equal on every rank of a run, and equal to a one-rank scan's."""
         h = hashlib.sha256(json.dumps([[f.to_json() for f in self.files], self.stride, sorted(self.bad)]).encode())
         for p in self.pieces:
-            h.update(json.dumps([p.file, p.first, p.records, p.crc, p.locator_json()]).encode())
+            h.update(json.dumps([p.file, p.first, p.records, p.crc, p.nbytes, p.locator_json()]).encode())
         return h.hexdigest()
 
     # -- reading ------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ def scan_piece(f: InputFile, start: int, stop: int, spec, stride: int, keys, bad
         if start > 0:
             fh.seek(start - 1)
             pos = start - 1 + len(fh.readline())  # the rest of the line that started before this piece
+        begin = pos
         readline = fh.readline
         while pos < stop:
             raw = readline()
@@ -57,7 +58,8 @@ def scan_piece(f: InputFile, start: int, stop: int, spec, stride: int, keys, bad
                 key = record.get(pk) if isinstance(record, dict) else None
                 bad.append((n, lines, key if isinstance(key, (str, int)) and not isinstance(key, bool) else None, err))
             n += 1
-    return {"records": n, "lines": lines, "locator": offsets, "crc": crc, "schema": None}
+    return {"records": n, "lines": lines, "locator": offsets, "crc": crc, "nbytes": max(pos - begin, 0),
+            "schema": None}
 
 
 class JsonlReader:

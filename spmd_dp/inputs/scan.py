@@ -92,14 +92,27 @@ def plan_pieces(files: Sequence[InputFile]) -> List[Piece]:
 
 
 def assign(pieces: Sequence[Piece], files: Sequence[InputFile], world: int) -> List[int]:
-    """The rank of each piece: contiguous shares, balanced by bytes (compressed bytes weigh more)."""
+    """The rank of each piece: contiguous shares in input order with the smallest largest share (bytes;
+    compressed bytes weigh more): the least capacity that `world` ranks filled in order can hold, by bisection."""
     weights = [(p.stop - p.start) * (COMPRESSED_WEIGHT if files[p.file].compression else 1) + 1 for p in pieces]
-    total = sum(weights)
-    owners, cum = [], 0
-    for w in weights:
-        owners.append(min(world - 1, int((cum + w / 2) * world / total)))
-        cum += w
-    return owners
+
+    def fill(capacity: int) -> List[int]:
+        owners, rank, load = [], 0, 0
+        for w in weights:
+            if load and load + w > capacity:
+                rank, load = rank + 1, 0
+            owners.append(rank)
+            load += w
+        return owners
+
+    lo, hi = max(weights), sum(weights)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if fill(mid)[-1] < world:
+            hi = mid
+        else:
+            lo = mid + 1
+    return fill(lo)
 
 
 def _scan_piece(piece: Piece, f: InputFile, spec: RecordSpec, stride: int, keys: KeyList, bad: list,
@@ -144,7 +157,7 @@ def _check_schemas(files: Sequence[InputFile], schemas: Dict[int, Dict[str, str]
                                  f"(or run them separately)")
 
 
-def scan(locs: Sequence[str], input_format: str, spec: RecordSpec, stride: int, skip_bad: bool = False,
+def shared_scan(locs: Sequence[str], input_format: str, spec: RecordSpec, stride: int, skip_bad: bool = False,
          group: Any = None, storage_options: Optional[Dict[str, Any]] = None) -> ScanResult:
     """The shared scan (see the module's docstring). group: spmd_dp.comm.Group, or LocalGroup() for one rank."""
     group = group or LocalGroup()
@@ -204,7 +217,7 @@ def scan(locs: Sequence[str], input_format: str, spec: RecordSpec, stride: int, 
         m = merged[i]
         first[i], line_base[i] = pos, lines_before.get(p.file, 0)
         lines_before[p.file] = line_base[i] + m["lines"]
-        indexed.append(IndexedPiece(p.file, pos, m["records"], locator_from_json(m["locator"]), m["crc"]))
+        indexed.append(IndexedPiece(p.file, pos, m["records"], locator_from_json(m["locator"]), m["crc"], m["nbytes"]))
         pos += m["records"]
     _check_schemas(files, {pieces[i].file: m["schema"] for i, m in merged.items() if m["schema"] is not None})
     if pos == 0:
@@ -266,5 +279,5 @@ def scan_input(path, spec: RecordSpec, stride: int, skip_bad: bool = False, inpu
                storage_options: Optional[Dict[str, Any]] = None) -> Tuple[InputIndex, List[BadRecord]]:
     """The scan in one process: a file, folder, glob or URL (or a list of them). (index, bad records)."""
     locs = [str(p) for p in path] if isinstance(path, (list, tuple)) else [str(path)]
-    result = scan(locations("", locs), input_format, spec, stride, skip_bad, LocalGroup(), storage_options)
+    result = shared_scan(locations("", locs), input_format, spec, stride, skip_bad, LocalGroup(), storage_options)
     return result.index, result.bad

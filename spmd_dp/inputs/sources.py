@@ -225,16 +225,35 @@ def _hf_dataset(fs, loc: str, path: str) -> List[InputFile]:
     return out
 
 
+class _Layers(io.BufferedReader):
+    """A decompressing reader that also closes the file under it (gzip's does not)."""
+
+    def __init__(self, stream, under) -> None:
+        super().__init__(stream, buffer_size=1 << 16)
+        self._under = under
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self._under.close()
+
+
 def open_file(f: InputFile, storage_options: Optional[Dict[str, Any]] = None, block_size: Optional[int] = None):
     """A buffered binary file object of an input file: local ones are Python's own (the fastest to read lines
-    from); others are fsspec's (decompressing when the name says so), behind io.BufferedReader's C readline."""
+    from); others are fsspec's (decompressed with fsspec's codecs when the name says so), behind
+    io.BufferedReader's C readline."""
     if not is_url(f.url) and f.compression is None:
         return open(f.url, "rb")
-    kwargs = dict(storage_options or {})
-    if block_size and is_url(f.url):
-        kwargs["block_size"] = block_size
+    fs, path = filesystem(f.url, storage_options)
+    raw = fs.open(path, "rb", **({"block_size": block_size} if block_size and is_url(f.url) else {}))
+    if f.compression is None:
+        return io.BufferedReader(raw, buffer_size=1 << 16)
+    from fsspec.compression import compr
+
     try:
-        raw = fsspec.open(f.url, "rb", compression=f.compression, **kwargs).open()
-    except (ImportError, ValueError) as e:
-        raise storage_error(f.url, e) from None
-    return raw if isinstance(raw, io.BufferedReader) else io.BufferedReader(raw, buffer_size=1 << 16)
+        return _Layers(compr[f.compression](raw, mode="rb"), raw)
+    except KeyError:
+        raw.close()
+        raise UsageError(f"input error: {f.url}: no codec for {f.compression} (pip install zstandard for .zst); "
+                         f"or give the file uncompressed") from None

@@ -237,7 +237,8 @@ def scan_piece(f: InputFile, start: int, stop: int, spec, keys, bad: list, stora
                 bad.append((n, first_row + j, key if isinstance(key, (str, int)) and not isinstance(key, bool)
                             else None, err))
             n += 1
-    return {"records": n, "lines": 0, "locator": locator, "crc": units.crc, "schema": column_types(units.schema)}
+    return {"records": n, "lines": 0, "locator": locator, "crc": units.crc, "nbytes": 0,
+            "schema": column_types(units.schema)}
 
 
 def read_rows(units, locator: List[List[int]], first: int, count: int) -> List[Dict[str, Any]]:
