@@ -85,32 +85,10 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 from spmd_dp.inputs import locations  # noqa: E402
+from tests.input_forms import RECORDS, write_forms  # noqa: E402
 import spmd_dp.inputs.scan as scan_module  # noqa: E402
 
-RECORDS = [{"id": f"r{i:04d}", "prompt": f"w{i} a b c", "n": i} for i in range(700)]
 TABLE_SPEC = RecordSpec("id", PromptBuilder(load_config([])).check, ("prompt", "messages"))
-
-
-def write_forms(d):
-    """The same 700 records as: JSONL shards, one .jsonl.gz, one .jsonl.zst, Parquet files with several row
-    groups each, and a Hugging Face dataset (save_to_disk, several Arrow shards)."""
-    import datasets
-    import zstandard
-
-    lines = [json.dumps(r) + "\n" for r in RECORDS]
-    (d / "shards").mkdir(parents=True)
-    for k in range(3):  # 0..233, 234..466, 467..699
-        (d / "shards" / f"part-{k}.jsonl").write_text("".join(lines[k * 234:(k + 1) * 234 if k < 2 else None]))
-    (d / "shards" / "README.md").write_text("not input")
-    with gzip.open(d / "all.jsonl.gz", "wt") as f:
-        f.write("".join(lines))
-    (d / "all.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress("".join(lines).encode()))
-    (d / "parquet").mkdir()
-    table = pa.Table.from_pylist(RECORDS)
-    pq.write_table(table.slice(0, 400), d / "parquet" / "a.parquet", row_group_size=64)
-    pq.write_table(table.slice(400), d / "parquet" / "b.parquet", row_group_size=50)
-    datasets.Dataset.from_list(RECORDS).save_to_disk(str(d / "hf"), max_shard_size="8KB")
-    return d
 
 
 @pytest.fixture(scope="module")
@@ -240,7 +218,7 @@ def test_the_fingerprint_follows_content_not_place_or_time(tmp_path):
     shutil.copy(a, b)
     assert scan_input(b, TABLE_SPEC, 8)[0].content_sha256() == first  # moved, copied, touched: the same input
     assert scan_input(a, TABLE_SPEC, 32)[0].content_sha256() == first  # another batch_size: the same input
-    b.write_text(b.read_text().replace('"w3 a b c"', '"w3 a b d"'))
+    b.write_text(b.read_text().replace('"w3 a b c', '"w3 a b x'))
     assert scan_input(b, TABLE_SPEC, 8)[0].content_sha256() != first  # same size, other content
     write_jsonl(tmp_path / "b" / "more.jsonl", [{"id": "x", "prompt": "y"}])
     assert scan_input(tmp_path / "b", TABLE_SPEC, 8)[0].content_sha256() != first  # another file in the set
