@@ -222,3 +222,48 @@ def test_the_fingerprint_follows_content_not_place_or_time(tmp_path):
     assert scan_input(b, TABLE_SPEC, 8)[0].content_sha256() != first  # same size, other content
     write_jsonl(tmp_path / "b" / "more.jsonl", [{"id": "x", "prompt": "y"}])
     assert scan_input(tmp_path / "b", TABLE_SPEC, 8)[0].content_sha256() != first  # another file in the set
+
+
+def test_duplicates_found_by_hash_partition_over_simulated_ranks():
+    """Keys scanned by 3 ranks, sent to the rank owning their hash: every later copy is found once, naming the
+    first copy; no rank receives every key."""
+    from spmd_dp.inputs.duplicates import KeyList, find_duplicates, outgoing
+    from spmd_dp.inputs.records import encode_key
+
+    keys = [f"k{i % 97}" if i % 5 == 0 else i for i in range(600)]  # k0..k96 repeat; ints are unique
+    keys[599] = "599"  # a string, not the integer 599 ... which is not there either: unique
+    keys[598] = 7  # the integer 7 again
+    world, per_piece = 3, 50
+    sent = {r: [] for r in range(world)}
+    for piece in range(12):  # pieces of 50 keys; rank = piece // 4
+        kl = KeyList()
+        for j in range(per_piece):
+            kl.add(encode_key(keys[piece * per_piece + j]), j, j + 1)
+        for dst, payload in enumerate(outgoing({piece: kl}, {piece: piece * per_piece}, {piece: 1000 * piece}, world)):
+            sent[dst].append(payload)
+    found = sorted(d for dst in range(world) for d in find_duplicates(sent[dst]))
+    expected, first = [], {}
+    for pos, k in enumerate(keys):
+        line = 1000 * (pos // per_piece) + pos % per_piece + 1
+        if (type(k), k) in first:
+            expected.append((pos, line, *first[(type(k), k)], encode_key(k)))
+        else:
+            first[(type(k), k)] = (pos, line)
+    assert found == expected and len(found) == 120 - 97 + 1
+    assert max(sum(len(p) for p in sent[r]) for r in range(world)) < 0.6 * sum(len(p) for r in sent for p in sent[r])
+
+
+def test_shares_are_contiguous_and_balanced():
+    from spmd_dp.inputs.scan import Piece, assign
+    from spmd_dp.inputs.sources import InputFile
+
+    def owners(sizes, world):
+        files = [InputFile(f"f{i}", s, "jsonl") for i, s in enumerate(sizes)]
+        return assign([Piece(i, 0, s) for i, s in enumerate(sizes)], files, world)
+
+    M = 1 << 20
+    assert owners([M, M, M, M // 10], 4) == [0, 1, 2, 3]
+    assert owners([65816, 66231], 2) == [0, 1]
+    assert owners([M] * 10, 4) == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3]  # the largest share is 3 pieces, as small as it gets
+    assert owners([5, M, M, M, 3 * M], 2) == [0, 0, 0, 0, 1]
+    assert owners([M] * 3, 8) == [0, 1, 2] and owners([1], 8) == [0]

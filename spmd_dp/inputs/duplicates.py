@@ -1,7 +1,7 @@
 """The duplicate-key check, partitioned by key hash: no rank holds every key.
 
-While it scans, a rank keeps the valid keys of its pieces (`KeyList`: a 64-bit hash and the
-key's bytes, the record and line in the piece). Once the pieces are merged, each key is sent
+While it scans, a rank keeps the valid keys of its pieces (`KeyList`: the key's bytes, the
+record and line in the piece). Once the pieces are merged, each key is sent
 with its global position and line to the rank that owns its hash (hash % world: all
 copies of a key meet on one rank), in one all-to-all. The owner sorts what it received
 by (hash, position) and compares the keys of equal hashes byte for byte: every later
@@ -22,20 +22,29 @@ Duplicate = Tuple[int, int, int, int, bytes]  # (position, line, first position,
 
 
 class KeyList:
-    """The valid keys of one scanned piece."""
+    """The valid keys of one scanned piece, compactly: the keys' bytes (records.encode_key) end to end in one
+    buffer, where each ends, and each one's record and line in the piece (~24 bytes a key, plus the key)."""
 
     def __init__(self) -> None:
-        self.hashes, self.records, self.lines = array("Q"), array("Q"), array("Q")
-        self.keys: List[bytes] = []
+        self.blob = bytearray()
+        self.ends, self.records, self.lines = array("Q"), array("Q"), array("Q")
 
     def add(self, encoded: bytes, record: int, line: int) -> None:
-        self.hashes.append(key_hash(encoded))
+        self.blob += encoded
+        self.ends.append(len(self.blob))
         self.records.append(record)
         self.lines.append(line)
-        self.keys.append(encoded)
 
     def __len__(self) -> int:
-        return len(self.keys)
+        return len(self.ends)
+
+    def views(self):
+        """Each key as a memoryview of the buffer, in order."""
+        mv = memoryview(self.blob)
+        start = 0
+        for end in self.ends:
+            yield mv[start:end]
+            start = end
 
 
 def outgoing(keylists: Dict[int, KeyList], first: Dict[int, int], line_base: Dict[int, int], world: int
@@ -43,15 +52,16 @@ def outgoing(keylists: Dict[int, KeyList], first: Dict[int, int], line_base: Dic
     """One payload per rank: the keys whose hash it owns, with their global positions and lines.
 
     first[piece]: the piece's first record in the input; line_base[piece]: lines of the file before it."""
-    parts = [k for k in keylists.values() if len(k)]
-    if not parts:
-        return [b""] * world
     pieces = [p for p, k in keylists.items() if len(k)]
-    h = np.concatenate([np.frombuffer(k.hashes, dtype=np.uint64) for k in parts])
+    if not pieces:
+        return [b""] * world
+    n = sum(len(keylists[p]) for p in pieces)
+    keys = [v for p in pieces for v in keylists[p].views()]
+    h = np.fromiter((key_hash(v) for v in keys), dtype=np.uint64, count=n)
     pos = np.concatenate([np.frombuffer(keylists[p].records, dtype=np.uint64) + np.uint64(first[p]) for p in pieces])
     line = np.concatenate([np.frombuffer(keylists[p].lines, dtype=np.uint64) + np.uint64(line_base[p])
                            for p in pieces])
-    keys = [key for k in parts for key in k.keys]
+    lens = np.fromiter((len(v) for v in keys), dtype=np.uint64, count=n)
     owner = (h % np.uint64(world)).astype(np.int64)
     out = []
     for dst in range(world):
@@ -59,10 +69,9 @@ def outgoing(keylists: Dict[int, KeyList], first: Dict[int, int], line_base: Dic
         if not len(sel):
             out.append(b"")
             continue
-        lens = np.fromiter((len(keys[i]) for i in sel), dtype=np.uint64, count=len(sel))
         head = np.array([len(sel)], dtype=np.uint64)
         out.append(b"".join([head.tobytes(), h[sel].tobytes(), pos[sel].tobytes(), line[sel].tobytes(),
-                             lens.tobytes(), *(keys[i] for i in sel)]))
+                             lens[sel].tobytes(), *(keys[i] for i in sel)]))
     return out
 
 

@@ -29,6 +29,7 @@ def scan_piece(f: InputFile, start: int, stop: int, spec, stride: int, keys, bad
     valid record; bad gets (record, line, key, reason) for the others; lines count from 1 in the piece."""
     offsets = array("Q")
     check, pk = spec.check, spec.primary_key
+    blob, add_end, add_record, add_line = keys.blob, keys.ends.append, keys.records.append, keys.lines.append
     n = lines = 0
     crc = 0
     with open_file(f, storage_options, block_size=8 << 20) as fh:
@@ -53,7 +54,11 @@ def scan_piece(f: InputFile, start: int, stop: int, spec, stride: int, keys, bad
             if err is None:
                 err = check(record)
             if err is None:
-                keys.add(encode_key(record[pk]), n, lines)
+                key = record[pk]  # keys.add(encode_key(key), n, lines), inlined: this loop is the scan's cost
+                blob += b"s" + key.encode("utf-8", "surrogatepass") if isinstance(key, str) else encode_key(key)
+                add_end(len(blob))
+                add_record(n)
+                add_line(lines)
             else:
                 key = record.get(pk) if isinstance(record, dict) else None
                 bad.append((n, lines, key if isinstance(key, (str, int)) and not isinstance(key, bool) else None, err))
