@@ -7,6 +7,9 @@
 
   python scripts/bench.py --suite cpu|gpu --out DIR [--phases p1,p2] [--prompts N]
   python scripts/bench.py report --out DIR RESULTS_DIR...   (merge phase results into one report)
+  python scripts/bench.py scan --out DIR [--records 1000000,10000000] [--ranks 1,2,4] [--vllm]
+      (the input scan shared by the ranks against today's single-rank scan: scan throughput and
+       launch-to-first-request, one file and 16 shards)
 
 Each phase runs jobs side by side on disjoint devices (GPUs, or CPU cores) and writes
 DIR/phase-<name>.json; the report step writes DIR/results.json (every figure, with the
@@ -24,6 +27,7 @@ import os
 import platform
 import random
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -534,6 +538,194 @@ def plots(res: Dict[str, Any], out: Path) -> None:
         plt.close(fig)
 
 
+
+# ---------------------------------------------------------------------------------------------
+# the input scan (issue 14): scan throughput and launch-to-first-request, the shared scan against
+# today's (rank 0 alone, then the engines), one file and 16 shards, 1/2/4 ranks
+SCAN_BASE_REV = "0c59505"  # the last commit where rank 0 scanned alone (spmd_dp/inputs.py)
+
+
+def scan_workload(d: Path, n: int, record_bytes: int, shards: int) -> Dict[str, Any]:
+    """n records of ~record_bytes as one JSONL file, and the same records as `shards` files."""
+    one, folder = d / f"one-{n}.jsonl", d / f"shards-{n}"
+    d.mkdir(parents=True, exist_ok=True)
+    if not one.exists():
+        pad = "x" * max(record_bytes - 60, 1)
+        tmp = one.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            for start in range(0, n, 100_000):
+                f.write("".join(f'{{"id": "r{i:010d}", "prompt": "w{i} {pad}"}}\n'
+                                for i in range(start, min(start + 100_000, n))))
+        tmp.rename(one)
+    if not folder.exists():
+        tmp = folder.with_name(folder.name + ".tmp")
+        tmp.mkdir(parents=True, exist_ok=True)
+        per = -(-n // shards)
+        with open(one) as src:
+            for k in range(shards):
+                with open(tmp / f"part-{k:03d}.jsonl", "w") as f:
+                    for _ in range(per):
+                        line = src.readline()
+                        if not line:
+                            break
+                        f.write(line)
+        tmp.rename(folder)
+    return {"one": one, "shards": folder, "bytes": one.stat().st_size, "records": n}
+
+
+def baseline_tree(out: Path, rev: str) -> Path:
+    """The code of `rev` (today's scan), unpacked beside the results: its spmd_dp runs from there."""
+    tree = out / f"baseline-{rev}"
+    if not (tree / "spmd_dp").exists():
+        tree.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "archive", rev], cwd=REPO, capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    return tree
+
+
+SCAN_IN_PROCESS = r"""
+import json, resource, sys, time
+from spmd_dp.config import load_config
+from spmd_dp.prompts import PromptBuilder
+from spmd_dp.inputs import RecordSpec, scan_input
+path, stride = sys.argv[1], int(sys.argv[2])
+spec = RecordSpec("id", PromptBuilder(load_config([])).check)
+t0, c0 = time.perf_counter(), time.process_time()
+from pathlib import Path
+index, bad = scan_input(Path(path), spec, stride)
+print(json.dumps({"wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0, "records": index.n_records,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def scan_in_process(tree: Path, path: Path, stride: int) -> Dict[str, Any]:
+    """One process scans the input (no torchrun): the code of `tree`. Wall and CPU seconds."""
+    p = subprocess.run([PY, "-c", SCAN_IN_PROCESS, str(path), str(stride)], cwd=tree, capture_output=True,
+                       text=True, env=dict(os.environ, PYTHONPATH=str(tree)))
+    if p.returncode:
+        return {"error": p.stderr[-2000:]}
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def scan_job(tree: Path, out: Path, label: str, data_dir: Path, input_path: str, nproc: int, extra: List[str],
+             timeout: float = 1800) -> Dict[str, Any]:
+    """torchrun -m spmd_dp (the code of `tree`) until its first request: launch-to-first-request and, from
+    the log, each rank's scan time. The job is stopped at its first request (the generation is not measured)."""
+    d = out / "runs" / label
+    d.mkdir(parents=True, exist_ok=True)
+    port = 29700 + nproc
+    cmd = [PY, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={port}", "-m", "spmd_dp",
+           f"data_dir={data_dir}", f"input_data_path={input_path}", f"output_dir={d}", "name=out", "overwrite=true",
+           "batch_size=256", "generation_options.max_tokens=1", *extra]
+    env = dict(os.environ, PYTHONPATH=str(tree), PYTHONUNBUFFERED="1")
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, cwd=tree, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    first = None
+    scans: Dict[str, float] = {}
+    lines = []
+    deadline = t0 + timeout
+    for line in proc.stderr:
+        lines.append(line)
+        m = re.search(r"\[rank (\d+)/\d+ .*input index: .*\(scan ([\d.]+) s", line)
+        if m:
+            scans[m.group(1)] = float(m.group(2))
+        if first is None and re.search(r"Assigned \d+ prompts to rank \d+ \(batch", line):
+            first = time.time()
+            break
+        if time.time() > deadline:
+            break
+    try:
+        os.killpg(proc.pid, 9)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+    (d / "log.txt").write_text("".join(lines))
+    res: Dict[str, Any] = {"label": label, "ranks": nproc, "input": input_path}
+    if first is None:
+        res["error"] = "".join(lines)[-2000:]
+        print(f"  {label}: FAILED\n{res['error'][-1500:]}", flush=True)
+        return res
+    res["launch_to_first_request_s"] = round(first - t0, 2)
+    if scans:
+        res["scan_s"] = round(max(scans.values()), 3)
+        res["scan_s_per_rank"] = scans
+    print(f"  {label}: first request {res['launch_to_first_request_s']} s, scan {res.get('scan_s')} s", flush=True)
+    shutil.rmtree(d / "out.parts", ignore_errors=True)
+    return res
+
+
+def raw_engine_start(model: str) -> Dict[str, Any]:
+    """Raw vLLM on this machine: launch to an engine ready, as spmd_dp would start it on one CPU core."""
+    kwargs = engine_kwargs(dict(SUITES["cpu"], model=model, vllm_kwargs={}))
+    code = ("import json, time, sys; t0 = float(sys.argv[1]); from vllm import LLM; from spmd_dp.model import "
+            "resolve_model; kw = json.loads(sys.argv[2]); kw['model'] = resolve_model(kw['model']); LLM(**kw); "
+            "print(json.dumps({'engine_ready_s': time.time() - t0}))")
+    env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND="0", VLLM_CPU_KVCACHE_SPACE="1", PYTHONPATH=str(REPO))
+    p = subprocess.run([PY, "-c", code, repr(time.time()), json.dumps(kwargs)], cwd=REPO, env=env,
+                       capture_output=True, text=True)
+    return json.loads(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 else {"error": p.stderr[-2000:]}
+
+
+def scan_suite(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    base = baseline_tree(out, args.base_rev)
+    ranks = [int(r) for r in args.ranks.split(",")]
+    results: Dict[str, Any] = {"environment": environment(SUITES["cpu"]), "base_rev": args.base_rev,
+                               "record_bytes": args.record_bytes, "shards": args.shards, "sizes": []}
+    for n in [int(x) for x in args.records.split(",")]:
+        wl = scan_workload(out / "workloads", n, args.record_bytes, args.shards)
+        size: Dict[str, Any] = {"records": n, "bytes": wl["bytes"], "load_before": os.getloadavg()}
+        print(f"scan: {n} records, {wl['bytes'] / 1e6:.0f} MB", flush=True)
+        size["in_process"] = {"today": scan_in_process(base, wl["one"], 256),
+                              "new_one_file": scan_in_process(REPO, wl["one"], 256),
+                              "new_shards": scan_in_process(REPO, wl["shards"], 256)}
+        print(f"  in one process: {size['in_process']}", flush=True)
+        echo = ["inference_engine=echo"]
+        jobs = [scan_job(base, out, f"today_{n}_n{r}", wl["one"].parent, wl["one"].name, r, echo) for r in ranks]
+        for layout in ("one", "shards"):
+            path = wl["one"].name if layout == "one" else wl["shards"].name
+            jobs += [scan_job(REPO, out, f"new_{layout}_{n}_n{r}", wl["one"].parent, path, r, echo) for r in ranks]
+        if args.vllm:  # the scan behind a real engine start (vLLM CPU, the embedded model, one core per rank)
+            vllm = ["engine_options.device=cpu", "engine_options.cpu_cores_per_dp_rank=1",
+                    "engine_options.max_model_len=512", f"model_name={args.model}"]
+            for r in [r for r in ranks if r <= 2]:
+                jobs.append(scan_job(base, out, f"today_vllm_{n}_n{r}", wl["one"].parent, wl["one"].name, r, vllm))
+                jobs.append(scan_job(REPO, out, f"new_vllm_one_{n}_n{r}", wl["one"].parent, wl["one"].name, r, vllm))
+            size["raw_vllm"] = raw_engine_start(args.model)
+        size["jobs"] = jobs
+        size["load_after"] = os.getloadavg()
+        results["sizes"].append(size)
+        (out / "scan.json").write_text(json.dumps(results, indent=1))
+    (out / "scan.md").write_text(scan_markdown(results))
+    print((out / "scan.md").read_text())
+
+
+def scan_markdown(res: Dict[str, Any]) -> str:
+    rows = ["| records | MB | arm | ranks | scan s | records/s | MB/s | speed-up | launch to first request s |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for size in res["sizes"]:
+        n, mb = size["records"], size["bytes"] / 1e6
+        today_s = size["in_process"]["today"].get("wall_s")
+        for name, r in size["in_process"].items():
+            if "wall_s" in r:
+                wall = r["wall_s"]
+                speedup = f"{today_s / wall:.2f}" if today_s else ""
+                rows.append(f"| {n} | {mb:.0f} | {name} (one process, cpu {r['cpu_s']:.1f} s, +{r['scan_rss_mb']:.0f} "
+                            f"MB peak RSS) | 1 | {wall:.2f} | {n / wall:.0f} | {mb / wall:.1f} | "
+                            f"{speedup} | |")
+        for j in size["jobs"]:
+            scan = j.get("scan_s")
+            rows.append(f"| {n} | {mb:.0f} | {j['label']} | {j['ranks']} | {scan if scan else ''} | "
+                        f"{f'{n / scan:.0f}' if scan else ''} | {f'{mb / scan:.1f}' if scan else ''} | "
+                        f"{f'{today_s / scan:.2f}' if scan and today_s else ''} | "
+                        f"{j.get('launch_to_first_request_s', j.get('error', '')[:40])} |")
+        if "raw_vllm" in size:
+            rows.append(f"| {n} | {mb:.0f} | raw vLLM engine start | 1 | | | | | {size['raw_vllm']} |")
+        rows.append(f"| | | load average before / after: {size['load_before']} / {size['load_after']} | | | | | | |")
+    return "\n".join(rows) + "\n"
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "raw":
         p = argparse.ArgumentParser()
@@ -543,6 +735,19 @@ def main() -> None:
         for a in ("--start", "--stop", "--max-tokens"):
             p.add_argument(a, type=int, required=True)
         raw_main(p.parse_args())
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "scan":
+        p = argparse.ArgumentParser(description="the input scan: shared by the ranks vs today's (rank 0 alone)")
+        p.add_argument("scan")
+        p.add_argument("--out", required=True)
+        p.add_argument("--records", default="1000000", help="comma-separated sizes, e.g. 1000000,10000000")
+        p.add_argument("--record-bytes", type=int, default=200)
+        p.add_argument("--shards", type=int, default=16)
+        p.add_argument("--ranks", default="1,2,4")
+        p.add_argument("--base-rev", default=SCAN_BASE_REV, help="the commit of today's scan")
+        p.add_argument("--vllm", action="store_true", help="also launch-to-first-request with real vLLM (CPU)")
+        p.add_argument("--model", default="spmd-dp/tiny-llama")
+        scan_suite(p.parse_args())
         return
     if len(sys.argv) > 1 and sys.argv[1] == "report":
         p = argparse.ArgumentParser()

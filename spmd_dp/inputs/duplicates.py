@@ -1,12 +1,12 @@
 """The duplicate-key check, partitioned by key hash: no rank holds every key.
 
-While it scans, a rank keeps the valid keys of its pieces (`KeyList`: the key's bytes, the
-record and line in the piece). Once the pieces are merged, each key is sent
-with its global position and line to the rank that owns its hash (hash % world: all
-copies of a key meet on one rank), in one all-to-all. The owner sorts what it received
-by (hash, position) and compares the keys of equal hashes byte for byte: every later
-copy of a key is a duplicate of the first. A rank holds about 1/world of the keys, ~40
-bytes each plus the key, only during the check.
+While it scans, a rank keeps the valid keys of its pieces (`KeyList`: the keys' bytes end to
+end, and each one's record and line in its piece). Once the pieces are merged, each key is
+sent with its global position and line to the rank that owns its hash (hash % world: all
+copies of a key meet on one rank), in one all-to-all. The owner sorts what it received by
+(hash, position) and compares the keys of equal hashes byte for byte: every later copy of a
+key is a duplicate of the first. Keys travel as one buffer per rank pair, never as one
+Python object each: a rank holds ~32 bytes per key it scanned or owns, plus the keys.
 """
 
 from __future__ import annotations
@@ -19,11 +19,13 @@ import numpy as np
 from spmd_dp.inputs.records import key_hash
 
 Duplicate = Tuple[int, int, int, int, bytes]  # (position, line, first position, first line, key bytes)
+_U64 = np.dtype("<u8")
 
 
 class KeyList:
-    """The valid keys of one scanned piece, compactly: the keys' bytes (records.encode_key) end to end in one
-    buffer, where each ends, and each one's record and line in the piece (~24 bytes a key, plus the key)."""
+    """The valid keys of one scanned piece: their bytes (records.encode_key) end to end, where each ends, and
+    each one's record and line in the piece. The JSONL scan appends to these directly (a call per record
+    costs more than the bookkeeping itself)."""
 
     def __init__(self) -> None:
         self.blob = bytearray()
@@ -38,66 +40,79 @@ class KeyList:
     def __len__(self) -> int:
         return len(self.ends)
 
-    def views(self):
-        """Each key as a memoryview of the buffer, in order."""
-        mv = memoryview(self.blob)
-        start = 0
-        for end in self.ends:
-            yield mv[start:end]
-            start = end
+
+def _gather(blob: np.ndarray, starts: np.ndarray, lens: np.ndarray) -> bytes:
+    """The bytes of the keys [starts, starts + lens) end to end (a ragged gather in numpy)."""
+    total = int(lens.sum())
+    if not total:
+        return b""
+    shift = np.repeat(starts - np.concatenate(([0], np.cumsum(lens)[:-1])), lens)
+    return blob[np.arange(total, dtype=np.int64) + shift].tobytes()
 
 
 def outgoing(keylists: Dict[int, KeyList], first: Dict[int, int], line_base: Dict[int, int], world: int
              ) -> List[bytes]:
     """One payload per rank: the keys whose hash it owns, with their global positions and lines.
 
-    first[piece]: the piece's first record in the input; line_base[piece]: lines of the file before it."""
-    pieces = [p for p, k in keylists.items() if len(k)]
-    if not pieces:
-        return [b""] * world
-    n = sum(len(keylists[p]) for p in pieces)
-    keys = [v for p in pieces for v in keylists[p].views()]
-    h = np.fromiter((key_hash(v) for v in keys), dtype=np.uint64, count=n)
-    pos = np.concatenate([np.frombuffer(keylists[p].records, dtype=np.uint64) + np.uint64(first[p]) for p in pieces])
-    line = np.concatenate([np.frombuffer(keylists[p].lines, dtype=np.uint64) + np.uint64(line_base[p])
-                           for p in pieces])
-    lens = np.fromiter((len(v) for v in keys), dtype=np.uint64, count=n)
-    owner = (h % np.uint64(world)).astype(np.int64)
+    first[piece]: the piece's first record in the input; line_base[piece]: lines of its file before it.
+    A payload is [n, hashes[n], positions[n], lines[n], key lengths[n]] (little-endian uint64), then the keys."""
+    parts: List[List[Tuple[np.ndarray, ...]]] = [[] for _ in range(world)]
+    for piece, kl in keylists.items():
+        n = len(kl)
+        if not n:
+            continue
+        blob = np.frombuffer(kl.blob, dtype=np.uint8)
+        ends = np.frombuffer(kl.ends, dtype=np.uint64).astype(np.int64)
+        starts = np.concatenate(([0], ends[:-1]))
+        mv = memoryview(kl.blob)
+        h = np.fromiter((key_hash(mv[a:b]) for a, b in zip(starts.tolist(), ends.tolist())), dtype=np.uint64,
+                        count=n)
+        pos = np.frombuffer(kl.records, dtype=np.uint64) + np.uint64(first[piece])
+        line = np.frombuffer(kl.lines, dtype=np.uint64) + np.uint64(line_base[piece])
+        owner = h % np.uint64(world)
+        for dst in range(world):
+            sel = np.flatnonzero(owner == dst) if world > 1 else np.arange(n)
+            if len(sel):
+                lens = ends[sel] - starts[sel]
+                parts[dst].append((h[sel], pos[sel], line[sel], lens, _gather(blob, starts[sel], lens)))
+        mv.release()
     out = []
-    for dst in range(world):
-        sel = np.flatnonzero(owner == dst)
-        if not len(sel):
+    for chunks in parts:
+        if not chunks:
             out.append(b"")
             continue
-        head = np.array([len(sel)], dtype=np.uint64)
-        out.append(b"".join([head.tobytes(), h[sel].tobytes(), pos[sel].tobytes(), line[sel].tobytes(),
-                             lens[sel].tobytes(), *(keys[i] for i in sel)]))
+        cols = [np.concatenate([c[i] for c in chunks]).astype(_U64) for i in range(4)]
+        out.append(b"".join([np.array([len(cols[0])], dtype=_U64).tobytes(), *(c.tobytes() for c in cols),
+                             *(c[4] for c in chunks)]))
     return out
 
 
 def find_duplicates(payloads: Sequence[bytes]) -> List[Duplicate]:
     """Every later copy of a key among the payloads this rank received, naming the first copy."""
-    hs, ps, ls, keys = [], [], [], []
+    hs, ps, ls, starts, ends, source = [], [], [], [], [], []
+    blobs = []
     for data in payloads:
         if not data:
             continue
-        n = int(np.frombuffer(data, dtype=np.uint64, count=1)[0])
-        arrays = np.frombuffer(data, dtype=np.uint64, count=4 * n, offset=8).reshape(4, n)
-        hs.append(arrays[0])
-        ps.append(arrays[1])
-        ls.append(arrays[2])
-        blob = memoryview(data)[8 + 32 * n:]
-        ends = np.cumsum(arrays[3])
-        starts = ends - arrays[3]
-        keys += [bytes(blob[int(a):int(b)]) for a, b in zip(starts, ends)]
+        n = int(np.frombuffer(data, dtype=_U64, count=1)[0])
+        cols = np.frombuffer(data, dtype=_U64, count=4 * n, offset=8).reshape(4, n)
+        hs.append(cols[0])
+        ps.append(cols[1])
+        ls.append(cols[2])
+        e = np.cumsum(cols[3].astype(np.int64))
+        starts.append(e - cols[3].astype(np.int64))
+        ends.append(e)
+        source.append(np.full(n, len(blobs), dtype=np.int32))
+        blobs.append(memoryview(data)[8 + 32 * n:])
     if not hs:
         return []
     h, pos, line = np.concatenate(hs), np.concatenate(ps), np.concatenate(ls)
     order = np.lexsort((pos, h))  # by hash, then by position
     sh = h[order]
-    same = np.flatnonzero(sh[1:] == sh[:-1]) + 1  # sorted indices equal to the one before
+    same = np.flatnonzero(sh[1:] == sh[:-1]) + 1  # sorted places equal to the one before
     if not len(same):
         return []
+    start, end, src = np.concatenate(starts), np.concatenate(ends), np.concatenate(source)
     out: List[Duplicate] = []
     firsts: Dict[bytes, Tuple[int, int]] = {}
     run_hash = None
@@ -105,7 +120,7 @@ def find_duplicates(payloads: Sequence[bytes]) -> List[Duplicate]:
         j = int(order[i])
         if sh[i] != run_hash:
             run_hash, firsts = sh[i], {}
-        key = keys[j]
+        key = bytes(blobs[src[j]][start[j]:end[j]])
         if key in firsts:
             out.append((int(pos[j]), int(line[j]), *firsts[key], key))
         else:
