@@ -158,7 +158,7 @@ def _check_schemas(files: Sequence[InputFile], schemas: Dict[int, Dict[str, str]
 
 
 def shared_scan(locs: Sequence[str], input_format: str, spec: RecordSpec, stride: int, skip_bad: bool = False,
-         group: Any = None, storage_options: Optional[Dict[str, Any]] = None) -> ScanResult:
+                group: Any = None, storage_options: Optional[Dict[str, Any]] = None) -> ScanResult:
     """The shared scan (see the module's docstring). group: spmd_dp.comm.Group, or LocalGroup() for one rank."""
     group = group or LocalGroup()
     rank, world = group.rank, group.world
