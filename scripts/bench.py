@@ -585,62 +585,68 @@ def baseline_tree(out: Path, rev: str) -> Path:
 
 SCAN_IN_PROCESS = r"""
 import json, resource, sys, time
+from pathlib import Path
 from spmd_dp.config import load_config
 from spmd_dp.prompts import PromptBuilder
 from spmd_dp.inputs import RecordSpec, scan_input
 path, stride = sys.argv[1], int(sys.argv[2])
 spec = RecordSpec("id", PromptBuilder(load_config([])).check)
+rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t0, c0 = time.perf_counter(), time.process_time()
-from pathlib import Path
 index, bad = scan_input(Path(path), spec, stride)
 print(json.dumps({"wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0, "records": index.n_records,
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "scan_rss_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024}))
 """
 
 
-def scan_in_process(tree: Path, path: Path, stride: int) -> Dict[str, Any]:
-    """One process scans the input (no torchrun): the code of `tree`. Wall and CPU seconds."""
-    p = subprocess.run([PY, "-c", SCAN_IN_PROCESS, str(path), str(stride)], cwd=tree, capture_output=True,
-                       text=True, env=dict(os.environ, PYTHONPATH=str(tree)))
+def _pinned(cmd: List[str], cpus: Optional[str]) -> List[str]:
+    return ["taskset", "-c", cpus, *cmd] if cpus else cmd
+
+
+def scan_in_process(tree: Path, path: Path, stride: int, cpus: Optional[str]) -> Dict[str, Any]:
+    """One process scans the input (no torchrun), with the code of `tree`: wall and CPU seconds, RSS growth."""
+    p = subprocess.run(_pinned([PY, "-c", SCAN_IN_PROCESS, str(path), str(stride)], cpus), cwd=tree,
+                       capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(tree)))
     if p.returncode:
         return {"error": p.stderr[-2000:]}
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
 def scan_job(tree: Path, out: Path, label: str, data_dir: Path, input_path: str, nproc: int, extra: List[str],
-             timeout: float = 1800) -> Dict[str, Any]:
+             cpus: Optional[str], timeout: float = 1800) -> Dict[str, Any]:
     """torchrun -m spmd_dp (the code of `tree`) until its first request: launch-to-first-request and, from
     the log, each rank's scan time. The job is stopped at its first request (the generation is not measured)."""
     d = out / "runs" / label
     d.mkdir(parents=True, exist_ok=True)
-    port = 29700 + nproc
-    cmd = [PY, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={port}", "-m", "spmd_dp",
-           f"data_dir={data_dir}", f"input_data_path={input_path}", f"output_dir={d}", "name=out", "overwrite=true",
-           "batch_size=256", "generation_options.max_tokens=1", *extra]
+    cmd = [PY, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--rdzv-backend=c10d",
+           "--rdzv-endpoint=localhost:0", "-m", "spmd_dp", f"data_dir={data_dir}", f"input_data_path={input_path}",
+           f"output_dir={d}", "name=out", "overwrite=true", "batch_size=256", "generation_options.max_tokens=1",
+           *extra]
     env = dict(os.environ, PYTHONPATH=str(tree), PYTHONUNBUFFERED="1")
     t0 = time.time()
-    proc = subprocess.Popen(cmd, cwd=tree, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(_pinned(cmd, cpus), cwd=tree, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    killer = threading.Timer(timeout, lambda: os.killpg(proc.pid, 9))
+    killer.start()
     first = None
     scans: Dict[str, float] = {}
     lines = []
-    deadline = t0 + timeout
     for line in proc.stderr:
         lines.append(line)
         m = re.search(r"\[rank (\d+)/\d+ .*input index: .*\(scan ([\d.]+) s", line)
         if m:
             scans[m.group(1)] = float(m.group(2))
-        if first is None and re.search(r"Assigned \d+ prompts to rank \d+ \(batch", line):
+        if re.search(r"Assigned \d+ prompts to rank \d+ \(batch", line):
             first = time.time()
             break
-        if time.time() > deadline:
-            break
+    killer.cancel()
     try:
         os.killpg(proc.pid, 9)
     except ProcessLookupError:
         pass
     proc.wait()
     (d / "log.txt").write_text("".join(lines))
+    shutil.rmtree(d / "out.parts", ignore_errors=True)
     res: Dict[str, Any] = {"label": label, "ranks": nproc, "input": input_path}
     if first is None:
         res["error"] = "".join(lines)[-2000:]
@@ -651,50 +657,73 @@ def scan_job(tree: Path, out: Path, label: str, data_dir: Path, input_path: str,
         res["scan_s"] = round(max(scans.values()), 3)
         res["scan_s_per_rank"] = scans
     print(f"  {label}: first request {res['launch_to_first_request_s']} s, scan {res.get('scan_s')} s", flush=True)
-    shutil.rmtree(d / "out.parts", ignore_errors=True)
     return res
 
 
-def raw_engine_start(model: str) -> Dict[str, Any]:
-    """Raw vLLM on this machine: launch to an engine ready, as spmd_dp would start it on one CPU core."""
-    kwargs = engine_kwargs(dict(SUITES["cpu"], model=model, vllm_kwargs={}))
-    code = ("import json, time, sys; t0 = float(sys.argv[1]); from vllm import LLM; from spmd_dp.model import "
-            "resolve_model; kw = json.loads(sys.argv[2]); kw['model'] = resolve_model(kw['model']); LLM(**kw); "
-            "print(json.dumps({'engine_ready_s': time.time() - t0}))")
-    env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND="0", VLLM_CPU_KVCACHE_SPACE="1", PYTHONPATH=str(REPO))
-    p = subprocess.run([PY, "-c", code, repr(time.time()), json.dumps(kwargs)], cwd=REPO, env=env,
-                       capture_output=True, text=True)
+RAW_START = ("import json, time, sys; t0 = float(sys.argv[1]); from vllm import LLM; from spmd_dp.model import "
+             "resolve_model; kw = json.loads(sys.argv[2]); kw['model'] = resolve_model(kw['model']); LLM(**kw); "
+             "print(json.dumps({'engine_ready_s': time.time() - t0}), flush=True)")
+
+
+def raw_engine_start(args: argparse.Namespace, cpus: Optional[str]) -> Dict[str, Any]:
+    """Raw vLLM: launch to an engine ready, with the engine arguments spmd_dp passes on this device."""
+    suite = dict(SUITES[args.device_suite], model=args.model, vllm_kwargs=json.loads(args.vllm_kwargs))
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    if suite["device"] == "cpu":
+        env.update(VLLM_CPU_OMP_THREADS_BIND=(cpus or "0").split(",")[0], VLLM_CPU_KVCACHE_SPACE="1")
+    p = subprocess.run(_pinned([PY, "-c", RAW_START, repr(time.time()), json.dumps(engine_kwargs(suite))], cpus),
+                       cwd=REPO, env=env, capture_output=True, text=True)
     return json.loads(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 else {"error": p.stderr[-2000:]}
+
+
+def _summary(runs: List[Dict[str, Any]], key: str) -> Optional[Dict[str, float]]:
+    vals = sorted(r[key] for r in runs if key in r)
+    return {"min": vals[0], "median": vals[len(vals) // 2], "n": len(vals)} if vals else None
 
 
 def scan_suite(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    base = baseline_tree(out, args.base_rev)
+    base = Path(args.base_tree) if args.base_tree else baseline_tree(out, args.base_rev)
     ranks = [int(r) for r in args.ranks.split(",")]
-    results: Dict[str, Any] = {"environment": environment(SUITES["cpu"]), "base_rev": args.base_rev,
-                               "record_bytes": args.record_bytes, "shards": args.shards, "sizes": []}
+    cpus = args.cpus
+    results: Dict[str, Any] = {"environment": environment(SUITES["cpu"]), "base_rev": args.base_rev, "cpus": cpus,
+                               "record_bytes": args.record_bytes, "shards": args.shards, "repeat": args.repeat,
+                               "sizes": []}
     for n in [int(x) for x in args.records.split(",")]:
-        wl = scan_workload(out / "workloads", n, args.record_bytes, args.shards)
+        wl = scan_workload(Path(args.workloads or out / "workloads"), n, args.record_bytes, args.shards)
         size: Dict[str, Any] = {"records": n, "bytes": wl["bytes"], "load_before": os.getloadavg()}
         print(f"scan: {n} records, {wl['bytes'] / 1e6:.0f} MB", flush=True)
-        size["in_process"] = {"today": scan_in_process(base, wl["one"], 256),
-                              "new_one_file": scan_in_process(REPO, wl["one"], 256),
-                              "new_shards": scan_in_process(REPO, wl["shards"], 256)}
-        print(f"  in one process: {size['in_process']}", flush=True)
         echo = ["inference_engine=echo"]
-        jobs = [scan_job(base, out, f"today_{n}_n{r}", wl["one"].parent, wl["one"].name, r, echo) for r in ranks]
-        for layout in ("one", "shards"):
-            path = wl["one"].name if layout == "one" else wl["shards"].name
-            jobs += [scan_job(REPO, out, f"new_{layout}_{n}_n{r}", wl["one"].parent, path, r, echo) for r in ranks]
-        if args.vllm:  # the scan behind a real engine start (vLLM CPU, the embedded model, one core per rank)
-            vllm = ["engine_options.device=cpu", "engine_options.cpu_cores_per_dp_rank=1",
-                    "engine_options.max_model_len=512", f"model_name={args.model}"]
-            for r in [r for r in ranks if r <= 2]:
-                jobs.append(scan_job(base, out, f"today_vllm_{n}_n{r}", wl["one"].parent, wl["one"].name, r, vllm))
-                jobs.append(scan_job(REPO, out, f"new_vllm_one_{n}_n{r}", wl["one"].parent, wl["one"].name, r, vllm))
-            size["raw_vllm"] = raw_engine_start(args.model)
-        size["jobs"] = jobs
+        arms = {"in:today": lambda: scan_in_process(base, wl["one"], 256, cpus),
+                "in:new_one_file": lambda: scan_in_process(REPO, wl["one"], 256, cpus),
+                "in:new_shards": lambda: scan_in_process(REPO, wl["shards"], 256, cpus)}
+        for r in ranks:  # arms side by side in each repeat: today, then new, as close in time as can be
+            arms[f"today_n{r}"] = (lambda r=r: scan_job(base, out, f"today_{n}_n{r}", wl["one"].parent,
+                                                         wl["one"].name, r, echo, cpus))
+            for layout, path in (("one", wl["one"].name), ("shards", wl["shards"].name)):
+                arms[f"new_{layout}_n{r}"] = (lambda r=r, layout=layout, path=path: scan_job(
+                    REPO, out, f"new_{layout}_{n}_n{r}", wl["one"].parent, path, r, echo, cpus))
+        if args.vllm:  # the scan behind a real engine start
+            eng = [f"model_name={args.model}", *args.vllm_overrides.split()]
+            for r in [r for r in ranks if r <= args.vllm_max_ranks]:
+                arms[f"vllm_today_n{r}"] = (lambda r=r: scan_job(base, out, f"vllm_today_{n}_n{r}", wl["one"].parent,
+                                                                 wl["one"].name, r, eng, cpus))
+                arms[f"vllm_new_n{r}"] = (lambda r=r: scan_job(REPO, out, f"vllm_new_{n}_n{r}", wl["one"].parent,
+                                                               wl["one"].name, r, eng, cpus))
+            arms["vllm_raw_start"] = lambda: raw_engine_start(args, cpus)
+        runs: Dict[str, List[Dict[str, Any]]] = {name: [] for name in arms}
+        for rep in range(args.repeat):
+            for name, arm in arms.items():
+                if name.startswith("vllm") and rep >= args.vllm_repeat:
+                    continue
+                runs[name].append(arm())
+                if name.startswith("in:"):
+                    print(f"  {name}: {runs[name][-1]}", flush=True)
+        size["runs"] = runs
+        size["summary"] = {name: {k: _summary(rs, k) for k in ("wall_s", "cpu_s", "scan_rss_mb", "scan_s",
+                                                                "launch_to_first_request_s", "engine_ready_s")
+                                  if _summary(rs, k)} for name, rs in runs.items()}
         size["load_after"] = os.getloadavg()
         results["sizes"].append(size)
         (out / "scan.json").write_text(json.dumps(results, indent=1))
@@ -703,27 +732,29 @@ def scan_suite(args: argparse.Namespace) -> None:
 
 
 def scan_markdown(res: Dict[str, Any]) -> str:
-    rows = ["| records | MB | arm | ranks | scan s | records/s | MB/s | speed-up | launch to first request s |",
+    """Minimum over the repeats (median in brackets): the least disturbed run is the closest to the cost."""
+    rows = ["| records | MB | arm | ranks | scan s | records/s | MB/s | vs today's scan | launch to first request s |",
             "|---|---|---|---|---|---|---|---|---|"]
     for size in res["sizes"]:
-        n, mb = size["records"], size["bytes"] / 1e6
-        today_s = size["in_process"]["today"].get("wall_s")
-        for name, r in size["in_process"].items():
-            if "wall_s" in r:
-                wall = r["wall_s"]
-                speedup = f"{today_s / wall:.2f}" if today_s else ""
-                rows.append(f"| {n} | {mb:.0f} | {name} (one process, cpu {r['cpu_s']:.1f} s, +{r['scan_rss_mb']:.0f} "
-                            f"MB peak RSS) | 1 | {wall:.2f} | {n / wall:.0f} | {mb / wall:.1f} | "
-                            f"{speedup} | |")
-        for j in size["jobs"]:
-            scan = j.get("scan_s")
-            rows.append(f"| {n} | {mb:.0f} | {j['label']} | {j['ranks']} | {scan if scan else ''} | "
-                        f"{f'{n / scan:.0f}' if scan else ''} | {f'{mb / scan:.1f}' if scan else ''} | "
-                        f"{f'{today_s / scan:.2f}' if scan and today_s else ''} | "
-                        f"{j.get('launch_to_first_request_s', j.get('error', '')[:40])} |")
-        if "raw_vllm" in size:
-            rows.append(f"| {n} | {mb:.0f} | raw vLLM engine start | 1 | | | | | {size['raw_vllm']} |")
-        rows.append(f"| | | load average before / after: {size['load_before']} / {size['load_after']} | | | | | | |")
+        n, mb, summ = size["records"], size["bytes"] / 1e6, size["summary"]
+        today = (summ.get("in:today", {}).get("wall_s") or {}).get("min")
+        for name, sm in summ.items():
+            scan = sm.get("wall_s") or sm.get("scan_s")
+            first = sm.get("launch_to_first_request_s") or sm.get("engine_ready_s")
+            ranks = re.search(r"_n(\d+)$", name)
+            extra = ""
+            if "cpu_s" in sm:
+                extra = f" (one process; cpu {sm['cpu_s']['min']:.1f} s, +{sm['scan_rss_mb']['min']:.0f} MB RSS)"
+            cells = [str(n), f"{mb:.0f}", name + extra, ranks.group(1) if ranks else "1"]
+            if scan:
+                cells += [f"{scan['min']:.2f} ({scan['median']:.2f})", f"{n / scan['min']:.0f}",
+                          f"{mb / scan['min']:.1f}", f"{today / scan['min']:.2f}x" if today else ""]
+            else:
+                cells += ["", "", "", ""]
+            cells.append(f"{first['min']:.1f} ({first['median']:.1f})" if first else "")
+            rows.append("| " + " | ".join(cells) + " |")
+        rows.append(f"| | | load average before / after: {[round(x, 1) for x in size['load_before']]} / "
+                    f"{[round(x, 1) for x in size['load_after']]} | | | | | | |")
     return "\n".join(rows) + "\n"
 
 def main() -> None:
@@ -745,8 +776,18 @@ def main() -> None:
         p.add_argument("--shards", type=int, default=16)
         p.add_argument("--ranks", default="1,2,4")
         p.add_argument("--base-rev", default=SCAN_BASE_REV, help="the commit of today's scan")
-        p.add_argument("--vllm", action="store_true", help="also launch-to-first-request with real vLLM (CPU)")
+        p.add_argument("--base-tree", help="today's code unpacked already (git archive BASE_REV)")
+        p.add_argument("--workloads", help="where the workload files are (made if missing)")
+        p.add_argument("--repeat", type=int, default=3, help="runs of each arm (the minimum is reported)")
+        p.add_argument("--cpus", help="pin every job to these cores (taskset -c), e.g. 0,1")
+        p.add_argument("--vllm", action="store_true", help="also launch-to-first-request with real vLLM")
+        p.add_argument("--vllm-repeat", type=int, default=1)
+        p.add_argument("--vllm-max-ranks", type=int, default=2)
+        p.add_argument("--device-suite", default="cpu", choices=list(SUITES), help="engine arguments of this suite")
         p.add_argument("--model", default="spmd-dp/tiny-llama")
+        p.add_argument("--vllm-kwargs", default="{}", help="JSON: more engine arguments (raw vLLM)")
+        p.add_argument("--vllm-overrides", default="engine_options.device=cpu engine_options.cpu_cores_per_dp_rank=1 "
+                       "engine_options.max_model_len=512", help="spmd_dp overrides of the vLLM arms")
         scan_suite(p.parse_args())
         return
     if len(sys.argv) > 1 and sys.argv[1] == "report":
