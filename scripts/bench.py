@@ -591,11 +591,14 @@ from spmd_dp.prompts import PromptBuilder
 from spmd_dp.inputs import RecordSpec, scan_input
 path, stride = sys.argv[1], int(sys.argv[2])
 spec = RecordSpec("id", PromptBuilder(load_config([])).check)
-rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def status(key):
+    return int(next(line.split()[1] for line in open("/proc/self/status") if line.startswith(key)))
+rss0 = status("VmRSS:")
+open("/proc/self/clear_refs", "w").write("5")  # the peak RSS starts again from here
 t0, c0 = time.perf_counter(), time.process_time()
 index, bad = scan_input(Path(path), spec, stride)
 print(json.dumps({"wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0, "records": index.n_records,
-                  "scan_rss_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024}))
+                  "scan_rss_mb": (status("VmHWM:") - rss0) / 1024}))
 """
 
 
@@ -612,6 +615,22 @@ def scan_in_process(tree: Path, path: Path, stride: int, cpus: Optional[str]) ->
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """The job and every process under it (torchrun starts its workers in sessions of their own)."""
+    import psutil
+
+    try:
+        procs = psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]
+    except psutil.NoSuchProcess:
+        procs = []
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait()
+
+
 def scan_job(tree: Path, out: Path, label: str, data_dir: Path, input_path: str, nproc: int, extra: List[str],
              cpus: Optional[str], timeout: float = 1800) -> Dict[str, Any]:
     """torchrun -m spmd_dp (the code of `tree`) until its first request: launch-to-first-request and, from
@@ -626,25 +645,24 @@ def scan_job(tree: Path, out: Path, label: str, data_dir: Path, input_path: str,
     t0 = time.time()
     proc = subprocess.Popen(_pinned(cmd, cpus), cwd=tree, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
-    killer = threading.Timer(timeout, lambda: os.killpg(proc.pid, 9))
+    killer = threading.Timer(timeout, lambda: _kill_tree(proc))
     killer.start()
     first = None
     scans: Dict[str, float] = {}
+    cpu: Dict[str, float] = {}
     lines = []
     for line in proc.stderr:
         lines.append(line)
-        m = re.search(r"\[rank (\d+)/\d+ .*input index: .*\(scan ([\d.]+) s", line)
+        m = re.search(r"\[rank (\d+)/\d+ .*input index: .*\(scan ([\d.]+) s(, this rank's cpu ([\d.]+) s)?", line)
         if m:
             scans[m.group(1)] = float(m.group(2))
+            if m.group(4):
+                cpu[m.group(1)] = float(m.group(4))
         if re.search(r"Assigned \d+ prompts to rank \d+ \(batch", line):
             first = time.time()
             break
     killer.cancel()
-    try:
-        os.killpg(proc.pid, 9)
-    except ProcessLookupError:
-        pass
-    proc.wait()
+    _kill_tree(proc)
     (d / "log.txt").write_text("".join(lines))
     shutil.rmtree(d / "out.parts", ignore_errors=True)
     res: Dict[str, Any] = {"label": label, "ranks": nproc, "input": input_path}
@@ -656,6 +674,9 @@ def scan_job(tree: Path, out: Path, label: str, data_dir: Path, input_path: str,
     if scans:
         res["scan_s"] = round(max(scans.values()), 3)
         res["scan_s_per_rank"] = scans
+    if cpu:  # each rank's scan thread: the cost the ranks divide
+        res["scan_cpu_s"] = round(max(cpu.values()), 3)
+        res["scan_cpu_s_total"] = round(sum(cpu.values()), 3)
     print(f"  {label}: first request {res['launch_to_first_request_s']} s, scan {res.get('scan_s')} s", flush=True)
     return res
 
@@ -721,8 +742,9 @@ def scan_suite(args: argparse.Namespace) -> None:
                 if name.startswith("in:"):
                     print(f"  {name}: {runs[name][-1]}", flush=True)
         size["runs"] = runs
-        size["summary"] = {name: {k: _summary(rs, k) for k in ("wall_s", "cpu_s", "scan_rss_mb", "scan_s",
-                                                                "launch_to_first_request_s", "engine_ready_s")
+        size["summary"] = {name: {k: _summary(rs, k) for k in ("wall_s", "cpu_s", "scan_rss_mb", "scan_s", "scan_cpu_s",
+                                                                "scan_cpu_s_total", "launch_to_first_request_s",
+                                                                "engine_ready_s")
                                   if _summary(rs, k)} for name, rs in runs.items()}
         size["load_after"] = os.getloadavg()
         results["sizes"].append(size)

@@ -21,6 +21,7 @@ from spmd_dp.batches import Span
 from spmd_dp.config import RunConfig, to_yaml
 from spmd_dp.errors import RunFailure, UsageError
 from spmd_dp.inputs import BadRecord, InputIndex, RecordSpec, ScanResult, locations, shared_scan
+from spmd_dp.inputs.workers import Scanners, scan_processes
 from spmd_dp.journal import Journal, fingerprint
 from spmd_dp.log import logger
 from spmd_dp.messages import BatchDone, Message, RankStats
@@ -47,13 +48,22 @@ def record_spec(cfg: RunConfig, prompts: PromptBuilder) -> RecordSpec:
     return RecordSpec(cfg.primary_key, prompts.check, columns)
 
 
-def open_node(cfg: RunConfig, prompts: PromptBuilder, group, rank0: Optional["Rank0"]
+def fork_scanners(cfg: RunConfig, prompts: PromptBuilder, device_kind: str, local_world_size: int) -> Scanners:
+    """The processes that will scan this rank's share of the input, forked now: before the engine starts."""
+    kind = "cpu_engine" if device_kind == "cpu" and cfg.inference_engine != "echo" else device_kind
+    return Scanners(record_spec(cfg, prompts), cfg.batch_size, cfg.storage_options or None,
+                    scan_processes(kind, local_world_size))
+
+
+def open_node(cfg: RunConfig, prompts: PromptBuilder, group, rank0: Optional["Rank0"], scanners: Optional[Scanners]
               ) -> Tuple[Optional[InputIndex], "WorkOrder"]:
-    """Every rank: scan a share of the input (merged over `group`, a spmd_dp.comm.Group), then rank 0 opens the
-    journal; the WorkOrder is rank 0's, on every rank. A bad input is the same one-line error on every rank."""
+    """Every rank: scan a share of the input (merged over `group`, a spmd_dp.comm.Group) in its scanners, then
+    rank 0 opens the journal; the WorkOrder is rank 0's, on every rank. A bad input is the same one-line error on
+    every rank."""
     try:
         result = shared_scan(locations(cfg.data_dir, cfg.input_data_path), cfg.input_format, record_spec(cfg, prompts),
-                      cfg.batch_size, cfg.on_bad_record == "skip", group, cfg.storage_options or None)
+                             cfg.batch_size, cfg.on_bad_record == "skip", group, cfg.storage_options or None,
+                             scanners)
     except UsageError as e:
         return None, WorkOrder(error=str(e))
     order = WorkOrder(**group.broadcast_json(asdict(rank0.open(result)) if rank0 else None))

@@ -30,7 +30,7 @@ from spmd_dp.messages import RankState, RankStats
 from spmd_dp.outbox import Outbox
 from spmd_dp.plan import OutputPaths, RankPlan, preflight
 from spmd_dp.prompts import PromptBuilder
-from spmd_dp.rank0 import Rank0, open_node
+from spmd_dp.rank0 import Rank0, fork_scanners, open_node
 
 
 def run(cfgs: Sequence[RunConfig]) -> int:
@@ -76,10 +76,12 @@ def run_node(cfg: RunConfig, plan: RankPlan, prompts: PromptBuilder, store, time
         kv_budget = agree_kv_budget(plan.device, cfg.engine_options, plan.env.local_world_size,
                                     plan.world_size, group.min)
     scrub_launcher_env()  # vLLM's workers must form a world of their own, not join ours
+    scanners = fork_scanners(cfg, prompts, plan.device.kind, plan.env.local_world_size)  # before the engine's thread
     starting = EngineStart(engines, cfg, plan.device, plan.rank, kv_budget, stats)  # while the input is scanned
     index = None
     try:
-        index, order = open_node(cfg, prompts, group, rank0)
+        index, order = open_node(cfg, prompts, group, rank0, scanners)
+        scanners.close()
         if order.error:
             raise UsageError(order.error, quiet=not plan.is_rank0)  # rank 0 prints it
         if order.complete:
@@ -108,6 +110,7 @@ def run_node(cfg: RunConfig, plan: RankPlan, prompts: PromptBuilder, store, time
         if rank0:
             rank0.finish()
     finally:
+        scanners.close()
         if index is not None:
             index.close()
         if rank0:

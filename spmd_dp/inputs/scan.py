@@ -4,7 +4,8 @@
   2. the files are cut into pieces (byte ranges of a JSONL or Parquet file, a whole compressed
      or Arrow file) by their sizes alone, so a rerun on any number of ranks cuts them alike;
      each rank takes a contiguous share of the pieces, balanced by bytes, and validates its
-     records (spmd_dp/inputs/jsonl.py, tables.py) while its engine starts;
+     records (spmd_dp/inputs/jsonl.py, tables.py) while its engine starts, in processes forked
+     for it before (workers.py: no turns on the GIL with the engine's start);
   3. the pieces' summaries (record counts, locators, checksums, schemas) are all-gathered:
      every rank builds the same index (spmd_dp/inputs/index.py), and checks that the
      tables' schemas agree;
@@ -126,6 +127,8 @@ def _scan_piece(piece: Piece, f: InputFile, spec: RecordSpec, stride: int, keys:
 def _error_of(e: BaseException, rank: int) -> List[Any]:
     if isinstance(e, UsageError):
         return [2, str(e)]
+    if isinstance(e, RunFailure):
+        return [1, str(e)]
     if isinstance(e, OSError):
         where = f": {e.filename}" if getattr(e, "filename", None) else ""
         return [2, f"input error: cannot read the input{where} ({e.strerror or e}); check that it exists and is "
@@ -158,11 +161,13 @@ def _check_schemas(files: Sequence[InputFile], schemas: Dict[int, Dict[str, str]
 
 
 def shared_scan(locs: Sequence[str], input_format: str, spec: RecordSpec, stride: int, skip_bad: bool = False,
-                group: Any = None, storage_options: Optional[Dict[str, Any]] = None) -> ScanResult:
-    """The shared scan (see the module's docstring). group: spmd_dp.comm.Group, or LocalGroup() for one rank."""
+                group: Any = None, storage_options: Optional[Dict[str, Any]] = None, scanners: Any = None
+                ) -> ScanResult:
+    """The shared scan (see the module's docstring). group: spmd_dp.comm.Group, or LocalGroup() for one rank;
+    scanners: workers.Scanners that scan this rank's pieces (else this thread does)."""
     group = group or LocalGroup()
     rank, world = group.rank, group.world
-    t0 = time.monotonic()
+    t0, cpu0 = time.monotonic(), time.thread_time()
     # 1. the file list, from rank 0
     listing: Optional[Dict[str, Any]] = None
     if rank == 0:
@@ -196,11 +201,17 @@ def shared_scan(locs: Sequence[str], input_format: str, spec: RecordSpec, stride
     bads: Dict[int, list] = {}
     summary: Dict[str, Any] = {"error": None, "pieces": {}}
     try:
-        for i in mine:
-            keylists[i], bads[i] = KeyList(), []
-            r = _scan_piece(pieces[i], files[pieces[i].file], spec, stride, keylists[i], bads[i], storage_options)
-            r["locator"] = locator_to_json(r["locator"])
-            summary["pieces"][str(i)] = {**r, "bad": len(bads[i])}
+        if scanners is not None:  # processes forked before the engine started (workers.py)
+            done = scanners.scan(files, [(i, pieces[i]) for i in mine], rank)
+        else:
+            done = []
+            for i in mine:
+                keys, bad = KeyList(), []
+                r = _scan_piece(pieces[i], files[pieces[i].file], spec, stride, keys, bad, storage_options)
+                done.append((i, {**r, "locator": locator_to_json(r["locator"])}, keys, bad))
+        for i, r, keys, bad in done:
+            keylists[i], bads[i] = keys, bad
+            summary["pieces"][str(i)] = {**r, "bad": len(bad)}
     except Exception as e:
         summary = {"error": _error_of(e, rank), "pieces": {}}
 
@@ -268,10 +279,10 @@ def shared_scan(locs: Sequence[str], input_format: str, spec: RecordSpec, stride
             more = f" (and {n_bad - 1} more bad records)" if n_bad > 1 else ""
             raise UsageError(f"input error: {first_bad.where}: {first_bad.reason}{more}; fix the input, or set "
                              f"on_bad_record=skip to write bad records to the errors file and run the rest")
-    seconds = time.monotonic() - t0
-    logger.info("input index: %d records in %d files, %d pieces, digest %s (scan %.2f s, %.0f records/s, %.1f MB/s)",
-                index.n_records, len(files), len(pieces), index.digest()[:16], seconds,
-                index.n_records / seconds if seconds else 0, index.size / 1e6 / seconds if seconds else 0)
+    seconds, cpu = time.monotonic() - t0, time.thread_time() - cpu0 + (scanners.cpu_s if scanners else 0.0)
+    logger.info("input index: %d records in %d files, %d pieces, digest %s (scan %.2f s, this rank's cpu %.2f s; "
+                "%.0f records/s, %.1f MB/s)", index.n_records, len(files), len(pieces), index.digest()[:16], seconds,
+                cpu, index.n_records / seconds if seconds else 0, index.size / 1e6 / seconds if seconds else 0)
     return ScanResult(index, bad, n_bad, seconds, notes)
 
 
