@@ -94,8 +94,8 @@ class Group:
         assert len(chunks) == self.world
         table = self.all_gather_ints([len(c) for c in chunks])  # table[src][dst]: bytes src sends dst
         incoming = [table[src][self.rank] for src in range(self.world)]
-        data = b"".join(chunks)
-        send = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+        data = bytearray().join(chunks)  # one copy, writable: the tensor shares it
+        send = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
         recv = torch.empty(sum(incoming), dtype=torch.uint8)
         self.pg.alltoall_base(recv, send, incoming, [len(c) for c in chunks], dist.AllToAllOptions()).wait()
         raw = recv.numpy().tobytes()

@@ -55,9 +55,10 @@ def outgoing(keylists: Dict[int, KeyList], first: Dict[int, int], line_base: Dic
     """One payload per rank: the keys whose hash it owns, with their global positions and lines.
 
     first[piece]: the piece's first record in the input; line_base[piece]: lines of its file before it.
-    A payload is [n, hashes[n], positions[n], lines[n], key lengths[n]] (little-endian uint64), then the keys."""
+    keylists is emptied. A payload is [n, hashes[n], positions[n], lines[n], key lengths[n]] (little-endian uint64), then the keys."""
     parts: List[List[Tuple[np.ndarray, ...]]] = [[] for _ in range(world)]
-    for piece, kl in keylists.items():
+    for piece in list(keylists):
+        kl = keylists.pop(piece)  # freed as it goes: the payloads take its place
         n = len(kl)
         if not n:
             continue
@@ -77,42 +78,48 @@ def outgoing(keylists: Dict[int, KeyList], first: Dict[int, int], line_base: Dic
                 parts[dst].append((h[sel], pos[sel], line[sel], lens, _gather(blob, starts[sel], lens)))
         mv.release()
     out = []
-    for chunks in parts:
+    for dst in range(world):
+        chunks, parts[dst] = parts[dst], []
         if not chunks:
             out.append(b"")
             continue
-        cols = [np.concatenate([c[i] for c in chunks]).astype(_U64) for i in range(4)]
-        out.append(b"".join([np.array([len(cols[0])], dtype=_U64).tobytes(), *(c.tobytes() for c in cols),
-                             *(c[4] for c in chunks)]))
+        n = sum(len(c[0]) for c in chunks)
+        buf = bytearray(8 + 32 * n + sum(len(c[4]) for c in chunks))  # filled in place: one copy of the keys
+        buf[:8] = np.array([n], dtype=_U64).tobytes()
+        pos = 8
+        for i in range(4):
+            for c in chunks:
+                data = c[i].astype(_U64).tobytes()
+                buf[pos:pos + len(data)] = data
+                pos += len(data)
+        for c in chunks:
+            buf[pos:pos + len(c[4])] = c[4]
+            pos += len(c[4])
+        del chunks
+        out.append(buf)
     return out
 
 
 def find_duplicates(payloads: Sequence[bytes]) -> List[Duplicate]:
     """Every later copy of a key among the payloads this rank received, naming the first copy."""
-    hs, ps, ls, starts, ends, source = [], [], [], [], [], []
-    blobs = []
+    cols, blobs = [], []
     for data in payloads:
-        if not data:
-            continue
-        n = int(np.frombuffer(data, dtype=_U64, count=1)[0])
-        cols = np.frombuffer(data, dtype=_U64, count=4 * n, offset=8).reshape(4, n)
-        hs.append(cols[0])
-        ps.append(cols[1])
-        ls.append(cols[2])
-        e = np.cumsum(cols[3].astype(np.int64))
-        starts.append(e - cols[3].astype(np.int64))
-        ends.append(e)
-        source.append(np.full(n, len(blobs), dtype=np.int32))
-        blobs.append(memoryview(data)[8 + 32 * n:])
-    if not hs:
+        if data:
+            n = int(np.frombuffer(data, dtype=_U64, count=1)[0])
+            cols.append(np.frombuffer(data, dtype=_U64, count=4 * n, offset=8).reshape(4, n))
+            blobs.append(memoryview(data)[8 + 32 * n:])
+    if not cols:
         return []
-    h, pos, line = np.concatenate(hs), np.concatenate(ps), np.concatenate(ls)
+    join = (lambda i: cols[0][i]) if len(cols) == 1 else (lambda i: np.concatenate([c[i] for c in cols]))
+    h, pos = join(0), join(1)
     order = np.lexsort((pos, h))  # by hash, then by position
     sh = h[order]
     same = np.flatnonzero(sh[1:] == sh[:-1]) + 1  # sorted places equal to the one before
     if not len(same):
         return []
-    start, end, src = np.concatenate(starts), np.concatenate(ends), np.concatenate(source)
+    line, lens = join(2), join(3).astype(np.int64)
+    ends = np.concatenate([np.cumsum(c[3].astype(np.int64)) for c in cols])  # each key's end in its payload
+    source = np.concatenate([np.full(c.shape[1], k, dtype=np.int32) for k, c in enumerate(cols)])
     out: List[Duplicate] = []
     firsts: Dict[bytes, Tuple[int, int]] = {}
     run_hash = None
@@ -120,7 +127,7 @@ def find_duplicates(payloads: Sequence[bytes]) -> List[Duplicate]:
         j = int(order[i])
         if sh[i] != run_hash:
             run_hash, firsts = sh[i], {}
-        key = bytes(blobs[src[j]][start[j]:end[j]])
+        key = bytes(blobs[source[j]][int(ends[j] - lens[j]):int(ends[j])])
         if key in firsts:
             out.append((int(pos[j]), int(line[j]), *firsts[key], key))
         else:
