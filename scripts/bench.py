@@ -725,6 +725,11 @@ def scan_suite(args: argparse.Namespace) -> None:
             for layout, path in (("one", wl["one"].name), ("shards", wl["shards"].name)):
                 arms[f"new_{layout}_n{r}"] = (lambda r=r, layout=layout, path=path: scan_job(
                     REPO, out, f"new_{layout}_{n}_n{r}", wl["one"].parent, path, r, echo, cpus))
+        if args.echo_start_s:  # an engine that takes echo_start_s to start and no CPU (as a GPU's): the scan hides
+            for r in ranks:
+                arms[f"new_one_start{args.echo_start_s:g}_n{r}"] = (lambda r=r: scan_job(
+                    REPO, out, f"new_one_start_{n}_n{r}", wl["one"].parent, wl["one"].name, r,
+                    [*echo, f"engine_options.echo_start_s={args.echo_start_s}"], cpus))
         if args.vllm:  # the scan behind a real engine start
             eng = [f"model_name={args.model}", *args.vllm_overrides.split()]
             for r in [r for r in ranks if r <= args.vllm_max_ranks]:
@@ -733,6 +738,8 @@ def scan_suite(args: argparse.Namespace) -> None:
                 arms[f"vllm_new_n{r}"] = (lambda r=r: scan_job(REPO, out, f"vllm_new_{n}_n{r}", wl["one"].parent,
                                                                wl["one"].name, r, eng, cpus))
             arms["vllm_raw_start"] = lambda: raw_engine_start(args, cpus)
+        if args.arms:
+            arms = {name: arm for name, arm in arms.items() if re.search(args.arms, name)}
         runs: Dict[str, List[Dict[str, Any]]] = {name: [] for name in arms}
         for rep in range(args.repeat):
             for name, arm in arms.items():
@@ -802,6 +809,9 @@ def main() -> None:
         p.add_argument("--workloads", help="where the workload files are (made if missing)")
         p.add_argument("--repeat", type=int, default=3, help="runs of each arm (the minimum is reported)")
         p.add_argument("--cpus", help="pin every job to these cores (taskset -c), e.g. 0,1")
+        p.add_argument("--arms", help="a regular expression: run only the arms it finds")
+        p.add_argument("--echo-start-s", type=float, default=0.0,
+                       help="also the new scan behind an echo engine that takes this long to start")
         p.add_argument("--vllm", action="store_true", help="also launch-to-first-request with real vLLM")
         p.add_argument("--vllm-repeat", type=int, default=1)
         p.add_argument("--vllm-max-ranks", type=int, default=2)

@@ -84,18 +84,17 @@ def outgoing(keylists: Dict[int, KeyList], first: Dict[int, int], line_base: Dic
             out.append(b"")
             continue
         n = sum(len(c[0]) for c in chunks)
-        buf = bytearray(8 + 32 * n + sum(len(c[4]) for c in chunks))  # filled in place: one copy of the keys
+        buf = bytearray(8 + 32 * n + sum(len(c[4]) for c in chunks))  # filled in place, chunk by chunk (freed)
         buf[:8] = np.array([n], dtype=_U64).tobytes()
-        pos = 8
-        for i in range(4):
-            for c in chunks:
-                data = c[i].astype(_U64).tobytes()
-                buf[pos:pos + len(data)] = data
-                pos += len(data)
-        for c in chunks:
-            buf[pos:pos + len(c[4])] = c[4]
-            pos += len(c[4])
-        del chunks
+        row, key_at = 0, 8 + 32 * n
+        while chunks:
+            c = chunks.pop(0)
+            k = len(c[0])
+            for i in range(4):  # column i of the payload, rows [row, row + k)
+                at = 8 + 8 * (i * n + row)
+                buf[at:at + 8 * k] = c[i].astype(_U64).tobytes()
+            buf[key_at:key_at + len(c[4])] = c[4]
+            row, key_at = row + k, key_at + len(c[4])
         out.append(buf)
     return out
 
