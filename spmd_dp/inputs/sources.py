@@ -82,7 +82,9 @@ def filesystem(url: str, storage_options: Optional[Dict[str, Any]] = None) -> Tu
 def storage_error(url: str, e: BaseException) -> UsageError:
     """One line for a failure to reach an input: which URL, and the package or variable to set."""
     protocol = url.split("://", 1)[0] if is_url(url) else "file"
-    package, extra, credentials = PROTOCOLS.get(protocol, (None, None, "check the credentials of this storage"))
+    local = protocol in ("file", "local")
+    package, extra, credentials = PROTOCOLS.get(
+        protocol, (None, None, "check its permissions" if local else "check the credentials of this storage"))
     text = " ".join(str(e).split()) or type(e).__name__
     names = {c.__name__ for c in type(e).__mro__}
     if isinstance(e, ImportError) or "Install " in text or "not installed" in text:
