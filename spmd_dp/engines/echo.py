@@ -14,7 +14,8 @@ shares of short / long words, `score` the overlap (Jaccard) of the two texts' wo
 `reward` the number of words. Fault injection: `echo_fail_ranks` lists ranks whose
 engine fails at start; `echo_fail_keys` records whose requests fail (error_kind
 failed) `echo_fail_times` times each, then succeed (to rehearse `max_retries`).
-Structured outputs and LoRA adapters are accepted and ignored (a dry run).
+Structured outputs and LoRA adapters are accepted and ignored (a dry run). `echo_start_s` is how long it takes to start (to rehearse a slow start,
+as vLLM's).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class EchoEngine:
     def __init__(self, options, batch_size: int, rank: int) -> None:
         if rank in options.echo_fail_ranks:
             raise EngineStartError(f"echo engine: rank {rank} is listed in engine_options.echo_fail_ranks")
+        time.sleep(options.echo_start_s)
         self.delay = options.echo_delay_s
         self.max_model_len = options.max_model_len
         self.fail_keys = {str(k) for k in options.echo_fail_keys}
