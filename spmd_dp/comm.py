@@ -78,6 +78,44 @@ class Group:
         buf = torch.empty(size, dtype=torch.uint8)
         return Receive(buf, self.pg.recv([buf], src, 0))
 
+    def all_gather_bytes(self, data: bytes) -> List[bytes]:
+        """Every rank's bytes (of any length), indexed by rank."""
+        sizes = [row[0] for row in self.all_gather_ints([len(data)])]
+        if not max(sizes):
+            return [b""] * self.world
+        buf = torch.zeros(max(sizes), dtype=torch.uint8)
+        if data:
+            buf[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        out = [torch.empty_like(buf) for _ in range(self.world)]
+        self.pg.allgather([out], [buf]).wait()
+        return [t[:n].numpy().tobytes() for t, n in zip(out, sizes)]
+
+    def alltoall_bytes(self, chunks: Sequence[bytes]) -> List[bytes]:
+        """chunks[r] goes to rank r; returns what each rank sent this one, indexed by rank (gloo all-to-all)."""
+        assert len(chunks) == self.world
+        table = self.all_gather_ints([len(c) for c in chunks])  # table[src][dst]: bytes src sends dst
+        incoming = [table[src][self.rank] for src in range(self.world)]
+        data = bytearray().join(chunks)  # one copy, writable: the tensor shares it
+        send = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+        recv = torch.empty(sum(incoming), dtype=torch.uint8)
+        self.pg.alltoall_base(recv, send, incoming, [len(c) for c in chunks], dist.AllToAllOptions()).wait()
+        raw = recv.numpy().tobytes()
+        out, pos = [], 0
+        for n in incoming:
+            out.append(raw[pos:pos + n])
+            pos += n
+        return out
+
+    def gather_bytes(self, data: bytes, dst: int = 0) -> List[bytes]:
+        """Every rank's bytes on dst (indexed by rank), point to point; [] on the other ranks."""
+        sizes = [row[0] for row in self.all_gather_ints([len(data)])]
+        if self.rank != dst:
+            if data:
+                self.send_bytes(data, dst)
+            return []
+        receives = {r: self.recv_bytes(sizes[r], r) for r in range(self.world) if r != dst and sizes[r]}
+        return [data if r == dst else (receives[r].result() if r in receives else b"") for r in range(self.world)]
+
     def broadcast_json(self, obj: Any, src: int = 0) -> Any:
         """Broadcast a JSON-able object from src."""
         data = json.dumps(obj).encode() if self.rank == src else b""

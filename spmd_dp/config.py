@@ -32,7 +32,7 @@ ON_BAD_RECORD = ("fail", "skip")
 ECHO_FAULTS = ("die", "hang")
 DEFAULT_MODEL = "spmd-dp/tiny-llama"
 TASKS = ("generate", "embed", "classify", "score", "reward")  # generate: vLLM's generate runner; the rest: pooling
-INPUT_FORMATS = ("auto", "jsonl", "openai_batch")
+INPUT_FORMATS = ("auto", "jsonl", "parquet", "hf_dataset", "openai_batch")  # auto: by extension (inputs/formats.py)
 ON_LONG_PROMPT = ("fail", "skip", "truncate_left", "truncate_right")
 STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object")  # vLLM's StructuredOutputsParams
 STRUCTURED_OPTIONS = ("disable_any_whitespace", "disable_additional_properties", "whitespace_pattern")
@@ -81,6 +81,7 @@ class EngineOptions:
     # (spmd-dp/tiny-llama-lora-a); a record picks one by name (lora_adapter)
     lora_adapters: Dict[str, str] = field(default_factory=dict)
     max_lora_rank: Optional[int] = None  # null: the largest `r` of the adapters' adapter_config.json (else 16)
+    echo_start_s: float = 0.0  # seconds the echo engine takes to start (rehearses a slow engine start)
 
 
 @dataclass
@@ -119,9 +120,14 @@ class RunConfig:
     data_dir: str = str(ASSETS_DIR)
     output_dir: str = "outputs"
     prompts_dir: Optional[str] = None
-    # seed 000, load node
-    input_data_path: str = "sample.jsonl"
+    # seed 000, load node. input_data_path: a file, a folder, a glob, a URL (s3://, gs://, hf://, file://), or a
+    # list of them, relative to data_dir unless absolute (spmd_dp/inputs/sources.py)
+    input_data_path: Any = "sample.jsonl"
     primary_key: str = "id"
+    # auto (by extension) | jsonl | parquet | hf_dataset (datasets' save_to_disk) | openai_batch (OpenAI Batch
+    # API request lines, JSONL: spmd_dp/openai_batch.py)
+    input_format: str = "auto"
+    storage_options: Dict[str, Any] = field(default_factory=dict)  # fsspec options for URLs (endpoint_url, anon, ...)
     # the prompt of a record (spmd_dp/prompts.py): a `messages_field` list is a chat; else a template
     # (prompt_template, or ${prompts_dir}/${name}.jinja|.txt) rendered with the record; else prompt_field
     prompt_field: str = "prompt"
@@ -153,7 +159,6 @@ class RunConfig:
     log_level: str = "INFO"
     # per-record requests (spmd_dp/requests.py): each of these may be set per record by a field of the same name
     task: Any = "generate"  # generate | embed | classify | score | reward, or a list of them (one engine each)
-    input_format: str = "auto"  # auto/jsonl: records; openai_batch: OpenAI Batch API request lines (spmd_dp/openai_batch.py)
     return_token_ids: bool = False  # add ${name}_token_ids (also written whenever logprobs are asked for)
     lora_adapter: Optional[str] = None  # the adapter (a name in engine_options.lora_adapters); null: the base model
     pooling_options: Dict[str, Any] = field(default_factory=dict)  # PoolingParams: dimensions, use_activation
@@ -164,7 +169,9 @@ class RunConfig:
 
     @property
     def input_path(self) -> Path:
-        return Path(self.data_dir).expanduser() / Path(self.input_data_path).expanduser()
+        """The input as a local path (the first entry of a list; `~` expanded)."""
+        entry = self.input_data_path[0] if isinstance(self.input_data_path, list) else self.input_data_path
+        return Path(self.data_dir).expanduser() / Path(str(entry)).expanduser()
 
 
 ConfigStore.instance().store(name="spmd_dp_schema", node=RunConfig)
@@ -178,8 +185,17 @@ def find_config_dir() -> Path:
     raise UsageError(f"config error: no config.yaml in {PACKAGE_DIR.parent / 'conf'}; reinstall spmd_dp")
 
 
+def _quote_home(override: str) -> str:
+    """key=~/x -> key='~/x': Hydra's override grammar takes no unquoted '~' in a value (spmd_dp expands it)."""
+    key, eq, value = override.partition("=")
+    if eq and value.startswith("~") and not key.startswith("~"):
+        return f"{key}='{value}'"
+    return override
+
+
 def compose_config(overrides: List[str], config_name: str = "config", config_dir: str | None = None) -> DictConfig:
     """Hydra composition of `<config_dir>/<config_name>.yaml` + overrides (not validated)."""
+    overrides = [_quote_home(o) for o in overrides]
     cdir = Path(config_dir).resolve() if config_dir else find_config_dir()
     if not (cdir / f"{config_name}.yaml").is_file():
         raise UsageError(f"config error: no config file {cdir / (config_name + '.yaml')}; pass --config-dir/--config-name")
@@ -218,6 +234,11 @@ def _one_line(e: BaseException) -> str:
         return f"config error: {what}; available: {', '.join(options)}"
     if "Error parsing override" in text:
         return f"config error: {first}; write overrides as key=value, e.g. batch_size=64"
+    override = getattr(e, "override", None)
+    if override and "=" in override:  # a value with characters Hydra's grammar reserves ([ ] { } ...)
+        key, _, value = override.partition("=")
+        return (f"config error: cannot parse the override {override} ({first}); quote the value: "
+                f"'{key}=\"{value}\"'")
     where = f"{key}: " if key else ""
     return f"config error: {where}{first}"
 
@@ -260,6 +281,9 @@ def validate(cfg: RunConfig) -> None:
     _check(cfg.batch_size >= 1, "batch_size", cfg.batch_size, "use an integer >= 1 (the seed's default is 32)")
     _check(cfg.batch_timeout > 0, "batch_timeout", cfg.batch_timeout, "use seconds > 0 (the seed's default is 600.0)")
     _check(bool(cfg.primary_key), "primary_key", cfg.primary_key, "name the field that identifies a record, e.g. id")
+    paths = cfg.input_data_path if isinstance(cfg.input_data_path, list) else [cfg.input_data_path]
+    _check(bool(paths) and all(isinstance(p, str) and p for p in paths), "input_data_path", cfg.input_data_path,
+           "give a file, a folder, a glob or a URL, or a list of them: input_data_path=[a.jsonl,shards/*.parquet]")
     _check(bool(cfg.prompt_field), "prompt_field", cfg.prompt_field, "name the field that holds the prompt, e.g. prompt")
     _check(bool(cfg.model_name), "model_name", cfg.model_name, f"give a hub id, a local path or {DEFAULT_MODEL}")
     _check(eo.gpus_per_dp_rank >= 1, "engine_options.gpus_per_dp_rank", eo.gpus_per_dp_rank, "use an integer >= 1")
@@ -282,6 +306,7 @@ def validate(cfg: RunConfig) -> None:
     _check(eo.max_engine_restarts >= 0, "engine_options.max_engine_restarts", eo.max_engine_restarts,
            "use an integer >= 0 (0: a rank whose engine fails mid-run hands its work to the others at once)")
     _check(eo.echo_delay_s >= 0, "engine_options.echo_delay_s", eo.echo_delay_s, "use seconds >= 0")
+    _check(eo.echo_start_s >= 0, "engine_options.echo_start_s", eo.echo_start_s, "use seconds >= 0")
     _check(eo.echo_fault in ECHO_FAULTS, "engine_options.echo_fault", eo.echo_fault, f"use one of {', '.join(ECHO_FAULTS)}")
     _check(eo.echo_fault_after_steps >= 0, "engine_options.echo_fault_after_steps", eo.echo_fault_after_steps,
            "use an integer >= 0")

@@ -17,6 +17,7 @@ import signal
 import time
 from typing import Dict, Optional
 
+from spmd_dp.errors import Drained
 from spmd_dp.log import logger
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
@@ -38,6 +39,10 @@ class Drain:
         return self
 
     def restore(self) -> None:
+        """The signals' previous handlers, unless the run drained: then a second SIGTERM (torchrun's, as a peer
+        exits first) must not kill the rank before it has said what was committed."""
+        if self.requested:
+            return
         for sig, old in self._old.items():
             signal.signal(sig, old)
         self._old.clear()
@@ -62,6 +67,12 @@ class Drain:
     @property
     def requested(self) -> bool:
         return self.why is not None
+
+    def stop_before(self, next_node) -> None:
+        """After a workflow node: a drained run does not start the next one."""
+        if self.requested and next_node is not None:
+            raise Drained(f"stopped by {self.why} before workflow node {next_node}; rerun with the same "
+                          f"output_dir to resume", self.signum)
 
     def expired(self) -> bool:
         return self.why is not None and time.monotonic() - self.since > self.timeout_s

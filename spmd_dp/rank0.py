@@ -1,8 +1,10 @@
-"""Rank 0's role in a workflow node: scan the input, open the journal, commit what arrives, report.
+"""Rank 0's role in a workflow node: open the journal on the scanned input, commit what arrives, report.
 
-Only rank 0 makes a `Rank0` (spmd_dp/run.py). `open()` validates the whole input
-(spmd_dp/inputs.py), opens the journal (resume or refuse) and writes the resolved
-config; what it returns (`WorkOrder`) is broadcast to every rank. While the ranks
+`open_node` is every rank's setup of a node: the input scan that all ranks share
+(spmd_dp/inputs/scan.py: each validates and indexes a share, the shares merge into the
+index every rank reads batches through), then rank 0's `Rank0.open`, which opens the
+journal (resume or refuse) and writes the resolved config; what it returns (`WorkOrder`)
+is broadcast to every rank. Only rank 0 makes a `Rank0` (spmd_dp/run.py). While the ranks
 generate, the control thread hands it every rank's messages (`handle`): finished
 batches are committed at once, rank statistics kept for the metrics. `finish()`
 checks that every record is committed, writes the final file in input order, the
@@ -12,14 +14,15 @@ errors file and the metrics, and prints the summary table.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional, Tuple
 
 from spmd_dp.batches import Span
 from spmd_dp.config import RunConfig, to_yaml
 from spmd_dp.drain import Drain
 from spmd_dp.errors import Drained, RunFailure, UsageError
-from spmd_dp.inputs import BadRecord, RecordSpec, scan_input
+from spmd_dp.inputs import BadRecord, InputIndex, RecordSpec, ScanResult, locations, shared_scan
+from spmd_dp.inputs.workers import Scanners, scan_processes
 from spmd_dp.journal import Journal, fingerprint
 from spmd_dp.log import logger
 from spmd_dp.messages import BatchDone, Message, RankStats
@@ -34,10 +37,38 @@ from spmd_dp.prompts import PromptBuilder
 class WorkOrder:
     """What rank 0 tells every rank before the work starts (broadcast as JSON)."""
 
-    index: Dict[str, Any] = field(default_factory=dict)  # InputIndex.to_json()
     pending: List[Span] = field(default_factory=list)  # record spans not committed yet
     complete: bool = False  # the journal says the output is written already
     error: Optional[str] = None  # a UsageError's line: every rank exits 2
+
+
+def record_spec(cfg: RunConfig, prompts: PromptBuilder) -> RecordSpec:
+    """What a valid record is for this node; a table without the prompt's column is refused up front (unless a
+    template decides what the prompt reads)."""
+    columns = None if prompts.template is not None else (cfg.prompt_field, cfg.messages_field)
+    return RecordSpec(cfg.primary_key, prompts.check, columns)
+
+
+def fork_scanners(cfg: RunConfig, prompts: PromptBuilder, device_kind: str, local_world_size: int) -> Scanners:
+    """The processes that will scan this rank's share of the input, forked now: before the engine starts."""
+    kind = "cpu_engine" if device_kind == "cpu" and cfg.inference_engine != "echo" else device_kind
+    return Scanners(record_spec(cfg, prompts), cfg.batch_size, cfg.storage_options or None,
+                    scan_processes(kind, local_world_size))
+
+
+def open_node(cfg: RunConfig, prompts: PromptBuilder, group, rank0: Optional["Rank0"], scanners: Optional[Scanners]
+              ) -> Tuple[Optional[InputIndex], "WorkOrder"]:
+    """Every rank: scan a share of the input (merged over `group`, a spmd_dp.comm.Group) in its scanners, then
+    rank 0 opens the journal; the WorkOrder is rank 0's, on every rank. A bad input is the same one-line error on
+    every rank."""
+    try:
+        result = shared_scan(locations(cfg.data_dir, cfg.input_data_path), cfg.input_format, record_spec(cfg, prompts),
+                             cfg.batch_size, cfg.on_bad_record == "skip", group, cfg.storage_options or None,
+                             scanners)
+    except UsageError as e:
+        return None, WorkOrder(error=str(e))
+    order = WorkOrder(**group.broadcast_json(asdict(rank0.open(result)) if rank0 else None))
+    return result.index, order
 
 
 class Rank0:
@@ -51,18 +82,19 @@ class Rank0:
         self.failed: Dict[int, RankStats] = {}  # ranks whose engine failed at start or mid-run
         self.todo = 0  # records to generate in this run
 
-    def open(self) -> WorkOrder:
-        """Scan the input, open the journal, say what is left to do (or why not)."""
+    def open(self, scanned: ScanResult) -> WorkOrder:
+        """Open the journal on the scanned input, say what is left to do (or why not)."""
         cfg, paths = self.cfg, self.paths
+        index = scanned.index
         logger.info("prompts from %s", self.prompts.describe())
         try:
-            index, self.bad = scan_input(cfg.input_path, RecordSpec(cfg.primary_key, self.prompts.check),
-                                         cfg.batch_size, skip_bad=cfg.on_bad_record == "skip")
+            self.bad = scanned.bad
             if self.bad:
-                logger.warning("%d bad records in %s (first: line %d: %s); on_bad_record=skip: they go to %s",
-                               len(self.bad), cfg.input_path, self.bad[0].line, self.bad[0].reason, paths.errors)
+                logger.warning("%d bad records in the input (first: %s: %s); on_bad_record=skip: they go to %s",
+                               len(self.bad), self.bad[0].where, self.bad[0].reason, paths.errors)
             self.n_records = index.n_records
-            self.journal.fingerprint = fingerprint(cfg, index.sha256, index.n_records, self.prompts.template_path)
+            self.journal.fingerprint = fingerprint(cfg, index.content_sha256(), index.n_records,
+                                                   self.prompts.template_path)
             self.journal.open(overwrite=cfg.overwrite)
             atomic_write(paths.config, [to_yaml(cfg).encode()])
         except UsageError as e:
@@ -72,7 +104,7 @@ class Rank0:
                                    f"{cfg.output_dir!r} is a writable directory")
         if self.journal.complete:
             logger.info("%s is complete already (journal %s); nothing to do", paths.final, paths.journal)
-            return WorkOrder(index.to_json(), [], True)
+            return WorkOrder([], True)
         pending = self.journal.missing(index.n_records)
         todo = sum(b - a for a, b in pending)
         if todo < index.n_records:
@@ -80,7 +112,7 @@ class Rank0:
                         index.n_records, todo)
         self.progress = Progress(todo)
         self.todo = todo
-        return WorkOrder(index.to_json(), pending)
+        return WorkOrder(pending)
 
     def handle(self, messages: List[Message]) -> None:
         """Called by the control thread with one rank's messages of a round."""

@@ -2,15 +2,15 @@
 
   RankPlan (launcher env + config, once) -> rendezvous store
   per workflow node:
-    device slice -> rank 0 scans the input and opens the journal (Rank0.open) -> WorkOrder to all
+    device slice -> the engine starts (a thread) while every rank scans its share of the input; the
+    shares merge; rank 0 opens the journal (open_node) -> WorkOrder to all
     -> batches and claims -> control thread (outbox -> rank 0's handler; end agreed by all)
-    -> engine on the slice -> generation loop -> rank 0 writes the output and the metrics
+    -> the engine, started -> generation loop -> rank 0 writes the output and the metrics
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import asdict
 from datetime import timedelta
 from typing import Sequence
 
@@ -22,16 +22,16 @@ from spmd_dp.devices import agree_kv_budget
 from spmd_dp.drain import Drain
 from spmd_dp.engines import set_engine_environment
 from spmd_dp.engines.cache import EngineCache, engine_key
-from spmd_dp.errors import Drained, UsageError
+from spmd_dp.engines.starting import EngineStart
+from spmd_dp.errors import UsageError
 from spmd_dp.generation import GenerationLoop
-from spmd_dp.inputs import InputIndex
 from spmd_dp.launcher import scrub_launcher_env
 from spmd_dp.log import logger, setup_logging
 from spmd_dp.messages import RankState, RankStats
 from spmd_dp.outbox import Outbox
 from spmd_dp.plan import OutputPaths, RankPlan, preflight
 from spmd_dp.prompts import PromptBuilder
-from spmd_dp.rank0 import Rank0, WorkOrder
+from spmd_dp.rank0 import Rank0, fork_scanners, open_node
 
 
 def run(cfgs: Sequence[RunConfig]) -> int:
@@ -58,12 +58,9 @@ def run(cfgs: Sequence[RunConfig]) -> int:
             keep = i + 1 < len(cfgs) and engine_key(cfgs[i + 1], plans[i + 1].device.ids) == \
                 engine_key(cfg, plan.device.ids)
             run_node(cfg, plan, prompts, substore(store, f"job{i}"), timeout, engines, keep, drain)
-            if drain.requested and i + 1 < len(cfgs):
-                raise Drained(f"stopped by {drain.why} before workflow node {cfgs[i + 1].name}; rerun to resume",
-                              drain.signum)
+            drain.stop_before(cfgs[i + 1].name if i + 1 < len(cfgs) else None)
     finally:
-        if not drain.requested:  # after a drain, a second SIGTERM (torchrun's, as a peer exits) is ignored
-            drain.restore()
+        drain.restore()
         engines.close()
     return 0
 
@@ -77,12 +74,22 @@ def run_node(cfg: RunConfig, plan: RankPlan, prompts: PromptBuilder, store, time
     logger.info("%s", plan.describe())
     plan.device.log_physical(plan.rank)
     rank0 = Rank0(cfg, OutputPaths.of(cfg), prompts, plan.world_size) if plan.is_rank0 else None
-    control = None
+    stats = RankStats(plan.rank)
+    kv_budget = None
+    if cfg.engine_options.agree_kv_cache:
+        kv_budget = agree_kv_budget(plan.device, cfg.engine_options, plan.env.local_world_size,
+                                    plan.world_size, group.min)
+    scrub_launcher_env()  # vLLM's workers must form a world of their own, not join ours
+    scanners = fork_scanners(cfg, prompts, plan.device.kind, plan.env.local_world_size)  # before the engine's thread
+    starting = EngineStart(engines, cfg, plan.device, plan.rank, kv_budget, stats)  # while the input is scanned
+    index = control = None
     try:
-        order = WorkOrder(**group.broadcast_json(asdict(rank0.open()) if rank0 else None))
+        index, order = open_node(cfg, prompts, group, rank0, scanners)
+        scanners.close()
         if order.error:
             raise UsageError(order.error, quiet=not plan.is_rank0)  # rank 0 prints it
         if order.complete:
+            starting.stop()
             return
         batches = make_batches(cfg.schedule, order.pending, plan.world_size, cfg.batch_size)
         claims = Claims(substore(store, "work"), batches, cfg.schedule, plan.rank, plan.world_size)
@@ -91,18 +98,11 @@ def run_node(cfg: RunConfig, plan: RankPlan, prompts: PromptBuilder, store, time
         control = ControlPlane(Group(substore(store, "control"), plan.rank, plan.world_size, timeout), outbox,
                                rank0.handle if rank0 else None, cfg.batch_timeout)
         control.start()
-        stats = RankStats(plan.rank)
-        kv_budget = None
-        if cfg.engine_options.agree_kv_cache:
-            kv_budget = agree_kv_budget(plan.device, cfg.engine_options, plan.env.local_world_size,
-                                        plan.world_size, group.min)
-        scrub_launcher_env()  # vLLM's workers must form a world of their own, not join ours
-        engine = engines.start(cfg, plan.device, plan.rank, kv_budget, stats)
+        engine = starting.result()
         outbox.state = RankState.FAILED if engine is None else RankState.READY
         if engine is not None:
-            todo = sum(b.size for b in batches)
-            GenerationLoop(cfg, engine, claims, InputIndex.from_json(order.index), prompts, outbox, plan.rank,
-                           stats, fair_share=-(-todo // plan.world_size), n_batches=len(batches)).run()
+            GenerationLoop(cfg, engine, claims, index, prompts, outbox, plan.rank, stats,
+                           fair_share=-(-sum(b.size for b in batches) // plan.world_size), n_batches=len(batches)).run()
             if not keep_engine or outbox.state == RankState.GAVE_UP:
                 engines.release()
         outbox.put(stats)
@@ -116,5 +116,8 @@ def run_node(cfg: RunConfig, plan: RankPlan, prompts: PromptBuilder, store, time
             control.leaving(e)  # for the other ranks to say why this one left
         raise
     finally:
+        scanners.close()
+        if index is not None:
+            index.close()
         if rank0:
             rank0.close()

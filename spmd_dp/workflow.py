@@ -4,9 +4,9 @@
 
 A workflow file has `name`, `data_dir`, `output_dir`, `prompts_dir` and `nodes`, each
 `{id, type, params, dependencies}` (seed 000). A `load` node names the input
-(`input_data_path`, `primary_key`); a `text_prompt` node is one spmd_dp job whose
-params are config keys (`name`, `model_name`, `inference_engine`, `engine_options`,
-`batch_size`, ...). Its input is its dependency's: the load node's file, or the output
+(`input_data_path`, `primary_key`; also `data_dir`, `input_format`, `storage_options`); a
+`text_prompt` node is one spmd_dp job whose params are config keys (`name`, `model_name`,
+`inference_engine`, `engine_options`, `batch_size`, ...). Its input is its dependency's: the load node's, or the output
 of the text_prompt node it depends on (`${output_dir}/${name}.jsonl`), so one node's
 output feeds the next. Text_prompt nodes run in dependency order. A single node object
 (`{"id", "type": "text_prompt", "params"}`) is a workflow of that node, reading the
@@ -98,7 +98,7 @@ def workflow_configs(path: Path, overrides: List[str], config_name: str = "confi
         params = dict(node.get("params", {}))
         deps = node.get("dependencies", [])
         if node["type"] == "load":
-            allowed = {"input_data_path", "primary_key", "data_dir"}
+            allowed = {"input_data_path", "primary_key", "data_dir", "input_format", "storage_options"}
             unknown = sorted(set(params) - allowed)
             if unknown:
                 raise _error(path, f"load node '{node['id']}' has unknown params {unknown}; allowed: {sorted(allowed)}")
@@ -122,7 +122,8 @@ def workflow_configs(path: Path, overrides: List[str], config_name: str = "confi
             raise _error(path, f"node '{node['id']}': {str(e).removeprefix('config error: ')}") from None
         configs.append(cfg)
         # what a node depending on this one reads: this one's output
-        inputs[node["id"]] = {"input_data_path": str(OutputPaths.of(cfg).final), "primary_key": cfg.primary_key}
+        inputs[node["id"]] = {"input_data_path": str(OutputPaths.of(cfg).final), "primary_key": cfg.primary_key,
+                              "input_format": "auto"}
     if not configs:
         raise _error(path, "no text_prompt node: nothing to run")
     feeding = {d for n in order for d in n.get("dependencies", [])}

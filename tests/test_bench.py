@@ -41,3 +41,19 @@ def test_report_figures_from_phase_results(tmp_path):
     assert res["skew_speedup_dynamic_vs_static"] == {"sorted": 1.5}
     assert res["skew_vs_ideal"] == {"sorted": round(6.0 / 5.9, 4)}
     assert (tmp_path / "r" / "results.md").read_text().startswith("| run |")
+
+
+def test_scan_suite_smoke(tmp_path):
+    """bench.py scan end to end on a small input, with the current code standing in for the baseline tree."""
+    p = subprocess.run([sys.executable, "scripts/bench.py", "scan", "--out", str(tmp_path), "--records", "3000",
+                        "--ranks", "1", "--repeat", "1", "--base-tree", str(REPO)], cwd=REPO, capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads((tmp_path / "scan.json").read_text())
+    summary = res["sizes"][0]["summary"]
+    assert set(summary) == {"in:today", "in:new_one_file", "in:new_shards", "today_n1", "new_one_n1", "new_shards_n1"}
+    assert summary["new_shards_n1"]["scan_s"]["min"] > 0 and summary["in:new_one_file"]["wall_s"]["min"] > 0
+    assert summary["new_one_n1"]["scan_cpu_s"]["min"] > 0
+    assert all(summary[k]["launch_to_first_request_s"]["min"] > 0 for k in summary if not k.startswith("in:"))
+    assert len(list((tmp_path / "workloads" / "shards-3000").iterdir())) == 16
+    assert "| 3000 |" in (tmp_path / "scan.md").read_text()

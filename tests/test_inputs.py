@@ -1,11 +1,13 @@
 """Input scanning: validation in one pass, errors naming file and line, reading batches by offset."""
 
 import json
+import os
 
 import pytest
 
 from spmd_dp.config import load_config
 from spmd_dp.inputs import RecordSpec, read_batch, scan_input
+from tests.conftest import write_jsonl
 from spmd_dp.errors import UsageError
 from spmd_dp.prompts import PromptBuilder
 
@@ -19,7 +21,7 @@ def test_scan_and_read_any_span(tmp_path):
     lines.insert(12, "   ")
     p.write_text("\n".join(lines) + "\n")
     idx, bad = scan_input(p, SPEC, stride=4)
-    assert idx.n_records == 23 and bad == [] and len(idx.offsets) == 6
+    assert idx.n_records == 23 and bad == [] and len(idx.pieces[0].locator) == 6
     for start, stop in [(0, 23), (3, 9), (8, 12), (22, 23), (5, 6)]:
         assert [r["id"] for r in read_batch(idx, start, stop)] == list(range(start, stop))
 
@@ -73,3 +75,195 @@ def test_every_repeat_of_a_key_names_the_first_and_types_differ(tmp_path):
     assert [b.reason.split(";")[0] for b in bad] == ["duplicate primary key 7 (first at line 1)",
                                                    "duplicate primary key 7 (first at line 1)",
                                                    "duplicate primary key '7' (first at line 2)"]
+
+
+# -- inputs as users hold them: every form reads the same records ------------------------------------
+import gzip  # noqa: E402
+import shutil  # noqa: E402
+
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+
+from spmd_dp.inputs import locations  # noqa: E402
+from tests.input_forms import RECORDS, write_forms  # noqa: E402
+import spmd_dp.inputs.scan as scan_module  # noqa: E402
+
+TABLE_SPEC = RecordSpec("id", PromptBuilder(load_config([])).check, ("prompt", "messages"))
+
+
+@pytest.fixture(scope="module")
+def forms(tmp_path_factory):
+    return write_forms(tmp_path_factory.mktemp("forms"))
+
+
+@pytest.mark.parametrize("loc,files", [("shards/*.jsonl", 3), ("shards", 3), ("all.jsonl.gz", 1), ("all.jsonl.zst", 1),
+                                       ("parquet", 2), ("parquet/*.parquet", 2), ("hf", None),
+                                       (["shards/part-0.jsonl", "parquet/b.parquet"], 2)])
+def test_every_form_reads_the_same_records(forms, loc, files):
+    entries = loc if isinstance(loc, list) else [loc]
+    idx, bad = scan_input([forms / e for e in entries], TABLE_SPEC, stride=7)
+    expected = RECORDS if not isinstance(loc, list) else RECORDS[:234] + RECORDS[400:]
+    assert bad == [] and idx.n_records == len(expected)
+    if files:
+        assert len(idx.files) == files
+    else:  # the Arrow files of the dataset, in its state.json order
+        state = json.loads((forms / "hf" / "state.json").read_text())
+        assert [f.url.rsplit("/", 1)[1] for f in idx.files] == [d["filename"] for d in state["_data_files"]]
+        assert len(idx.files) > 2 and {f.kind for f in idx.files} == {"arrow"}
+    n = len(expected)
+    for start, stop in [(0, n), (3, 50), (n - 13, n), (230, 240), (399, 402), (63, 129)]:
+        assert idx.read(start, stop) == expected[start:stop], (loc, start, stop)
+    if isinstance(loc, str) and loc.startswith("parquet"):
+        assert sum(len(p.locator) for p in idx.pieces) == 7 + 6  # row groups: 400/64 and 300/50
+
+
+def test_pieces_cut_anywhere_give_the_same_records_lines_and_checksum(tmp_path, monkeypatch):
+    """JSONL pieces are byte ranges cut anywhere (mid-line, on a newline, in blank lines): each line is in exactly
+    one piece, positions and line numbers are those of the whole file, and the content checksum does not change."""
+    p = tmp_path / "in.jsonl"
+    lines = [json.dumps(r) for r in RECORDS[:200]]
+    for at in (0, 5, 6, 77, 150):
+        lines.insert(at, " ")
+    lines.insert(100, '{"id": "bad", "prompt": ')
+    p.write_text("\n".join(lines))  # no newline at the end
+    whole, bad_whole = scan_input(p, TABLE_SPEC, stride=5, skip_bad=True)
+    assert len(whole.pieces) == 1 and whole.n_records == 201
+    for size in (97, 200, 1000):
+        monkeypatch.setattr(scan_module, "MIN_PIECE", size)
+        cut, bad_cut = scan_input(p, TABLE_SPEC, stride=5, skip_bad=True)
+        assert len(cut.pieces) == -(-p.stat().st_size // size)
+        assert cut.n_records == 201 and cut.read(0, 201) == whole.read(0, 201)
+        assert [r["id"] if r else None for r in cut.read(90, 110)] == [r["id"] if r else None for r in whole.read(90, 110)]
+        assert [(b.position, b.line) for b in bad_cut] == [(b.position, b.line) for b in bad_whole] == [(96, 101)]
+        assert cut.content_sha256() == whole.content_sha256()
+
+
+def bad(loc, spec=TABLE_SPEC, **kw):
+    with pytest.raises(UsageError) as e:
+        scan_input(loc, spec, 8, **kw)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("input error: ")
+    return msg
+
+
+def test_bad_input_forms_each_one_line(tmp_path, forms):
+    d = tmp_path
+    table = pa.Table.from_pylist(RECORDS[:20])
+    assert "nomatch*.jsonl matches no file; check data_dir= and input_data_path=" in bad(d / "nomatch*.jsonl")
+    assert "missing.jsonl does not exist; set data_dir= and input_data_path=" in bad([forms / "all.jsonl.gz",
+                                                                                     d / "missing.jsonl"])
+    assert "is matched by both" in bad([forms / "shards/part-0.jsonl", forms / "shards/*.jsonl"])
+    (d / "two").mkdir()
+    pq.write_table(table, d / "two" / "a.parquet")
+    pq.write_table(pa.Table.from_pylist([{"id": 5, "prompt": "x", "n": 1}]), d / "two" / "b.parquet")
+    msg = bad(d / "two")
+    assert f"column 'id' is string in {d}/two/a.parquet but integer in {d}/two/b.parquet" in msg
+    pq.write_table(pa.Table.from_pylist([{"id": "z", "prompt": "x"}]), d / "two" / "b.parquet")
+    assert f"column 'n' is in {d}/two/a.parquet but not in {d}/two/b.parquet" in bad(d / "two")
+    pq.write_table(pa.Table.from_pylist([{"key": 5, "prompt": "x"}]), d / "nopk.parquet")
+    assert "nopk.parquet has no column 'id' for the primary key (columns: key, prompt); set primary_key=" in \
+        bad(d / "nopk.parquet")
+    pq.write_table(pa.Table.from_pylist([{"id": 5, "text": "x"}]), d / "noprompt.parquet")
+    assert "noprompt.parquet has no column 'prompt' for the prompt (columns: id, text); set prompt_field=" in \
+        bad(d / "noprompt.parquet")
+    data = (forms / "parquet" / "a.parquet").read_bytes()
+    (d / "cut.parquet").write_bytes(data[:len(data) // 2])
+    assert f"{d}/cut.parquet is not a readable Parquet file" in bad(d / "cut.parquet")
+    (d / "garbled.parquet").write_bytes(data[:4] + b"\x07" * 2000 + data[2004:])
+    assert f"{d}/garbled.parquet is not a readable Parquet file" in bad(d / "garbled.parquet")
+    (d / "dups").mkdir()
+    shutil.copy(forms / "shards" / "part-0.jsonl", d / "dups" / "a.jsonl")
+    shutil.copy(forms / "shards" / "part-0.jsonl", d / "dups" / "b.jsonl")
+    assert (f"{d}/dups/b.jsonl:1: duplicate primary key 'r0000' (first at {d}/dups/a.jsonl:1); primary keys must be "
+            f"unique (and 233 more bad records)") in bad(d / "dups")
+    pq.write_table(table, d / "dups" / "c.parquet")
+    msg = bad([d / "dups" / "c.parquet", d / "dups" / "a.jsonl"])
+    assert f"{d}/dups/a.jsonl:1: duplicate primary key 'r0000' (first at {d}/dups/c.parquet: row 0)" in msg
+    (d / "readme").mkdir()
+    (d / "readme" / "README.md").write_text("x")
+    assert "is a folder with no input files" in bad(d / "readme")
+    import datasets
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(RECORDS[:3]),
+                          "test": datasets.Dataset.from_list(RECORDS[3:5])}).save_to_disk(str(d / "dd"))
+    assert "is a Hugging Face DatasetDict (splits: train, test); give one split, e.g. input_data_path=.../dd/train" \
+        in bad(d / "dd")
+    (d / "t.parquet.gz").write_bytes(gzip.compress(data))
+    assert "a compressed parquet file cannot be read" in bad(d / "t.parquet.gz")
+    assert "reading gs:// needs the gcsfs package: pip install 'spmd_dp[gcs]'" in bad("gs://some-bucket/x.jsonl")
+    assert "unknown protocol nope://" in bad("nope://x/y.jsonl")
+    (d / "bad.jsonl.gz").write_bytes(gzip.compress(b'{"id": 1, "prompt": "a"}\n{"id": 2}\n'))
+    assert f"{d}/bad.jsonl.gz:2: no prompt field 'prompt'" in bad(d / "bad.jsonl.gz")
+    pq.write_table(pa.Table.from_pylist([{"id": 1, "prompt": "a"}, {"id": None, "prompt": "b"}]), d / "nullkey.parquet")
+    assert f"{d}/nullkey.parquet: row 1: no primary key field 'id'" in bad(d / "nullkey.parquet")
+
+
+def test_locations_expand_home_and_join_urls(monkeypatch):
+    monkeypatch.setenv("HOME", "/home/u")
+    assert locations("~/data", "in.jsonl") == ["/home/u/data/in.jsonl"]
+    assert locations("/d", ["~/a.jsonl", "b/*.parquet", "s3://bkt/x/"]) == ["/home/u/a.jsonl", "/d/b/*.parquet",
+                                                                           "s3://bkt/x/"]
+    assert locations("s3://bkt/data", ["a.jsonl", "hf://datasets/o/n"]) == ["s3://bkt/data/a.jsonl",
+                                                                          "hf://datasets/o/n"]
+    cfg = load_config(["data_dir=~/data", "input_data_path=~/x.jsonl"])  # Hydra takes no unquoted '~': quoted for you
+    assert (cfg.data_dir, cfg.input_data_path, str(cfg.input_path)) == ("~/data", "~/x.jsonl", "/home/u/x.jsonl")
+    assert load_config(["input_data_path=[a.jsonl,b/*.parquet]"]).input_data_path == ["a.jsonl", "b/*.parquet"]
+
+
+def test_the_fingerprint_follows_content_not_place_or_time(tmp_path):
+    a = write_jsonl(tmp_path / "a" / "in.jsonl", RECORDS[:50])
+    first = scan_input(a, TABLE_SPEC, 8)[0].content_sha256()
+    os.utime(a, (1, 1))
+    b = tmp_path / "b" / "in.jsonl"
+    b.parent.mkdir()
+    shutil.copy(a, b)
+    assert scan_input(b, TABLE_SPEC, 8)[0].content_sha256() == first  # moved, copied, touched: the same input
+    assert scan_input(a, TABLE_SPEC, 32)[0].content_sha256() == first  # another batch_size: the same input
+    b.write_text(b.read_text().replace('"w3 a b c', '"w3 a b x'))
+    assert scan_input(b, TABLE_SPEC, 8)[0].content_sha256() != first  # same size, other content
+    write_jsonl(tmp_path / "b" / "more.jsonl", [{"id": "x", "prompt": "y"}])
+    assert scan_input(tmp_path / "b", TABLE_SPEC, 8)[0].content_sha256() != first  # another file in the set
+
+
+def test_duplicates_found_by_hash_partition_over_simulated_ranks():
+    """Keys scanned by 3 ranks, sent to the rank owning their hash: every later copy is found once, naming the
+    first copy; no rank receives every key."""
+    from spmd_dp.inputs.duplicates import KeyList, find_duplicates, outgoing
+    from spmd_dp.inputs.records import encode_key
+
+    keys = [f"k{i % 97}" if i % 5 == 0 else i for i in range(600)]  # k0..k96 repeat; ints are unique
+    keys[599] = "599"  # a string, not the integer 599 ... which is not there either: unique
+    keys[598] = 7  # the integer 7 again
+    world, per_piece = 3, 50
+    sent = {r: [] for r in range(world)}
+    for piece in range(12):  # pieces of 50 keys; rank = piece // 4
+        kl = KeyList()
+        for j in range(per_piece):
+            kl.add(encode_key(keys[piece * per_piece + j]), j, j + 1)
+        for dst, payload in enumerate(outgoing({piece: kl}, {piece: piece * per_piece}, {piece: 1000 * piece}, world)):
+            sent[dst].append(payload)
+    found = sorted(d for dst in range(world) for d in find_duplicates(sent[dst]))
+    expected, first = [], {}
+    for pos, k in enumerate(keys):
+        line = 1000 * (pos // per_piece) + pos % per_piece + 1
+        if (type(k), k) in first:
+            expected.append((pos, line, *first[(type(k), k)], encode_key(k)))
+        else:
+            first[(type(k), k)] = (pos, line)
+    assert found == expected and len(found) == 120 - 97 + 1
+    assert max(sum(len(p) for p in sent[r]) for r in range(world)) < 0.6 * sum(len(p) for r in sent for p in sent[r])
+
+
+def test_shares_are_contiguous_and_balanced():
+    from spmd_dp.inputs.scan import Piece, assign
+    from spmd_dp.inputs.sources import InputFile
+
+    def owners(sizes, world):
+        files = [InputFile(f"f{i}", s, "jsonl") for i, s in enumerate(sizes)]
+        return assign([Piece(i, 0, s) for i, s in enumerate(sizes)], files, world)
+
+    M = 1 << 20
+    assert owners([M, M, M, M // 10], 4) == [0, 1, 2, 3]
+    assert owners([65816, 66231], 2) == [0, 1]
+    assert owners([M] * 10, 4) == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3]  # the largest share is 3 pieces, as small as it gets
+    assert owners([5, M, M, M, 3 * M], 2) == [0, 0, 0, 0, 1]
+    assert owners([M] * 3, 8) == [0, 1, 2] and owners([1], 8) == [0]

@@ -8,7 +8,8 @@ from spmd_dp.messages import BatchDone, RankStats
 from spmd_dp.output import output_row
 from spmd_dp.plan import OutputPaths
 from spmd_dp.prompts import PromptBuilder
-from spmd_dp.rank0 import Rank0
+from spmd_dp.inputs import LocalGroup
+from spmd_dp.rank0 import Rank0, open_node
 from tests.conftest import make_records, read_jsonl, write_jsonl
 
 
@@ -16,7 +17,16 @@ def rank0(tmp_path, records, *overrides, world=2):
     inp = write_jsonl(tmp_path / "data" / "in.jsonl", records)
     cfg = load_config([f"data_dir={inp.parent}", "input_data_path=in.jsonl", f"output_dir={tmp_path / 'out'}",
                        "name=t", "inference_engine=echo", "batch_size=4", *overrides])
-    return Rank0(cfg, OutputPaths.of(cfg), PromptBuilder(cfg), world)
+    prompts = PromptBuilder(cfg)
+    return Rank0(cfg, OutputPaths.of(cfg), prompts, world)
+
+
+def open_(r0):
+    """open_node on a world of one: the scan, then Rank0.open; returns the WorkOrder."""
+    index, order = open_node(r0.cfg, r0.prompts, LocalGroup(), r0, None)
+    if index is not None:
+        index.close()
+    return order
 
 
 def done(records, start, stop, rank=1):
@@ -27,9 +37,8 @@ def done(records, start, stop, rank=1):
 def test_open_handle_finish(tmp_path):
     records = make_records(10)
     r0 = rank0(tmp_path, records)
-    order = r0.open()
+    order = open_(r0)
     assert order.error is None and not order.complete and order.pending == [(0, 10)]
-    assert order.index["n_records"] == 10
     assert (tmp_path / "out" / "t.config.yaml").exists()
     r0.handle([done(records, 4, 8), RankStats(1, records=4, batches=1, output_tokens=4)])
     r0.handle([done(records, 0, 4, rank=0), done(records, 8, 10, rank=0), RankStats(0, records=6, batches=2)])
@@ -44,25 +53,25 @@ def test_open_handle_finish(tmp_path):
 def test_resume_and_complete(tmp_path):
     records = make_records(10)
     r0 = rank0(tmp_path, records)
-    r0.open()
+    open_(r0)
     r0.handle([done(records, 4, 8)])
     r0.close()  # a crash before the end: one batch committed
     again = rank0(tmp_path, records)
-    order = again.open()
+    order = open_(again)
     assert order.pending == [(0, 4), (8, 10)]
     again.handle([done(records, 0, 4), done(records, 8, 10)])
     again.finish()
     again.close()
-    third = rank0(tmp_path, records).open()
+    third = open_(rank0(tmp_path, records))
     assert third.complete and third.pending == []
 
 
 def test_bad_input_and_unwritable_output_become_one_line(tmp_path):
-    order = rank0(tmp_path, [{"id": 1, "prompt": "a"}, {"id": 1, "prompt": "b"}]).open()
+    order = open_(rank0(tmp_path, [{"id": 1, "prompt": "a"}, {"id": 1, "prompt": "b"}]))
     assert order.error.startswith("input error:") and "duplicate primary key 1" in order.error
     (tmp_path / "blocked").write_text("a file, not a folder")
     r0 = rank0(tmp_path, make_records(3), f"output_dir={tmp_path / 'blocked'}")
-    order = r0.open()
+    order = open_(r0)
     assert order.error.startswith("output error:") and "is a writable directory" in order.error
 
 
@@ -77,7 +86,7 @@ def test_a_drained_run_says_what_was_committed_and_a_gave_up_rank_when_and_why(t
 
     records = make_records(10)
     r0 = rank0(tmp_path, records)
-    r0.open()
+    open_(r0)
     r0.handle([done(records, 0, 4, rank=0), RankStats(0, records=4, batches=1)])
     gave_up = RankStats(1, engine_failed="engine died (x) after 2 restarts", failed_at_unix=time.time(),
                         engine_restarts=2, handed_back=1)

@@ -179,8 +179,9 @@ def test_loop_hands_its_batches_back_when_the_engine_gives_up(tmp_path):
 
 
 def test_drain_handler_first_ctrl_c_drains_second_stops():
-    drain = Drain(5.0).install()
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
     try:
+        drain = Drain(5.0).install()
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.05)
         assert drain.requested and drain.why == "SIGINT" and drain.signum == signal.SIGINT
@@ -190,13 +191,15 @@ def test_drain_handler_first_ctrl_c_drains_second_stops():
         os.kill(os.getpid(), signal.SIGTERM)  # once draining, a SIGTERM changes nothing
         time.sleep(0.05)
         assert drain.why == "SIGINT"
-    finally:
-        drain.restore()
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
-    slurm = Drain(5.0).install()  # Slurm's notice
-    try:
+        drain.restore()  # after a drain the handlers stay: a second SIGTERM must not kill the rank
+        assert signal.getsignal(signal.SIGTERM) == drain._handle
+        slurm = Drain(5.0).install()  # Slurm's notice
         os.kill(os.getpid(), signal.SIGUSR1)
         time.sleep(0.05)
         assert slurm.why == "SIGUSR1" and slurm.signum == signal.SIGUSR1 and not slurm.expired()
+        quiet = Drain(5.0).install()
+        quiet.restore()  # no drain: the previous handlers come back
+        assert signal.getsignal(signal.SIGTERM) == slurm._handle
     finally:
-        slurm.restore()
+        for sig, old in saved.items():
+            signal.signal(sig, old)

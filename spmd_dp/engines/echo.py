@@ -14,7 +14,8 @@ shares of short / long words, `score` the overlap (Jaccard) of the two texts' wo
 `reward` the number of words. Fault injection: `echo_fail_ranks` lists ranks whose
 engine fails at start; `echo_fail_keys` records whose requests fail (error_kind
 failed) `echo_fail_times` times each, then succeed (to rehearse `max_retries`).
-Structured outputs and LoRA adapters are accepted and ignored (a dry run).
+Structured outputs and LoRA adapters are accepted and ignored (a dry run). `echo_start_s` is how long
+it takes to start (to rehearse a slow start, as vLLM's).
 
 Engine faults mid-run (spmd_dp/engines/supervisor.py): on `echo_fault_ranks` the engine
 dies (`echo_fault=die`: its step raises, as vLLM's raises EngineDeadError) or stops
@@ -41,6 +42,7 @@ class EchoEngine:
     def __init__(self, options, batch_size: int, rank: int, attempt: int = 0) -> None:
         if rank in options.echo_fail_ranks:
             raise EngineStartError(f"echo engine: rank {rank} is listed in engine_options.echo_fail_ranks")
+        time.sleep(options.echo_start_s)
         faulty = rank in options.echo_fault_ranks and attempt < options.echo_fault_times
         self.fault = options.echo_fault if faulty else None
         self.steps_left = options.echo_fault_after_steps

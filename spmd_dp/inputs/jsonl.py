@@ -1,0 +1,117 @@
+"""JSON Lines: scanning a byte range of a file, reading records from byte offsets.
+
+A piece of a JSONL file is a byte range; its records are the lines that start in it
+(the first line of a piece that does not start the file is found after the first
+newline at or after start - 1), so pieces cut anywhere and every line falls in exactly
+one. Blank lines are not records; every other line is one, valid or not, so a position
+never depends on validation. The locator of a piece is the byte offset of every
+`stride`-th record of it: a batch is read by seeking to the nearest and skipping at most
+stride - 1 lines. A compressed file (gzip, zstd: fsspec decompresses) is one piece, and
+is read by decompressing forward from where the last read stopped (it cannot seek back
+cheaply: reading it again from the start when a batch lies behind).
+"""
+
+from __future__ import annotations
+
+import zlib
+from array import array
+from typing import Any, Dict, List, Optional
+
+from spmd_dp.inputs.records import encode_key, parse_line
+from spmd_dp.inputs.sources import InputFile, open_file
+
+READ_BLOCK = 1 << 20  # object stores: bytes fetched per request when reading batches
+
+
+def scan_piece(f: InputFile, start: int, stop: int, spec, stride: int, keys, bad: list,
+               storage_options=None) -> Dict[str, Any]:
+    """Validate the records of the lines that start in [start, stop). keys.add(key bytes, record, line) for each
+    valid record; bad gets (record, line, key, reason) for the others; lines count from 1 in the piece."""
+    offsets = array("Q")
+    check, pk = spec.check, spec.primary_key
+    blob, add_end, add_record, add_line = keys.blob, keys.ends.append, keys.records.append, keys.lines.append
+    n = lines = 0
+    crc = 0
+    with open_file(f, storage_options, block_size=8 << 20) as fh:
+        pos = start
+        if start > 0:
+            fh.seek(start - 1)
+            pos = start - 1 + len(fh.readline())  # the rest of the line that started before this piece
+        begin = pos
+        readline = fh.readline
+        while pos < stop:
+            raw = readline()
+            if not raw:
+                break
+            here, pos = pos, pos + len(raw)
+            crc = zlib.crc32(raw, crc)
+            lines += 1
+            if raw.isspace():
+                continue
+            if n % stride == 0:
+                offsets.append(here)
+            record, err = parse_line(raw)
+            if err is None:
+                err = check(record)
+            if err is None:
+                key = record[pk]  # keys.add(encode_key(key), n, lines), inlined: this loop is the scan's cost
+                blob += b"s" + key.encode("utf-8", "surrogatepass") if isinstance(key, str) else encode_key(key)
+                add_end(len(blob))
+                add_record(n)
+                add_line(lines)
+            else:
+                key = record.get(pk) if isinstance(record, dict) else None
+                bad.append((n, lines, key if isinstance(key, (str, int)) and not isinstance(key, bool) else None, err))
+            n += 1
+    return {"records": n, "lines": lines, "locator": offsets, "crc": crc, "nbytes": max(pos - begin, 0),
+            "schema": None}
+
+
+class JsonlReader:
+    """Reads the records of one JSONL file by offset, keeping the file open between batches."""
+
+    def __init__(self, f: InputFile, storage_options=None) -> None:
+        self.f, self.storage_options = f, storage_options
+        self.fh = None
+        self.pos = 0  # compressed files: where the decompressed stream stands
+
+    def _seek(self, offset: int) -> None:
+        if self.fh is None or (self.f.compression and offset < self.pos):
+            self.close()
+            self.fh = open_file(self.f, self.storage_options, block_size=READ_BLOCK)
+            self.pos = 0
+        if self.f.compression is None:
+            self.fh.seek(offset)
+            return
+        while self.pos < offset:  # forward in the decompressed stream
+            chunk = self.fh.read(min(offset - self.pos, 1 << 20))
+            if not chunk:
+                break
+            self.pos += len(chunk)
+
+    def read(self, offsets, stride: int, first: int, count: int) -> List[Optional[Dict[str, Any]]]:
+        """Records first..first+count-1 of a piece (numbered from 0 in the piece) whose locator is offsets."""
+        self._seek(int(offsets[first // stride]))
+        skip = first % stride
+        out: List[Any] = []
+        readline = self.fh.readline
+        while len(out) < count:
+            raw = readline()
+            if not raw:
+                break
+            self.pos += len(raw)
+            if raw.isspace():
+                continue
+            if skip:
+                skip -= 1
+                continue
+            record, err = parse_line(raw)
+            out.append(record if err is None else None)
+        if len(out) != count:
+            raise RuntimeError(f"{self.f.url} changed while running: records are gone; rerun to rescan it")
+        return out
+
+    def close(self) -> None:
+        if self.fh is not None:
+            self.fh.close()
+            self.fh = None

@@ -1,0 +1,91 @@
+"""Inputs in object storage: a real S3-protocol server on localhost (moto's standalone server, over HTTP), read
+through s3fs by every rank. A 2-rank run over a bucket of JSONL and Parquet shards gives the output of the
+same files read from local disk; no credentials, an unreachable endpoint and a missing bucket are one line."""
+
+import io
+import json
+import os
+
+import pytest
+
+from tests.conftest import make_records, spmd
+from tests.test_bad_input import one_line
+
+pytest.importorskip("s3fs")
+moto_server = pytest.importorskip("moto.server")
+
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+NO_METADATA = {"AWS_EC2_METADATA_DISABLED": "true", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
+               "AWS_CONFIG_FILE": "/nonexistent"}  # no credentials from this machine's files or cloud metadata
+
+
+@pytest.fixture(scope="module")
+def bucket(tmp_path_factory):
+    """s3://inputs/data/: two JSONL shards and a Parquet file of 5 row groups; the same files in a local folder."""
+    import logging
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import s3fs
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    local = tmp_path_factory.mktemp("bucket") / "data"
+    local.mkdir()
+    records = make_records(900, words=5)
+    for k in range(2):
+        (local / f"part-{k}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[k * 300:(k + 1) * 300]))
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(records[600:]), buf, row_group_size=60)
+    (local / "part-2.parquet").write_bytes(buf.getvalue())
+    fs = s3fs.S3FileSystem(endpoint_url=endpoint, key="testing", secret="testing")
+    fs.mkdir("inputs")
+    for f in sorted(local.iterdir()):
+        fs.pipe(f"inputs/data/{f.name}", f.read_bytes())
+    yield endpoint, local, records
+    server.stop()
+
+
+def args(tmp_path, path, *extra, name="out"):
+    return [f"input_data_path={path}", f"output_dir={tmp_path / 'out'}", f"name={name}", "inference_engine=echo",
+            "generation_options.max_tokens=3", "batch_size=32", *extra]
+
+
+def test_a_bucket_of_shards_gives_the_output_of_the_same_files_on_disk(bucket, tmp_path):
+    endpoint, local, records = bucket
+    remote = spmd(args(tmp_path, "s3://inputs/data/", f"+storage_options.endpoint_url={endpoint}", name="s3"),
+                  nproc=2, env={**CREDENTIALS, **NO_METADATA})
+    assert remote.returncode == 0, remote.stderr[-3000:]
+    assert "input: 3 files (jsonl, parquet" in remote.stderr and "s3://inputs/data/part-2.parquet" in remote.stderr
+    for r in (0, 1):  # each rank read its share from the server
+        assert f"input: rank {r} scans 1 of" in remote.stderr or f"input: rank {r} scans 2 of" in remote.stderr
+    on_disk = spmd(args(tmp_path, local, name="disk"), nproc=2)
+    assert on_disk.returncode == 0, on_disk.stderr[-3000:]
+    a = (tmp_path / "out" / "s3.jsonl").read_text().replace('"s3":', '"X":')
+    b = (tmp_path / "out" / "disk.jsonl").read_text().replace('"disk":', '"X":')
+    assert a == b and a.count("\n") == len(records)
+    assert [json.loads(line)["id"] for line in a.splitlines()] == [r["id"] for r in records]
+
+
+def test_no_credentials_unreachable_storage_and_a_missing_bucket_are_one_line(bucket, tmp_path, monkeypatch):
+    endpoint, _, _ = bucket
+    for k in [k for k in os.environ if k.startswith("AWS_")]:
+        monkeypatch.delenv(k)
+    p = spmd(args(tmp_path, "s3://inputs/data/", f"+storage_options.endpoint_url={endpoint}"), env=NO_METADATA)
+    assert p.returncode == 2
+    line = one_line(p)
+    assert line.startswith("spmd_dp: input error: s3://inputs/data/: no credentials") and \
+        "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY" in line, line
+    p = spmd(args(tmp_path, "s3://inputs/data/*.jsonl", "+storage_options.endpoint_url=http://127.0.0.1:9"),
+             env={**CREDENTIALS, **NO_METADATA}, timeout=120)
+    assert p.returncode == 2
+    line = one_line(p)
+    assert "s3://inputs/data/*.jsonl: cannot reach the storage" in line and "storage_options.endpoint_url" in line
+    p = spmd(args(tmp_path, "s3://no-such-bucket/data/*.jsonl", f"+storage_options.endpoint_url={endpoint}"),
+             env={**CREDENTIALS, **NO_METADATA})
+    assert p.returncode == 2
+    assert "s3://no-such-bucket/data/*.jsonl does not exist" in one_line(p)
+    assert not (tmp_path / "out" / "out.jsonl").exists()
