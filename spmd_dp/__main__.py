@@ -12,5 +12,8 @@ if __name__ == "__main__":  # vLLM spawns its engine process: this module must b
     sys.stderr.flush()
     if code != 0:
         terminate_children()  # an engine left behind would hold the GPUs of a restarted rank
-        os._exit(code)  # a peer may be gone mid-collective: never wait on it at interpreter exit
-    sys.exit(code)
+    # Everything is written and closed by now. Skip the interpreter's finalization: a peer may be gone
+    # mid-collective, and gloo's worker threads release the last collective's tensors after it returns;
+    # one that needs the GIL while the interpreter finalizes aborts the process ("terminate called without
+    # an active exception", SIGABRT) and fails a run that succeeded.
+    os._exit(code)

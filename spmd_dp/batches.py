@@ -10,8 +10,13 @@ resume. Only records not yet committed (the `pending` spans) are cut.
 
 Either way the batches form one global list (batch Y of the logs is its index),
 claimed through counters in the store (`Claims`): static keeps one queue per rank
-and lets the others take the queue of a rank whose engine failed to start. This
-module is the only place that tells the two schedules apart at run time.
+and lets the others take the queue of a rank whose engine failed to start or gave
+up. This module is the only place that tells the two schedules apart at run time.
+
+Returned work: a rank whose engine fails for good (or stalls) hands its claimed,
+unfinished batches back (`give_back`): each goes into a slot of a list in the store,
+and every rank takes returned batches before new work, a slot being won by the one
+rank whose `store.add` on it returns 1 (the same atomic discipline as the counters).
 """
 
 from __future__ import annotations
@@ -106,16 +111,45 @@ class Claims:
 
     dynamic: one queue over all batches, claimed in order by whichever rank asks.
     static: one queue per rank (its share); a rank also takes what remains of the
-    queues of ranks whose engines failed to start.
+    queues of ranks whose engines failed to start or gave up.
+    Either way, batches handed back by a rank come first.
     """
 
     def __init__(self, store, batches: Sequence[Batch], schedule: str, rank: int, world: int) -> None:
         self.store, self.rank, self.static = store, rank, schedule == "static"
+        self.batches = list(batches)
         if self.static:
             self.queues = {r: [b for b in batches if b.owner == r] for r in range(world)}
         else:
             self.queues = {-1: list(batches)}
         self.exhausted: set = set()
+        self.returned_seen = 0  # returned slots below this one are taken, or this rank's own (own_returned)
+        self.own_returned: set = set()
+
+    def give_back(self, batches: Sequence[Batch]) -> None:
+        """Hand claimed, unfinished batches back: the other ranks take them before new work."""
+        for b in batches:
+            slot = self.store.add("returned/n", 1) - 1
+            self.store.set(f"returned/{slot}", f"{b.index} {self.rank}")
+
+    def _claim_returned(self, peer_states: Sequence[RankState]) -> Optional[Batch]:
+        """A batch some rank handed back, if any is left. A rank leaves the batches it handed back itself
+        to the others (they may be why its engine stalled), unless no other rank takes work any more."""
+        n = self.store.add("returned/n", 0)
+        alone = all(s.out for r, s in enumerate(peer_states) if r != self.rank)
+        for slot in list(self.own_returned) + list(range(self.returned_seen, n)):
+            self.returned_seen = max(self.returned_seen, slot + 1)
+            index, giver = (int(x) for x in self.store.get(f"returned/{slot}").split())
+            if giver == self.rank and not alone:
+                self.own_returned.add(slot)
+                continue
+            self.own_returned.discard(slot)
+            if self.store.add(f"returned/{slot}/taken", 1) == 1:  # this rank won the slot
+                batch = self.batches[index]
+                logger.info("Assigned %d prompts to rank %d (batch %d, handed back by rank %d)", batch.size,
+                            self.rank, batch.index, giver)
+                return batch
+        return None
 
     def announce(self) -> None:
         """The seed's `Assigned N prompts to rank X` for a static share (dynamic logs each claim)."""
@@ -133,7 +167,10 @@ class Claims:
         return None
 
     def next(self, peer_states: Sequence[RankState] = ()) -> Optional[Batch]:
-        """The next batch this rank runs, or None when there is none for it now."""
+        """The next batch this rank runs, or None when there is none for it now (more may come back)."""
+        batch = self._claim_returned(peer_states)
+        if batch is not None:
+            return batch
         if not self.static:
             batch = self._claim_from(-1)
             if batch is not None:
@@ -143,16 +180,12 @@ class Claims:
         for other, state in enumerate(peer_states):
             if batch is not None:
                 break
-            if state == RankState.FAILED:
+            if state in (RankState.FAILED, RankState.GAVE_UP):
                 batch = self._claim_from(other)
                 if batch is not None:
                     logger.info("Assigned %d prompts to rank %d (batch %d of failed rank %d)", batch.size,
                                 self.rank, batch.index, other)
         return batch
-
-    def may_grow(self, peer_states: Sequence[RankState]) -> bool:
-        """Static: a rank still starting may yet fail, and then its share is ours to take."""
-        return self.static and RankState.STARTING in peer_states
 
     def share(self, rank: int) -> int:
         """Records in a rank's static share (0 under dynamic)."""

@@ -3,7 +3,8 @@
 Options: `--cfg job` prints the resolved config and exits; `-cn/--config-name`
 and `-cp/--config-path` pick another YAML file (Hydra's flags); everything else
 is a Hydra override. Exit codes: 0 success, 2 bad config/input/environment
-(one line on stderr, before a model loads), 1 any other failure.
+(one line on stderr, before a model loads), 1 any other failure, 128 + N after a
+drain on signal N (SIGTERM: 143; Ctrl-C: 130), what finished being committed.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 from spmd_dp.config import load_config, to_yaml
-from spmd_dp.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, RunFailure, UsageError
+from spmd_dp.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, Drained, RunFailure, UsageError
 from spmd_dp.log import logger, setup_logging
 
 USAGE = """usage: torchrun --nproc-per-node=N -m spmd_dp [--cfg job] [-cn NAME] [-cp DIR] [key=value ...]
@@ -71,7 +72,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     setup_logging()
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")  # read now: the run scrubs torchrun's variables
     code, message = _main(argv)
-    if code not in (EXIT_OK, 130) and message:
+    if code != EXIT_OK and code < 128 and message:
         _report_to_torchrun(error_file, message)
     return code
 
@@ -98,6 +99,8 @@ def _main(argv: Optional[Sequence[str]]) -> tuple[int, str]:
     except RunFailure as e:
         logger.error("%s", e)
         message, code = f"spmd_dp: error: {e}", EXIT_FAILURE
+    except Drained as e:
+        message, code = f"spmd_dp: {e}", e.code
     except KeyboardInterrupt:
         message, code = "spmd_dp: interrupted; rerun with the same output_dir to resume", 130
     except Exception as e:  # a bug or an engine crash: keep the traceback for the report

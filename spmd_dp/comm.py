@@ -48,6 +48,7 @@ class Group:
     def __init__(self, store, rank: int, world: int, timeout: timedelta) -> None:
         self.rank, self.world = rank, world
         self.pg = dist.ProcessGroupGloo(store, rank, world, timeout)
+        self.notes = substore(store, "notes")  # what ranks tell each other outside the collectives
 
     def all_gather_ints(self, values: Sequence[int]) -> List[List[int]]:
         """Every rank's vector of integers (all of the same length), indexed by rank."""

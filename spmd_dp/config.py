@@ -29,6 +29,7 @@ SCHEDULES = ("dynamic", "static")
 DEVICES = ("auto", "cuda", "cpu")
 OUTPUT_FORMATS = ("jsonl", "parquet")
 ON_BAD_RECORD = ("fail", "skip")
+ECHO_FAULTS = ("die", "hang")
 DEFAULT_MODEL = "spmd-dp/tiny-llama"
 TASKS = ("generate", "embed", "classify", "score", "reward")  # generate: vLLM's generate runner; the rest: pooling
 INPUT_FORMATS = ("auto", "jsonl", "parquet", "hf_dataset", "openai_batch")  # auto: by extension (inputs/formats.py)
@@ -62,11 +63,20 @@ class EngineOptions:
     # seed 003's KV cache synchronisation: ranks agree (MIN) on the memory for the KV cache before
     # the engines start, so every rank runs the same cache size
     agree_kv_cache: bool = False
+    # a rank supervises its engine: one that dies (or stalls, batch_timeout) is restarted on the same
+    # slice at most this many times; then the rank hands its work back to the others and takes no more
+    max_engine_restarts: int = 2
     # the echo engine (inference_engine=echo): a dry run with no model
     echo_delay_s: float = 0.0  # seconds slept per word returned
     echo_fail_ranks: List[int] = field(default_factory=list)  # fault injection: engine start fails here
     echo_fail_keys: List[str] = field(default_factory=list)  # fault injection: these records' requests fail ...
     echo_fail_times: int = 1  # ... this many times each (then succeed): rehearses max_retries
+    # fault injection mid-run: on these ranks the engine dies (or hangs: echo_fault=hang) after
+    # echo_fault_after_steps steps; so do its next echo_fault_times - 1 restarts (then one runs clean)
+    echo_fault_ranks: List[int] = field(default_factory=list)
+    echo_fault: str = "die"  # die | hang
+    echo_fault_after_steps: int = 10
+    echo_fault_times: int = 1
     # LoRA adapters (vLLM's LoRARequest): name -> folder (PEFT format), hub id, or an embedded adapter
     # (spmd-dp/tiny-llama-lora-a); a record picks one by name (lora_adapter)
     lora_adapters: Dict[str, str] = field(default_factory=dict)
@@ -131,6 +141,10 @@ class RunConfig:
     engine_options: EngineOptions = field(default_factory=EngineOptions)
     batch_size: int = 32
     batch_timeout: float = 600.0
+    # SIGTERM / SIGUSR1 (Slurm's notice) / a first Ctrl-C: no new claims, in-flight requests get this long
+    # to finish and be committed, then the run exits (a rerun resumes). Below torchrun's and Slurm's
+    # 30 s between their SIGTERM and SIGKILL.
+    drain_timeout: float = 20.0
     generation_options: GenerationOptions = field(default_factory=GenerationOptions)
     # seed 003's "different sampling per worker": rank -> generation_options fields, e.g.
     # +generation_options_per_rank.1.max_tokens=16 (with schedule=dynamic, which rank gets a record varies)
@@ -288,8 +302,16 @@ def validate(cfg: RunConfig) -> None:
            eo.cpu_cores_per_dp_rank, "use null or an integer >= 1")
     _check(eo.cpu_kvcache_space_gib is None or eo.cpu_kvcache_space_gib > 0, "engine_options.cpu_kvcache_space_gib",
            eo.cpu_kvcache_space_gib, "use null or a whole number of GiB >= 1")
+    _check(cfg.drain_timeout >= 0, "drain_timeout", cfg.drain_timeout, "use seconds >= 0 (default 20.0)")
+    _check(eo.max_engine_restarts >= 0, "engine_options.max_engine_restarts", eo.max_engine_restarts,
+           "use an integer >= 0 (0: a rank whose engine fails mid-run hands its work to the others at once)")
     _check(eo.echo_delay_s >= 0, "engine_options.echo_delay_s", eo.echo_delay_s, "use seconds >= 0")
     _check(eo.echo_start_s >= 0, "engine_options.echo_start_s", eo.echo_start_s, "use seconds >= 0")
+    _check(eo.echo_fault in ECHO_FAULTS, "engine_options.echo_fault", eo.echo_fault, f"use one of {', '.join(ECHO_FAULTS)}")
+    _check(eo.echo_fault_after_steps >= 0, "engine_options.echo_fault_after_steps", eo.echo_fault_after_steps,
+           "use an integer >= 0")
+    _check(eo.echo_fault_times >= 1, "engine_options.echo_fault_times", eo.echo_fault_times,
+           "use an integer >= 1 (more than max_engine_restarts: the rank gives up)")
     _check(go.max_tokens >= 1, "generation_options.max_tokens", go.max_tokens, "use an integer >= 1")
     _check(go.n >= 1, "generation_options.n", go.n, "use an integer >= 1")
     _check(go.temperature is None or go.temperature >= 0, "generation_options.temperature", go.temperature,

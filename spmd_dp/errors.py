@@ -22,3 +22,15 @@ class UsageError(Exception):
 
 class RunFailure(Exception):
     """The run could not finish (no engine started, a batch timed out, ...)."""
+
+
+class PeerLost(RunFailure):
+    """Another rank left the run (its own line says why); this one stops too."""
+
+
+class Drained(Exception):
+    """The run stopped early on a signal, after committing what finished (exit code 128 + the signal)."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.code = 128 + signum

@@ -7,8 +7,18 @@ requests queued already need more tokens (prompt + max_tokens) than the engine's
 KV cache holds: more would only wait in this rank's queue while another rank runs
 dry, which under dynamic scheduling is work better left unclaimed. A batch is done
 when its last request finishes; its output lines go to the outbox, from which the
-control thread streams them to rank 0. A batch older than `batch_timeout` fails the rank.
-A request the engine failed (not bad input) is added again, up to its `max_retries`.
+control thread streams them to rank 0.
+
+Faults (the engine is a `SupervisedEngine`, spmd_dp/engines/supervisor.py): when the
+engine dies, the loop has it restarted and re-adds the requests of its unfinished
+batches. When the engine stalls (no step within `batch_timeout`, or a batch older than
+that), the loop first hands its batches back to the other ranks, then has the engine
+restarted. When the engine cannot be restarted, the loop hands its batches back and
+the rank takes no more work. A rank with nothing to do waits until rank 0 has
+committed every batch, taking any batch another rank hands back. A drain (SIGTERM,
+spmd_dp/drain.py) stops the claims and lets the batches in flight finish until
+`drain_timeout`. A request the engine failed (not bad input, and not the engine's own
+death) is added again, up to its `max_retries`.
 """
 
 from __future__ import annotations
@@ -20,17 +30,18 @@ from typing import Any, Dict, List, Optional
 
 from spmd_dp.batches import Batch, Claims
 from spmd_dp.config import RunConfig, sampling_kwargs
-from spmd_dp.engines.base import FAILED, REJECTED, Completion, Engine, Request
+from spmd_dp.engines.base import FAILED, REJECTED, Completion, Engine, EngineFailure, EngineGaveUp, Request
 from spmd_dp.errors import RunFailure
 from spmd_dp.inputs import InputIndex, read_batch
 from spmd_dp.log import logger
-from spmd_dp.messages import BatchDone, RankStats
+from spmd_dp.messages import BatchDone, RankState, RankStats
 from spmd_dp.openai_batch import output_line
 from spmd_dp.outbox import Outbox
 from spmd_dp.output import output_row
 from spmd_dp.prompts import PromptBuilder
 
 TICK_S = 0.2  # how long the loop waits when it has nothing to run but more may come
+IDLE_ROUNDS = 3  # control rounds with every rank idle after which nothing more can come
 
 
 @dataclass
@@ -38,6 +49,7 @@ class _InFlight:
     batch: Batch
     records: List[Optional[Dict[str, Any]]]  # None: a bad record, skipped
     claimed_at: float
+    since: float  # when its requests went into the current engine (batch_timeout runs from here)
     done: List[Optional[Completion]] = field(default_factory=list)
     remaining: int = 0
     demands: List[int] = field(default_factory=list)  # KV tokens each request may need (0: not in the engine)
@@ -69,11 +81,13 @@ def record_seed(seed: int, key: Any) -> int:
 
 class GenerationLoop:
     def __init__(self, cfg: RunConfig, engine: Engine, claims: Claims, index: InputIndex, prompts: PromptBuilder,
-                 outbox: Outbox, rank: int, stats: RankStats, fair_share: int) -> None:
-        """fair_share: records of this run / ranks."""
+                 outbox: Outbox, rank: int, stats: RankStats, fair_share: int, n_batches: int) -> None:
+        """fair_share: records of this run / ranks; n_batches: batches of this run (all committed: the end)."""
         self.cfg, self.engine, self.claims, self.index, self.outbox, self.rank = cfg, engine, claims, index, outbox, rank
         self.prompts = prompts
         self.stats = stats
+        self.n_batches = n_batches
+        self.drain = outbox.drain
         self.sampling = sampling_kwargs(cfg, rank)
         self.seed = self.sampling.pop("seed", None)
         self.inflight: Dict[int, _InFlight] = {}
@@ -83,6 +97,10 @@ class GenerationLoop:
         # the run ahead (a small dataset would otherwise go to the first rank up). Counted in requests,
         # not batches: a batch waiting for its longest request must not stop new claims.
         self.target = min(engine.capacity + cfg.batch_size, max(fair_share, 1))
+        self.next_claim = 0.0  # after a claim found nothing, the next try waits a tick
+        self.idle_from: Optional[int] = None  # the control round from which every rank was idle
+        self.last_emit: Optional[float] = None
+        self.drained = 0  # batches finished during a drain
 
     def _has_room(self) -> bool:
         kv = self.engine.kv_tokens
@@ -95,30 +113,43 @@ class GenerationLoop:
             request.sampling["seed"] = record_seed(seed, record[self.cfg.primary_key])
         return request
 
+    def _fill(self) -> None:
+        """Claim batches while the engine has room (returned work first, spmd_dp/batches.py)."""
+        now = time.monotonic()
+        if now < self.next_claim:
+            return
+        while self._has_room():
+            self.outbox.idle = False  # said before the claim: no peer may see this rank idle while it claims
+            if not self._claim():
+                self.next_claim = now + TICK_S
+                break
+        self.outbox.idle = not self.inflight
+
     def _claim(self) -> bool:
         batch = self.claims.next(self.outbox.peer_states)
         if batch is None:
             return False
         records = read_batch(self.index, batch.start, batch.stop)
-        n = len(records)
-        job = _InFlight(batch, records, time.monotonic(), [None] * n, n, [0] * n, [None] * n, [0] * n)
+        now, n = time.monotonic(), len(records)
+        job = _InFlight(batch, records, now, now, [None] * n, n, [0] * n, [None] * n, [0] * n)
         self.inflight[batch.index] = job
-        settled = []  # skipped bad records and requests the engine refused
-        for i, record in enumerate(records):
-            if record is None:
-                settled.append(Completion(f"{batch.index}:{i}", error=BAD_RECORD))
-                continue
-            request = job.requests[i] = self._request(batch, i, record)
-            rejected = self.engine.add(request)
-            if rejected is not None:
-                settled.append(rejected)
-            else:
-                self.queued += 1
-                job.demands[i] = token_demand(request)
-                self.demand += job.demands[i]
-        for c in settled:
+        settled = [c for i, record in enumerate(records) if (c := self._submit(job, i, record)) is not None]
+        for c in settled:  # skipped bad records and requests the engine refused
             self._finish_request(c)
         return True
+
+    def _submit(self, job: _InFlight, i: int, record: Optional[Dict[str, Any]]) -> Optional[Completion]:
+        """Add one record's request to the engine; a Completion when it is settled at once (skipped, refused)."""
+        if record is None:
+            return Completion(f"{job.batch.index}:{i}", error=BAD_RECORD)
+        request = job.requests[i] = self._request(job.batch, i, record)
+        rejected = self.engine.add(request)
+        if rejected is not None:
+            return rejected
+        self.queued += 1
+        job.demands[i] = token_demand(request)
+        self.demand += job.demands[i]
+        return None
 
     def _retry(self, job: _InFlight, i: int, c: Completion) -> bool:
         """Add a request the engine failed again, if it has tries left; True if it did."""
@@ -137,7 +168,9 @@ class GenerationLoop:
 
     def _finish_request(self, c: Completion) -> None:
         batch_index, i = (int(x) for x in c.request_id.split(":"))
-        job = self.inflight[batch_index]
+        job = self.inflight.get(batch_index)
+        if job is None or job.done[i] is not None:
+            return  # of a batch handed back, or finished already: not this rank's to report
         if c.error is not None and self._retry(job, i, c):
             return
         if (c.error is not None and c.error != BAD_RECORD and c.error_kind in (REJECTED, FAILED)
@@ -185,6 +218,8 @@ class GenerationLoop:
             output_tokens += c.output_tokens
         self.outbox.put(BatchDone(b.index, b.start, b.stop, self.rank, lines, errors, prompt_tokens, output_tokens,
                                   round(time.monotonic() - job.claimed_at, 3)))
+        self.last_emit = time.monotonic()
+        self.drained += self.drain.requested
         s = self.stats
         s.records += len(lines)
         s.batches += 1
@@ -192,38 +227,118 @@ class GenerationLoop:
         s.output_tokens += output_tokens
 
     def late(self) -> Optional[str]:
-        """Why this rank has failed its batch_timeout, or None (the control thread's watchdog)."""
-        now = time.monotonic()
-        for job in list(self.inflight.values()):
-            if now - job.claimed_at > self.cfg.batch_timeout:
-                b = job.batch
-                return (f"batch {b.index} (records {b.start}..{b.stop - 1}) on rank {self.rank} exceeded "
-                        f"batch_timeout={self.cfg.batch_timeout}s; what was committed is kept: rerun with the "
-                        f"same output_dir to resume")
+        """The oldest batch, if it has been in the engine longer than batch_timeout (the engine stalled)."""
+        job = next(iter(self.inflight.values()), None)  # in claim order (a restart resets every batch's clock)
+        if job is not None and time.monotonic() - job.since > self.cfg.batch_timeout:
+            b = job.batch
+            return (f"batch {b.index} (records {b.start}..{b.stop - 1}) on rank {self.rank} exceeded "
+                    f"batch_timeout={self.cfg.batch_timeout}s")
         return None
 
+    def _step(self) -> None:
+        late = self.late()
+        if late is not None:
+            raise EngineFailure(late, stalled=True)
+        for c in self.engine.step():
+            self.queued -= 1
+            self._finish_request(c)
+
+    def _recover(self, failure: EngineFailure) -> bool:
+        """After an engine fault: True when a new engine runs (with this rank's batches re-added), False when
+        the rank gave up (its batches handed back)."""
+        if failure.stalled:  # batch_timeout has passed already: the others need not wait for a restart
+            self._hand_back(f"its engine stalled: {failure.cause}")
+        self.outbox.heartbeat = None  # an engine start may take minutes: the control thread does not count it
+        try:
+            self.engine.restart(failure)
+        except EngineGaveUp as e:
+            self._hand_back(str(e))
+            self.stats.engine_failed, self.stats.failed_at_unix = str(e), round(time.time(), 3)
+            self.outbox.state = RankState.GAVE_UP
+            return False
+        finally:
+            self.stats.engine_restarts = self.engine.restarts
+            self.stats.engine_faults = list(self.engine.faults)
+        self._readd()
+        return True
+
+    def _hand_back(self, why: str) -> None:
+        """Give every claimed, unfinished batch back: the other ranks take them before new work."""
+        jobs = list(self.inflight.values())
+        if not jobs:
+            return
+        self.claims.give_back([job.batch for job in jobs])
+        self.inflight.clear()
+        self.queued = self.demand = 0
+        self.stats.handed_back += len(jobs)
+        logger.warning("rank %d handed back %d batches (%s; %d records) to the other ranks: %s", self.rank,
+                       len(jobs), ", ".join(str(j.batch.index) for j in jobs), sum(j.batch.size for j in jobs), why)
+
+    def _readd(self) -> None:
+        """Put the unfinished requests of this rank's batches into the new engine (none was committed)."""
+        self.queued = self.demand = 0
+        now, added, settled = time.monotonic(), 0, []
+        for job in list(self.inflight.values()):
+            job.since = now
+            for i, record in enumerate(job.records):
+                if job.done[i] is None:
+                    job.demands[i] = 0
+                    c = self._submit(job, i, record)
+                    added += c is None
+                    if c is not None:
+                        settled.append(c)
+        for c in settled:
+            self._finish_request(c)
+        if self.inflight:
+            logger.info("rank %d re-added %d requests of %d unfinished batches to the new engine", self.rank, added,
+                        len(self.inflight))
+
+    def _nothing_left(self) -> bool:
+        """Idle: leave once rank 0 has committed every batch, or when every rank has been idle (or out) for
+        IDLE_ROUNDS control rounds: then no batch is held anywhere, and none can be handed back."""
+        box = self.outbox
+        if box.committed >= self.n_batches:
+            return True
+        if not all(idle or state.out for idle, state in zip(box.peer_idle, box.peer_states)):
+            self.idle_from = None
+            return False
+        if self.idle_from is None:
+            self.idle_from = box.rounds
+        return box.rounds - self.idle_from >= IDLE_ROUNDS
+
     def run(self) -> RankStats:
-        self.outbox.watchdog = self.late
+        box = self.outbox
         start = time.monotonic()
         self.stats.gen_start_unix = time.time()
-        exhausted = False
+        cut = f"within drain_timeout={self.drain.timeout_s:g}s"
         while True:
-            self.outbox.check()
-            while not exhausted and self._has_room():
-                if not self._claim():
-                    exhausted = True
-            if not self.inflight:
-                if exhausted and self.claims.may_grow(self.outbox.peer_states):
-                    time.sleep(TICK_S)
-                    exhausted = False
-                    continue
-                if exhausted:
+            box.check()
+            box.beat()
+            try:
+                if not self.drain.requested:
+                    self._fill()
+                elif not self.inflight or self.drain.expired():
                     break
-                continue
-            for c in self.engine.step():
-                self.queued -= 1
-                self._finish_request(c)
-        if self.stats.batches:
-            self.stats.busy_s = round(time.monotonic() - start, 3)
-            self.stats.gen_end_unix = time.time()
+                if not self.inflight:
+                    if self._nothing_left():
+                        break
+                    time.sleep(TICK_S)
+                    continue
+                self._step()
+            except EngineFailure as failure:
+                if self.drain.requested:  # vLLM's engine got the signal too and stopped: no restart in a drain
+                    logger.info("rank %d: the engine stopped during the drain (%s)", self.rank, failure.cause)
+                    cut = "before the engine stopped"
+                    break
+                if not self._recover(failure):
+                    break
+        box.idle = True
+        if self.drain.requested:
+            left = sum(j.batch.size for j in self.inflight.values())
+            logger.info("rank %d drained: %d batches in flight finished and went to rank 0%s", self.rank,
+                        self.drained, f"; {len(self.inflight)} batches ({left} records) did not finish {cut}: a "
+                        f"rerun does them" if self.inflight else "")
+        if self.last_emit is not None:
+            self.stats.busy_s = round(self.last_emit - start, 3)
+            self.stats.gen_end_unix = round(self.stats.gen_start_unix + self.stats.busy_s, 3)
         return self.stats

@@ -19,6 +19,12 @@ class RankState(IntEnum):
     STARTING = 0
     READY = 1
     FAILED = 2  # its engine could not start: it stays in the control plane with no work
+    GAVE_UP = 3  # its engine failed mid-run for good: it handed its work back and takes no more
+
+    @property
+    def out(self) -> bool:
+        """The rank takes no work (the others take its static share)."""
+        return self in (RankState.FAILED, RankState.GAVE_UP)
 
 
 @dataclass
@@ -57,7 +63,12 @@ class RankStats:
     busy_s: float = 0.0  # first claim to last finished batch
     gen_start_unix: float = 0.0  # wall clock of the first claim and of the last finished batch,
     gen_end_unix: float = 0.0  # to measure the run's generation span across ranks
-    engine_failed: Optional[str] = None
+    engine_failed: Optional[str] = None  # why this rank stopped generating (at start or mid-run)
+    failed_at_s: Optional[float] = None  # when: seconds into the run (since rank 0's metrics started)
+    failed_at_unix: Optional[float] = None
+    engine_restarts: int = 0
+    engine_faults: List[str] = field(default_factory=list)  # each fault of its engine, in order
+    handed_back: int = 0  # batches it handed back to the other ranks
 
     @property
     def output_tokens_per_s(self) -> float:

@@ -29,7 +29,13 @@ class Report:
         head = f"{'rank':>6} {'records':>9} {'batches':>8} {'out tokens':>11} {'busy s':>9} {'tok/s':>10} {'start s':>8}"
         rows = [head]
         for r in self.ranks:
-            note = f"  engine failed: {r.engine_failed}" if r.engine_failed else ""
+            note = f"  restarts {r.engine_restarts}" if r.engine_restarts else ""
+            if r.engine_failed:
+                when = " at start" if r.failed_at_unix is None else \
+                    f" at {time.strftime('%H:%M:%S', time.localtime(r.failed_at_unix))} (+{r.failed_at_s:.1f}s)"
+                note = f"{note}  engine failed{when}: {r.engine_failed}"
+            if r.handed_back:
+                note += f" (handed back {r.handed_back} batches)"
             rows.append(f"{r.rank:>6} {r.records:>9} {r.batches:>8} {r.output_tokens:>11} {r.busy_s:>9.2f} "
                         f"{r.output_tokens_per_s:>10.1f} {r.engine_start_s:>8.1f}{note}")
         t = self.total
@@ -44,8 +50,11 @@ class Metrics:
     def __init__(self, world: int) -> None:
         self.ranks = [RankStats(r) for r in range(world)]
         self.started = time.monotonic()
+        self.started_unix = time.time()
 
     def add_rank(self, stats: RankStats) -> None:
+        if stats.failed_at_unix is not None:  # when, in the run's time (the table's +s)
+            stats.failed_at_s = round(stats.failed_at_unix - self.started_unix, 3)
         self.ranks[stats.rank] = stats
 
     def report(self) -> Report:
@@ -66,7 +75,8 @@ class Metrics:
             "generation_tokens_per_s": round(out_tokens / gen_span, 2) if gen_span > 0 else 0.0,
             "max_busy_s": max(busy, default=0.0),
             "imbalance": round(max(busy) / (sum(busy) / len(busy)), 4) if busy else 1.0,
-            "failed_ranks": [r.rank for r in self.ranks if r.engine_failed],
+            "failed_ranks": [r.rank for r in self.ranks if r.engine_failed],  # each rank's row says when and why
+            "engine_restarts": sum(r.engine_restarts for r in self.ranks),
             "rank0_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         }
         return Report(self.ranks, total)

@@ -1,31 +1,87 @@
-"""Process hygiene: no vLLM engine outlives the rank that started it.
+"""Process hygiene: no vLLM engine outlives the rank that started it, and a dead one is seen at once.
 
 vLLM's EngineCore and worker processes survive their parent when it dies without
 running its exit handlers (os._exit, SIGKILL): they hold the GPUs' memory, and a
 restarted rank then finds its GPUs full. torchrun kills each worker's whole process
 group when it stops or restarts a group; `terminate_children` is for our own early
-exits (and runs without torchrun too).
+exits (and runs without torchrun too). `descendants`, `gone` and `terminate` are how
+the engine supervisor (spmd_dp/engines/supervisor.py) finds an engine's processes
+by parent pid, notices one has died, and ends what is left of them.
 """
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+try:
+    import psutil
+except ImportError:  # no vLLM installed either: no engine process is ever started
+    psutil = None
+
+
+def descendants() -> List["psutil.Process"]:
+    """Every process started by this one, directly or not."""
+    return psutil.Process().children(recursive=True) if psutil is not None else []
+
+
+@dataclass(frozen=True)
+class Watched:
+    """A process of an engine, as it was when it ran (a dead one can no longer be asked its name)."""
+
+    process: "psutil.Process"
+    name: str
+    child: bool  # a child of this rank (vLLM's EngineCore), not one of its workers
+
+
+def watch(processes: Sequence["psutil.Process"]) -> List[Watched]:
+    me, out = os.getpid(), []
+    for p in processes:
+        try:
+            out.append(Watched(p, p.name(), p.ppid() == me))
+        except psutil.Error:
+            pass
+    return out
+
+
+def gone(watched: Sequence[Watched]) -> Optional[str]:
+    """Which of the rank's own children among `watched` has exited, or None. (Its workers are watched by
+    the engine process itself: vLLM's executor fails the engine when one dies.)"""
+    for w in watched:
+        if not w.child:
+            continue
+        try:
+            if w.process.is_running() and w.process.status() != psutil.STATUS_ZOMBIE:
+                continue
+        except psutil.Error:
+            pass
+        return f"its process {w.process.pid} ({w.name}) exited"
+    return None
+
+
+def terminate(processes: Sequence["psutil.Process"], grace_s: float = 5.0) -> int:
+    """SIGTERM the processes still running, SIGKILL those alive after grace_s. Returns how many ran."""
+    if psutil is None:
+        return 0
+    alive = []
+    for p in processes:
+        p = p.process if isinstance(p, Watched) else p
+        try:
+            if p.is_running():
+                p.terminate()
+                alive.append(p)
+        except psutil.Error:
+            pass
+    _, left = psutil.wait_procs(alive, timeout=grace_s)
+    for p in left:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    return len(alive)
+
 
 def terminate_children(grace_s: float = 5.0) -> int:
     """SIGTERM every descendant process, SIGKILL those still alive after grace_s. Returns how many."""
-    try:
-        import psutil
-    except ImportError:  # no vLLM installed either: nothing was started
-        return 0
-    children = psutil.Process().children(recursive=True)
-    for child in children:
-        try:
-            child.terminate()
-        except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(children, timeout=grace_s)
-    for child in alive:
-        try:
-            child.kill()
-        except psutil.Error:
-            pass
-    return len(children)
+    return terminate(descendants(), grace_s)

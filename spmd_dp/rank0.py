@@ -19,7 +19,8 @@ from typing import Dict, List, Optional, Tuple
 
 from spmd_dp.batches import Span
 from spmd_dp.config import RunConfig, to_yaml
-from spmd_dp.errors import RunFailure, UsageError
+from spmd_dp.drain import Drain
+from spmd_dp.errors import Drained, RunFailure, UsageError
 from spmd_dp.inputs import BadRecord, InputIndex, RecordSpec, ScanResult, locations, shared_scan
 from spmd_dp.inputs.workers import Scanners, scan_processes
 from spmd_dp.journal import Journal, fingerprint
@@ -78,7 +79,8 @@ class Rank0:
         self.bad: List[BadRecord] = []
         self.n_records = 0
         self.progress: Optional[Progress] = None
-        self.failed: Dict[int, str] = {}
+        self.failed: Dict[int, RankStats] = {}  # ranks whose engine failed at start or mid-run
+        self.todo = 0  # records to generate in this run
 
     def open(self, scanned: ScanResult) -> WorkOrder:
         """Open the journal on the scanned input, say what is left to do (or why not)."""
@@ -109,6 +111,7 @@ class Rank0:
             logger.info("resuming: %d of %d records committed already, %d to go", index.n_records - todo,
                         index.n_records, todo)
         self.progress = Progress(todo)
+        self.todo = todo
         return WorkOrder(pending)
 
     def handle(self, messages: List[Message]) -> None:
@@ -123,12 +126,19 @@ class Rank0:
             elif isinstance(m, RankStats):
                 self.metrics.add_rank(m)
                 if m.engine_failed:
-                    self.failed[m.rank] = m.engine_failed
+                    self.failed[m.rank] = m
 
-    def finish(self) -> None:
-        """Every rank is done: write the final file, the errors file and the metrics; print the summary."""
+    def finish(self, drain: Optional[Drain] = None) -> None:
+        """Every rank is done: write the final file, the errors file and the metrics; print the summary.
+        After a drain that left work undone, say what was committed and stop (a rerun resumes)."""
         self.progress.close()
         missing = self.journal.missing(self.n_records)
+        if missing and drain is not None and drain.requested:
+            left = sum(b - a for a, b in missing)
+            self._report(final=False)
+            raise Drained(f"stopped by {drain.why} after draining: {self.n_records - left} of {self.n_records} "
+                          f"records committed ({self.todo - left} in this run), {left} to go; rerun with the same "
+                          f"output_dir to resume", drain.signum)
         if missing:
             raise RunFailure(f"{sum(b - a for a, b in missing)} records were not generated (first span "
                              f"{missing[0][0]}..{missing[0][1] - 1}); rerun with the same output_dir to resume")
@@ -140,15 +150,25 @@ class Rank0:
             skipped = write_errors(self.paths.errors, [b.to_json() for b in self.bad] + self.journal.errors)
             if skipped:
                 logger.warning("%d records skipped: see %s", skipped, self.paths.errors)
+        self._report(final=True, merge_s=round(merge_s, 3), output_bytes=size, skipped_records=skipped,
+                     merge_mb_per_s=round(size / 1e6 / merge_s, 1) if merge_s > 0 else None)
+
+    def _report(self, final: bool, **total: Any) -> None:
+        """metrics.json and the summary table (also after a drain: what this run did)."""
         report = self.metrics.report()
-        report.total.update(merge_s=round(merge_s, 3), output_bytes=size, skipped_records=skipped,
-                            merge_mb_per_s=round(size / 1e6 / merge_s, 1) if merge_s > 0 else None)
+        report.total.update(complete=final, **total)
         atomic_write(self.paths.metrics, [report.to_json().encode()])
         for line in report.table().splitlines():
             logger.info("%s", line)
-        if self.failed:
-            logger.warning("ranks %s could not start their engines (%s); the others did their share",
-                           sorted(self.failed), "; ".join(f"rank {r}: {m}" for r, m in sorted(self.failed.items())))
+        at_start = {r: m for r, m in sorted(self.failed.items()) if m.failed_at_s is None}
+        mid_run = {r: m for r, m in sorted(self.failed.items()) if m.failed_at_s is not None}
+        if at_start:
+            logger.warning("ranks %s could not start their engines (%s); the others did their share", list(at_start),
+                           "; ".join(f"rank {r}: {m.engine_failed}" for r, m in at_start.items()))
+        if mid_run:
+            logger.warning("ranks %s stopped generating mid-run (%s); the others did their work", list(mid_run),
+                           "; ".join(f"rank {r} at +{m.failed_at_s:.1f}s: {m.engine_failed} (handed back "
+                                     f"{m.handed_back} batches)" for r, m in mid_run.items()))
 
     def close(self) -> None:
         self.journal.close()

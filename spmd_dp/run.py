@@ -19,10 +19,11 @@ from spmd_dp.comm import Group, rendezvous, substore
 from spmd_dp.config import RunConfig
 from spmd_dp.control import ControlPlane
 from spmd_dp.devices import agree_kv_budget
+from spmd_dp.drain import Drain
 from spmd_dp.engines import set_engine_environment
 from spmd_dp.engines.cache import EngineCache, engine_key
 from spmd_dp.engines.starting import EngineStart
-from spmd_dp.errors import RunFailure, UsageError
+from spmd_dp.errors import UsageError
 from spmd_dp.generation import GenerationLoop
 from spmd_dp.launcher import scrub_launcher_env
 from spmd_dp.log import logger, setup_logging
@@ -49,20 +50,23 @@ def run(cfgs: Sequence[RunConfig]) -> int:
         logger.info("Starting %d data parallel workers (%s, schedule=%s, batch_size=%d)", plan.world_size,
                     cfgs[0].inference_engine, cfgs[0].schedule, cfgs[0].batch_size)
     engines = EngineCache()
+    drain = Drain(cfgs[0].drain_timeout).install()  # SIGTERM, SIGUSR1, Ctrl-C: finish what is in flight
     try:
         for i, (cfg, plan, prompts) in enumerate(zip(cfgs, plans, builders)):
             if len(cfgs) > 1 and plan.is_rank0:
                 logger.info("workflow node %d/%d: %s", i + 1, len(cfgs), cfg.name)
             keep = i + 1 < len(cfgs) and engine_key(cfgs[i + 1], plans[i + 1].device.ids) == \
                 engine_key(cfg, plan.device.ids)
-            run_node(cfg, plan, prompts, substore(store, f"job{i}"), timeout, engines, keep)
+            run_node(cfg, plan, prompts, substore(store, f"job{i}"), timeout, engines, keep, drain)
+            drain.stop_before(cfgs[i + 1].name if i + 1 < len(cfgs) else None)
     finally:
+        drain.restore()
         engines.close()
     return 0
 
 
 def run_node(cfg: RunConfig, plan: RankPlan, prompts: PromptBuilder, store, timeout: timedelta,
-             engines: EngineCache, keep_engine: bool) -> None:
+             engines: EngineCache, keep_engine: bool, drain: Drain) -> None:
     """One workflow node on the world: `store` is its namespace (its groups and claim counters)."""
     group = Group(substore(store, "setup"), plan.rank, plan.world_size, timeout)
     plan.device.apply()
@@ -78,7 +82,7 @@ def run_node(cfg: RunConfig, plan: RankPlan, prompts: PromptBuilder, store, time
     scrub_launcher_env()  # vLLM's workers must form a world of their own, not join ours
     scanners = fork_scanners(cfg, prompts, plan.device.kind, plan.env.local_world_size)  # before the engine's thread
     starting = EngineStart(engines, cfg, plan.device, plan.rank, kv_budget, stats)  # while the input is scanned
-    index = None
+    index = control = None
     try:
         index, order = open_node(cfg, prompts, group, rank0, scanners)
         scanners.close()
@@ -90,25 +94,27 @@ def run_node(cfg: RunConfig, plan: RankPlan, prompts: PromptBuilder, store, time
         batches = make_batches(cfg.schedule, order.pending, plan.world_size, cfg.batch_size)
         claims = Claims(substore(store, "work"), batches, cfg.schedule, plan.rank, plan.world_size)
         claims.announce()
-        outbox = Outbox(plan.rank, plan.world_size)
+        outbox = Outbox(plan.rank, plan.world_size, drain)
         control = ControlPlane(Group(substore(store, "control"), plan.rank, plan.world_size, timeout), outbox,
-                               rank0.handle if rank0 else None)
+                               rank0.handle if rank0 else None, cfg.batch_timeout)
         control.start()
         engine = starting.result()
         outbox.state = RankState.FAILED if engine is None else RankState.READY
         if engine is not None:
-            todo = sum(b.size for b in batches)
             GenerationLoop(cfg, engine, claims, index, prompts, outbox, plan.rank, stats,
-                           fair_share=-(-todo // plan.world_size)).run()
-            if not keep_engine:
+                           fair_share=-(-sum(b.size for b in batches) // plan.world_size), n_batches=len(batches)).run()
+            if not keep_engine or outbox.state == RankState.GAVE_UP:
                 engines.release()
         outbox.put(stats)
         outbox.finish()
         control.wait_done()
-        if len(outbox.ranks_in(RankState.FAILED)) == plan.world_size:
-            raise RunFailure(f"no rank could start its engine ({stats.engine_failed}); see the log of each rank")
+        outbox.raise_if_stopped(stats.engine_failed, len(batches), plan.is_rank0)  # no rank could run, or drained
         if rank0:
-            rank0.finish()
+            rank0.finish(drain)
+    except (Exception, KeyboardInterrupt) as e:
+        if control is not None:
+            control.leaving(e)  # for the other ranks to say why this one left
+        raise
     finally:
         scanners.close()
         if index is not None:

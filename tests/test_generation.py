@@ -10,7 +10,7 @@ from spmd_dp.config import load_config
 from spmd_dp.engines import Completion, Request
 from spmd_dp.generation import GenerationLoop, token_demand
 from spmd_dp.inputs import RecordSpec, scan_input
-from spmd_dp.messages import RankState, RankStats
+from spmd_dp.messages import BatchDone, RankState, RankStats
 from spmd_dp.outbox import Outbox
 from spmd_dp.prompts import PromptBuilder
 from tests.conftest import write_jsonl
@@ -37,16 +37,26 @@ class FakeEngine:
         pass
 
 
+class LoopbackOutbox(Outbox):
+    """No control thread here: a batch put in the outbox counts as committed by rank 0 at once."""
+
+    def put(self, message):
+        super().put(message)
+        self.committed += isinstance(message, BatchDone)
+
+
 def run_loop(tmp_path, records, batch_size, engine, *overrides):
     """One rank's generation loop over `records` (dynamic schedule, world of one) on a stand-in engine."""
     inp = write_jsonl(tmp_path / "in.jsonl", records)
     cfg = load_config([f"batch_size={batch_size}", *overrides])
     prompts = PromptBuilder(cfg)
     index, _ = scan_input(inp, RecordSpec("id", prompts.check), batch_size)
-    claims = Claims(dist.HashStore(), dynamic_batches([(0, len(records))], batch_size), "dynamic", 0, 1)
-    outbox = Outbox(0, 1)
+    batches = dynamic_batches([(0, len(records))], batch_size)
+    claims = Claims(dist.HashStore(), batches, "dynamic", 0, 1)
+    outbox = LoopbackOutbox(0, 1)
     outbox.state = outbox.peer_states[0] = RankState.READY
-    stats = GenerationLoop(cfg, engine, claims, index, prompts, outbox, 0, RankStats(0), len(records)).run()
+    stats = GenerationLoop(cfg, engine, claims, index, prompts, outbox, 0, RankStats(0), len(records),
+                           len(batches)).run()
     sent = []
     while not outbox.queue.empty():
         sent.append(outbox.queue.get())

@@ -28,4 +28,5 @@ def test_unknown_message_type_is_refused():
 
 
 def test_rank_states_travel_as_integers():
-    assert [int(s) for s in RankState] == [0, 1, 2] and RankState(2) is RankState.FAILED
+    assert [int(s) for s in RankState] == [0, 1, 2, 3] and RankState(2) is RankState.FAILED
+    assert RankState(3) is RankState.GAVE_UP and RankState.GAVE_UP.out and not RankState.READY.out

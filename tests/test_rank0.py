@@ -73,3 +73,37 @@ def test_bad_input_and_unwritable_output_become_one_line(tmp_path):
     r0 = rank0(tmp_path, make_records(3), f"output_dir={tmp_path / 'blocked'}")
     order = open_(r0)
     assert order.error.startswith("output error:") and "is a writable directory" in order.error
+
+
+def test_a_drained_run_says_what_was_committed_and_a_gave_up_rank_when_and_why(tmp_path, caplog):
+    import signal
+    import time
+
+    import pytest
+
+    from spmd_dp.drain import Drain
+    from spmd_dp.errors import Drained
+
+    records = make_records(10)
+    r0 = rank0(tmp_path, records)
+    open_(r0)
+    r0.handle([done(records, 0, 4, rank=0), RankStats(0, records=4, batches=1)])
+    gave_up = RankStats(1, engine_failed="engine died (x) after 2 restarts", failed_at_unix=time.time(),
+                        engine_restarts=2, handed_back=1)
+    r0.handle([gave_up])
+    drain = Drain(5.0)
+    drain.request(signal.SIGTERM, "SIGTERM")
+    with pytest.raises(Drained, match=r"stopped by SIGTERM after draining: 4 of 10 records committed \(4 in this "
+                                      r"run\), 6 to go; rerun with the same output_dir to resume") as stopped:
+        r0.finish(drain)
+    r0.close()
+    assert stopped.value.code == 143
+    assert not (tmp_path / "out" / "t.jsonl").exists()
+    metrics = json.loads((tmp_path / "out" / "t.metrics.json").read_text())
+    assert metrics["total"]["complete"] is False and metrics["total"]["failed_ranks"] == [1]
+    row = metrics["ranks"][1]
+    assert row["engine_failed"].startswith("engine died") and 0 <= row["failed_at_s"] < 60
+    assert row["engine_restarts"] == 2 and row["handed_back"] == 1
+    table = r0.metrics.report().table()
+    assert "restarts 2  engine failed at " in table and "(handed back 1 batches)" in table
+    assert "ranks [1] stopped generating mid-run (rank 1 at +" in caplog.text

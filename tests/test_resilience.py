@@ -97,8 +97,10 @@ def test_batch_timeout_names_rank_and_batch_and_keeps_committed_work(tmp_path, n
     slow = [{**r, "prompt": "quick" if i < 20 else "slow " * 10} for i, r in enumerate(records)]
     write_jsonl(inp, slow)
     t0 = time.monotonic()
+    # no restart: a rank whose batch is late hands it back and leaves; the batch is late on every rank
     p = spmd(echo_args(tmp_path, inp, "batch_size=5", "batch_timeout=4", "schedule=static",
-                       "generation_options.max_tokens=10", "engine_options.echo_delay_s=0.2"), nproc=nproc, timeout=120)
+                       "generation_options.max_tokens=10", "engine_options.echo_delay_s=0.2",
+                       "engine_options.max_engine_restarts=0"), nproc=nproc, timeout=120)
     assert time.monotonic() - t0 < 90
     assert p.returncode == 1
     assert "exceeded batch_timeout=4.0s" in p.stderr and "on rank" in p.stderr

@@ -321,7 +321,10 @@ def test_requeued_job_resumes_and_finishes_each_key_once(slurm, tmp_path):
     first = journal_batches(journal)
     subprocess.run(["scontrol", "requeue", job], env=slurm, check=True, timeout=30)
     wait_for(lambda i: i.get("Restarts") == "1" and i.get("JobState") == "RUNNING", "second run")
-    wait_for(lambda i: journal_batches(journal) >= first + 2, "more committed batches after the requeue")
+    # the first run drains on Slurm's SIGTERM (its in-flight batches are committed): wait for the second to resume
+    wait_for(lambda i: "resuming:" in log_path.read_text(), "the second run resuming")
+    resumed_at = journal_batches(journal)
+    wait_for(lambda i: journal_batches(journal) >= resumed_at + 2, "more committed batches after the requeue")
     second = journal_batches(journal)
     assert second < 13, "the job finished before the second requeue: raise echo_delay_s"
     subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=slurm, check=True, timeout=30)
@@ -333,6 +336,10 @@ def test_requeued_job_resumes_and_finishes_each_key_once(slurm, tmp_path):
     for restart in range(3):
         assert f"slurm.sbatch: job {job} (restart {restart})" in log
     assert "USR1 at" in log and "requeueing job" in log
+    assert "WARNING SIGTERM: draining: no new batches" in log  # the ranks drained on the requeue's SIGTERM
+    after_usr1 = log[log.index("USR1 at"):]  # on USR1 the script drains the ranks, then requeues
+    assert re.search(r"rank \d drained: \d+ batches in flight finished", after_usr1), after_usr1[:3000]
+    assert after_usr1.index("stopped by SIGTERM") < after_usr1.index("requeueing job")
     resumed = [int(n) for n in re.findall(r"resuming: (\d+) of 200 records committed already", log)]
     assert len(resumed) == 2 and 0 < resumed[0] < resumed[1] < 200, resumed
     assert resumed[0] >= first * 16 and resumed[1] >= second * 16

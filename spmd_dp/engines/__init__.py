@@ -12,7 +12,7 @@ import os
 from typing import Dict, List, Optional
 
 from spmd_dp.config import task_list
-from spmd_dp.engines.base import Completion, Engine, EngineStartError, Request
+from spmd_dp.engines.base import Completion, Engine, EngineFailure, EngineGaveUp, EngineStartError, Request
 
 
 def set_engine_environment() -> None:
@@ -22,13 +22,14 @@ def set_engine_environment() -> None:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
 
-def build_engine(cfg, device_slice, rank: int, kv_budget: Optional[float] = None) -> Engine:
+def build_engine(cfg, device_slice, rank: int, kv_budget: Optional[float] = None, attempt: int = 0) -> Engine:
     """Start the engine of `cfg.inference_engine` on this rank's device slice: one per task of `cfg.task`
-    (vLLM runs one task per model instance; task=[generate,embed] starts two, sharing the slice)."""
+    (vLLM runs one task per model instance; task=[generate,embed] starts two, sharing the slice).
+    attempt: 0, then 1, 2, ... when the rank's supervisor restarts it (engines/supervisor.py)."""
     if cfg.inference_engine == "echo":
         from spmd_dp.engines.echo import EchoEngine
 
-        return EchoEngine(cfg.engine_options, cfg.batch_size, rank)
+        return EchoEngine(cfg.engine_options, cfg.batch_size, rank, attempt)
     from spmd_dp.engines.vllm_engine import VllmEngine, engine_kwargs
 
     # tasks that need the same engine share it (classify and reward: the pooling runner's classify)
@@ -81,5 +82,6 @@ class TaskEngines:
             engine.close()
 
 
-__all__ = ["Completion", "Engine", "EngineStartError", "Request", "TaskEngines", "build_engine",
+__all__ = ["Completion", "Engine", "EngineFailure", "EngineGaveUp", "EngineStartError", "Request", "TaskEngines",
+           "build_engine",
            "set_engine_environment"]

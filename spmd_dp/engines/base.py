@@ -10,6 +10,21 @@ class EngineStartError(Exception):
     """The engine could not start on this rank (the rank stays in the run with no work)."""
 
 
+class EngineFailure(Exception):
+    """The engine died or stalled mid-run (spmd_dp/engines/supervisor.py): its requests are lost.
+
+    The generation loop then hands its work back (stalled) or keeps it, and calls the supervisor's
+    `restart()`, which rebuilds the engine or raises `EngineGaveUp`."""
+
+    def __init__(self, cause: str, stalled: bool = False) -> None:
+        super().__init__(cause)
+        self.cause, self.stalled = cause, stalled
+
+
+class EngineGaveUp(Exception):
+    """The rank's engine failed and cannot be restarted (max_engine_restarts used, or it cannot start)."""
+
+
 @dataclass
 class Request:
     """One record's request, as spmd_dp/requests.py builds it; each engine maps it onto its own API

@@ -10,7 +10,8 @@ from typing import Optional
 
 from spmd_dp.config import task_list
 from spmd_dp.engines import build_engine
-from spmd_dp.engines.base import Engine, EngineStartError
+from spmd_dp.engines.base import EngineStartError
+from spmd_dp.engines.supervisor import SupervisedEngine
 from spmd_dp.log import logger
 
 
@@ -24,19 +25,23 @@ def engine_key(cfg, device_ids) -> str:
 class EngineCache:
     def __init__(self) -> None:
         self.key: Optional[str] = None
-        self.engine: Optional[Engine] = None
+        self.engine: Optional[SupervisedEngine] = None
         self.closing: Optional[threading.Thread] = None
 
-    def start(self, cfg, device, rank: int, kv_budget: Optional[float], stats) -> Optional[Engine]:
-        """This rank's engine for the node (kept from the previous node when it is the same), or None if it
-        cannot start: the rank then stays in the control plane with no work, and the others do its share."""
+    def start(self, cfg, device, rank: int, kv_budget: Optional[float], stats) -> Optional[SupervisedEngine]:
+        """This rank's engine for the node (kept from the previous node when it is the same), supervised (a
+        dead one is restarted on the slice), or None if it cannot start: the rank then stays in the control
+        plane with no work, and the others do its share."""
         key = engine_key(cfg, device.ids)
         kept = self.engine is not None and self.key == key
         t0 = time.monotonic()
         if not kept:
             self.close()
             try:
-                self.engine, self.key = build_engine(cfg, device, rank, kv_budget), key
+                self.engine = SupervisedEngine(lambda attempt: build_engine(cfg, device, rank, kv_budget, attempt),
+                                               rank, device.describe(), cfg.engine_options.max_engine_restarts,
+                                               cfg.batch_timeout)
+                self.key = key
             except EngineStartError as e:
                 stats.engine_failed = str(e)
                 logger.error("engine failed to start on rank %d: %s; this rank takes no work", rank, e)
@@ -45,6 +50,7 @@ class EngineCache:
                 stats.engine_start_s = round(time.monotonic() - t0, 3)
         logger.info("Worker rank %d is ready (engine %s in %.1fs)", rank, "kept" if kept else "started",
                     stats.engine_start_s)
+        self.engine.stall_s = cfg.batch_timeout
         return self.engine
 
     def release(self) -> None:

@@ -4,7 +4,7 @@ A request's text is the first `max_tokens` whitespace-separated words of its
 prompt joined by single spaces (a chat's prompt is its last user turn, token ids
 count as words); the engine sleeps `echo_delay_s` per word it
 returns, so its time grows with output length like a real engine's. Requests
-run one after another. Words stand for tokens: a prompt of more words than
+run one after another (with no delay, a step finishes everything queued). Words stand for tokens: a prompt of more words than
 `engine_options.max_model_len` is refused, as vLLM refuses one of more tokens,
 or skipped / truncated / its max_tokens clamped as `on_long_prompt` and
 `clamp_max_tokens` say (spmd_dp/requests.py, `fit_context`, as the vLLM engine does).
@@ -14,13 +14,20 @@ shares of short / long words, `score` the overlap (Jaccard) of the two texts' wo
 `reward` the number of words. Fault injection: `echo_fail_ranks` lists ranks whose
 engine fails at start; `echo_fail_keys` records whose requests fail (error_kind
 failed) `echo_fail_times` times each, then succeed (to rehearse `max_retries`).
-Structured outputs and LoRA adapters are accepted and ignored (a dry run). `echo_start_s` is how long it takes to start (to rehearse a slow start,
-as vLLM's).
+Structured outputs and LoRA adapters are accepted and ignored (a dry run). `echo_start_s` is how long
+it takes to start (to rehearse a slow start, as vLLM's).
+
+Engine faults mid-run (spmd_dp/engines/supervisor.py): on `echo_fault_ranks` the engine
+dies (`echo_fault=die`: its step raises, as vLLM's raises EngineDeadError) or stops
+answering (`hang`: its step blocks until the engine is closed) after
+`echo_fault_after_steps` steps, and so do the restarts of the first `echo_fault_times`
+engines of the rank (`attempt` counts them from 0).
 """
 
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
 import zlib
 from collections import deque
@@ -32,10 +39,14 @@ from spmd_dp.requests import fit_context
 
 
 class EchoEngine:
-    def __init__(self, options, batch_size: int, rank: int) -> None:
+    def __init__(self, options, batch_size: int, rank: int, attempt: int = 0) -> None:
         if rank in options.echo_fail_ranks:
             raise EngineStartError(f"echo engine: rank {rank} is listed in engine_options.echo_fail_ranks")
         time.sleep(options.echo_start_s)
+        faulty = rank in options.echo_fault_ranks and attempt < options.echo_fault_times
+        self.fault = options.echo_fault if faulty else None
+        self.steps_left = options.echo_fault_after_steps
+        self.closed = threading.Event()
         self.delay = options.echo_delay_s
         self.max_model_len = options.max_model_len
         self.fail_keys = {str(k) for k in options.echo_fail_keys}
@@ -76,7 +87,21 @@ class EchoEngine:
     def step(self) -> List[Completion]:
         if not self.queue:
             return []
-        req = self.queue.popleft()
+        if self.fault is not None:
+            if self.steps_left == 0:
+                if self.fault == "hang":
+                    self.closed.wait()  # until the supervisor gives up on it and closes it
+                    return []
+                raise RuntimeError("echo engine died (fault injection: engine_options.echo_fault_ranks)")
+            self.steps_left -= 1
+        if not self.delay:
+            out: List[Completion] = []
+            while self.queue:
+                out += self._run(self.queue.popleft())
+            return out
+        return self._run(self.queue.popleft())
+
+    def _run(self, req: Request) -> List[Completion]:
         key = str(req.key)
         if key in self.fail_keys and self.failures.get(key, 0) < self.fail_times:
             self.failures[key] = self.failures.get(key, 0) + 1
@@ -122,4 +147,5 @@ class EchoEngine:
         return float(len(words))  # reward
 
     def close(self) -> None:
+        self.closed.set()
         self.queue.clear()

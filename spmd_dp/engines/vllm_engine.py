@@ -19,6 +19,7 @@ embed] starts one of these per task (spmd_dp/engines/__init__.py).
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -69,6 +70,9 @@ def engine_kwargs(cfg, device_slice, task: str = "generate", share: int = 1) -> 
         "dtype": "float32" if eo.dtype == "auto" and is_embedded(cfg.model_name) else eo.dtype,
         "gpu_memory_utilization": eo.gpu_memory_utilization / share,
         "disable_log_stats": True,
+        # on SIGTERM/SIGINT the engine process finishes its requests for this long instead of aborting
+        # them (a drain, spmd_dp/drain.py): under torchrun and Slurm it gets the rank's signal
+        "shutdown_timeout": math.ceil(cfg.drain_timeout),
     }
     if task != "generate":
         kwargs["runner"] = "pooling"

@@ -1,0 +1,311 @@
+"""Faults in the middle of a run, injected for real: engines killed (kill -9 of vLLM's EngineCore) or made
+to die or hang (the echo engine's switches), ranks that give up, signals. The run finishes with every key
+exactly once, or stops with one clear line; a drained run resumes. Each kill lands at a seeded random
+moment; scripts/fault_injection.py runs many more of them and counts faults, runs, keys lost and doubled."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, echo_args, journal_batches, make_records, read_jsonl, spmd, write_jsonl
+
+
+def start(args, nproc=None, max_restarts=0):
+    """Start spmd_dp (torchrun when nproc is given) in the background, output to a file."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    cmd = [sys.executable, "-m", "spmd_dp", *args] if nproc is None else [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--rdzv-backend=c10d",
+        "--rdzv-endpoint=localhost:0", f"--max-restarts={max_restarts}", "-m", "spmd_dp", *args]
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@contextlib.contextmanager
+def running(proc):
+    """Whatever happens in the test, the run ends: SIGTERM (torchrun passes it to its workers), then SIGKILL."""
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def worker_pids(torchrun_pid: int) -> dict:
+    """torchrun's workers by RANK."""
+    pids = {}
+    for pid in subprocess.run(["pgrep", "-P", str(torchrun_pid)], capture_output=True, text=True).stdout.split():
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        ranks = [e.split(b"=", 1)[1] for e in env if e.startswith(b"RANK=")]
+        if ranks:
+            pids[int(ranks[0])] = int(pid)
+    return pids
+
+
+def wait_for(cond, timeout, proc=None, what=""):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        assert proc is None or proc.poll() is None, f"the run ended while waiting for {what}: {proc.stdout.read()[-3000:]}"
+        time.sleep(0.05)
+
+
+def keys_report(out_file: Path, records) -> dict:
+    """Keys lost and keys written more than once in the final output."""
+    rows = read_jsonl(out_file) if out_file.exists() else []
+    seen = Counter(r["id"] for r in rows)
+    return {"lost": sum(1 for r in records if r["id"] not in seen), "duplicated": sum(1 for n in seen.values() if n > 1)}
+
+
+def expected_rows(records, name="out", words=4):
+    return [{**r, name: " ".join(r["prompt"].split()[:words])} for r in records]
+
+
+def metrics(tmp_path, name="out"):
+    return json.loads((tmp_path / "out" / f"{name}.metrics.json").read_text())
+
+
+# --- the echo engine: an engine that dies, keeps dying, hangs; every rank failing ---------------------------
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_an_engine_that_dies_is_restarted_and_its_requests_re_added(tmp_path, seed):
+    rng = random.Random(seed)
+    victim, after = rng.randrange(3), rng.randint(2, 12)
+    records = make_records(150)
+    inp = write_jsonl(tmp_path / "data" / "in.jsonl", records)
+    p = spmd(echo_args(tmp_path, inp, "batch_size=5", "engine_options.echo_delay_s=0.005",
+                       f"engine_options.echo_fault_ranks=[{victim}]", f"engine_options.echo_fault_after_steps={after}"),
+             nproc=3, timeout=180)
+    assert p.returncode == 0, p.stderr[-4000:]
+    assert read_jsonl(tmp_path / "out" / "out.jsonl") == expected_rows(records)  # every key once, in order
+    log = p.stderr
+    assert re.search(rf"\[rank {victim}/3 .*WARNING rank {victim} on no device \(echo engine\): engine died: it raised "
+                     rf"RuntimeError: echo engine died .*; restarting it on the same slice \(restart 1 of 2\)", log)
+    assert re.search(rf"rank {victim} re-added \d+ requests of \d+ unfinished batches to the new engine", log)
+    m = metrics(tmp_path)
+    assert m["ranks"][victim]["engine_restarts"] == 1 and m["total"]["failed_ranks"] == []
+    assert "handed back" not in log
+
+
+@pytest.mark.parametrize("schedule", ["dynamic", "static"])
+def test_an_engine_that_keeps_dying_hands_its_work_to_the_others(tmp_path, schedule):
+    records = make_records(150)
+    inp = write_jsonl(tmp_path / "data" / "in.jsonl", records)
+    t0 = time.time()
+    p = spmd(echo_args(tmp_path, inp, "batch_size=5", "engine_options.echo_delay_s=0.005", f"schedule={schedule}",
+                       "engine_options.echo_fault_ranks=[1]", "engine_options.echo_fault_after_steps=6",
+                       "engine_options.echo_fault_times=3"), nproc=3, timeout=180)
+    assert p.returncode == 0, p.stderr[-4000:]
+    assert read_jsonl(tmp_path / "out" / "out.jsonl") == expected_rows(records)
+    log = p.stderr
+    assert "(restart 2 of 2)" in log and "max_engine_restarts=2 used: giving up" in log
+    handed = re.search(r"rank 1 handed back (\d+) batches \(([\d, ]+);", log)
+    assert handed, log[-3000:]
+    back = [int(b) for b in handed.group(2).split(", ")]
+    taken = re.findall(r"\[rank (\d)/3 .*Assigned \d+ prompts to rank \d \(batch (\d+), handed back by rank 1\)", log)
+    assert sorted(int(b) for _, b in taken) == sorted(back) and {r for r, _ in taken} <= {"0", "2"}
+    m = metrics(tmp_path)
+    r1 = m["ranks"][1]
+    assert m["total"]["failed_ranks"] == [1] and r1["engine_restarts"] == 2 and r1["handed_back"] == len(back)
+    assert r1["engine_failed"].startswith("engine died") and "after 2 restarts" in r1["engine_failed"]
+    assert t0 < r1["failed_at_unix"] < time.time() and r1["failed_at_s"] > 0
+    assert re.search(r"INFO +1 +\d+ .*restarts 2  engine failed at \d\d:\d\d:\d\d \(\+[\d.]+s\): engine died", log)
+    assert "ranks [1] stopped generating mid-run (rank 1 at +" in log
+
+
+def test_every_rank_failing_is_one_line_and_a_bounded_exit(tmp_path, records_file):
+    t0 = time.monotonic()
+    p = spmd(echo_args(tmp_path, records_file, "batch_size=5", "batch_timeout=20", "engine_options.echo_delay_s=0.01",
+                       "engine_options.echo_fault_ranks=[0,1,2]", "engine_options.echo_fault_after_steps=3",
+                       "engine_options.echo_fault_times=9"), nproc=3, timeout=180)
+    assert time.monotonic() - t0 < 20 + 30
+    assert p.returncode != 0
+    lines = [ln for ln in p.stderr.splitlines() if ln.startswith("spmd_dp: ")]
+    assert len(lines) == 3 and all(ln.startswith("spmd_dp: error: no rank could keep its engine running") for ln in lines)
+    assert "lost the other ranks" not in p.stderr and "gloo" not in p.stderr.lower()
+
+
+def test_a_stalled_engine_hands_its_work_back(tmp_path):
+    records = make_records(120)
+    inp = write_jsonl(tmp_path / "data" / "in.jsonl", records)
+    t0 = time.monotonic()
+    p = spmd(echo_args(tmp_path, inp, "batch_size=5", "batch_timeout=4", "engine_options.echo_delay_s=0.01",
+                       "engine_options.echo_fault_ranks=[1]", "engine_options.echo_fault=hang",
+                       "engine_options.echo_fault_after_steps=5"), nproc=3, timeout=180)
+    assert p.returncode == 0, p.stderr[-4000:]
+    assert time.monotonic() - t0 < 90
+    assert read_jsonl(tmp_path / "out" / "out.jsonl") == expected_rows(records)
+    log = p.stderr
+    handed = re.search(r"rank 1 handed back (\d+) batches \(([\d, ]+);.*: its engine stalled: no step returned within "
+                       r"batch_timeout=4.0s", log)
+    assert handed, log[-3000:]
+    back = sorted(int(b) for b in handed.group(2).split(", "))
+    taken = re.findall(r"\[rank (\d)/3 .*\(batch (\d+), handed back by rank 1\)", log)
+    assert sorted(int(b) for _, b in taken) == back and {r for r, _ in taken} <= {"0", "2"}  # the others took them
+    assert "rank 1 on no device (echo engine): engine stalled: no step returned within batch_timeout=4.0s; " \
+           "restarting it on the same slice (restart 1 of 2)" in log
+    assert metrics(tmp_path)["ranks"][1]["engine_restarts"] == 1  # the new engine ran on
+
+
+def test_a_peer_that_exits_is_named_with_its_reason(tmp_path):
+    """Rank 1 stops on a record its engine refuses (on_bad_record=fail): rank 0 names it and its reason,
+    not gloo's 'Connection closed by peer'. Then kill -9 of rank 1: rank 0 says it left without a word."""
+    records = make_records(40)
+    records[30]["prompt"] = " ".join(["long"] * 50)  # static: in rank 1's share; more words than max_model_len
+    inp = write_jsonl(tmp_path / "data" / "in.jsonl", records)
+    p = spmd(echo_args(tmp_path, inp, "schedule=static", "batch_size=5", "engine_options.max_model_len=20",
+                       "engine_options.echo_delay_s=0.01"), nproc=2, timeout=120)
+    assert p.returncode != 0
+    own = [ln for ln in p.stderr.splitlines() if ln.startswith("spmd_dp: error: record id='r00030'")]
+    peer = [ln for ln in p.stderr.splitlines() if ln.startswith("spmd_dp: error: rank 0 stops: rank 1 exited: record "
+                                                                 "id='r00030' (batch")]
+    assert len(own) == 1 and len(peer) == 1, p.stderr[-3000:]
+    assert "Connection closed" not in peer[0] and "gloo" not in peer[0]
+
+    records = make_records(400)
+    inp = write_jsonl(tmp_path / "data" / "in2.jsonl", records)
+    with running(start(echo_args(tmp_path, inp, "batch_size=5", "engine_options.echo_delay_s=0.02", "name=killed"),
+                       nproc=2)) as proc:
+        wait_for(lambda: journal_batches(tmp_path / "out" / "killed.journal.jsonl") >= 3, 120, proc, "3 batches")
+        os.kill(worker_pids(proc.pid)[1], signal.SIGKILL)
+        out, _ = proc.communicate(timeout=120)
+    line = [ln for ln in out.splitlines() if ln.startswith("spmd_dp: error: rank 0 stops")]
+    assert line and "rank 1 left without a word (killed? out of memory?" in line[0], out[-3000:]
+
+
+# --- drain: SIGTERM, Ctrl-C ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("seed", [3])
+def test_sigterm_drains_in_flight_batches_and_the_rerun_resumes(tmp_path, seed):
+    rng = random.Random(seed)
+    records = make_records(200)
+    inp = write_jsonl(tmp_path / "data" / "in.jsonl", records)
+    args = echo_args(tmp_path, inp, "batch_size=5", "engine_options.echo_delay_s=0.02")
+    journal = tmp_path / "out" / "out.journal.jsonl"
+    with running(start(args, nproc=2)) as proc:
+        at = rng.randint(2, 10)
+        wait_for(lambda: journal_batches(journal) >= at, 120, proc, f"{at} batches")
+        victim = rng.randrange(2)
+        os.kill(worker_pids(proc.pid)[victim], signal.SIGTERM)  # one rank gets it: every rank drains
+        before = journal_batches(journal)
+        out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0  # stopped early (each rank exits 143; torchrun reports it)
+    assert re.search(rf"\[rank {victim}/2 .*WARNING SIGTERM: draining: no new batches", out)
+    assert re.search(rf"\[rank {1 - victim}/2 .*WARNING SIGTERM on rank {victim}: draining", out)
+    drained = [int(n) for n in re.findall(r"rank \d drained: (\d+) batches in flight finished and went to rank 0", out)]
+    assert len(drained) == 2 and sum(drained) >= 1, out[-3000:]
+    committed = journal_batches(journal)
+    assert committed >= before + 1  # in-flight batches finished after the signal were committed
+    summary = re.search(r"spmd_dp: stopped by SIGTERM( on rank \d)? after draining: (\d+) of 200 records committed", out)
+    assert summary and int(summary.group(2)) == committed * 5, out[-3000:]
+    assert not (tmp_path / "out" / "out.jsonl").exists()
+
+    again = spmd(args, nproc=2, timeout=180)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resuming: {committed * 5} of 200 records committed already, {200 - committed * 5} to go" in again.stderr
+    assert read_jsonl(tmp_path / "out" / "out.jsonl") == expected_rows(records)  # none twice, none missing
+
+
+def test_ctrl_c_drains_and_a_second_ctrl_c_stops_at_once(tmp_path):
+    records = make_records(100, words=8)
+    inp = write_jsonl(tmp_path / "data" / "in.jsonl", records)
+    # a request takes 8 x 0.5 s: the drain would wait out drain_timeout=120
+    with running(start(echo_args(tmp_path, inp, "batch_size=2", "generation_options.max_tokens=8",
+                               "engine_options.echo_delay_s=0.5", "drain_timeout=120"))) as proc:
+        wait_for(lambda: journal_batches(tmp_path / "out" / "out.journal.jsonl") >= 1, 120, proc, "a batch")
+        proc.send_signal(signal.SIGINT)
+        time.sleep(2)
+        assert proc.poll() is None  # draining
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    assert time.monotonic() - t0 < 15
+    assert proc.returncode == 130, out[-3000:]
+    assert "SIGINT: draining: no new batches" in out and "(Ctrl-C again to stop at once)" in out
+    assert out.strip().splitlines()[-1] == "spmd_dp: interrupted; rerun with the same output_dir to resume"
+
+
+# --- real vLLM on CPU: kill -9 of rank 1's EngineCore mid-run --------------------------------------------------
+
+def engine_core_pid(rank_pid: int):
+    """The rank's vLLM EngineCore: its child process (vLLM names it VLLM::EngineCore)."""
+    for pid in subprocess.run(["pgrep", "-P", str(rank_pid)], capture_output=True, text=True).stdout.split():
+        try:
+            if "EngineCore" in Path(f"/proc/{pid}/cmdline").read_text() + Path(f"/proc/{pid}/comm").read_text():
+                return int(pid)
+        except OSError:
+            continue
+    return None
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("seed", [0])
+def test_kill_9_of_a_vllm_engine_core_mid_run_restarts_it_in_place(tmp_path, seed):
+    """2 ranks on real vLLM (CPU): rank 1's EngineCore is killed (kill -9, found by parent pid) while it
+    generates. Rank 1 sees it at once, restarts its engine on the same cores and re-adds its requests; the run
+    exits 0 with every key once and the greedy text of an undisturbed run."""
+    rng = random.Random(seed)
+    records = [{"id": f"k{i:04d}", "prompt": f"Tell me about w{i} and the day {i * 7}"} for i in range(256)]
+    inp = write_jsonl(tmp_path / "data" / "in.jsonl", records)
+
+    def args(name):
+        return [f"data_dir={inp.parent}", f"input_data_path={inp.name}", f"output_dir={tmp_path / 'out'}",
+                f"name={name}", "generation_options.temperature=0", "generation_options.max_tokens=32",
+                "+generation_options.ignore_eos=true", "batch_size=8", "engine_options.max_model_len=512",
+                "engine_options.max_num_seqs=16",  # requests run in waves of 16: batches finish one after another
+                "schedule=static"]  # rank 1 has its half whenever its engine is up (the tiny model is quick)
+
+    log = tmp_path / "killed.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+                                 "--rdzv-backend=c10d", "--rdzv-endpoint=localhost:0", "-m", "spmd_dp",
+                                 *args("killed")], cwd=REPO, stdout=f, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    with running(proc):
+        after = rng.randint(1, 4)  # batches rank 1 has finished before the kill
+        wait_for(lambda: len(re.findall(r"Received results for batch \d+ from rank 1", log.read_text())) >= after,
+                 400, proc, f"{after} batches from rank 1")
+        rank1 = worker_pids(proc.pid)[1]
+        core = engine_core_pid(rank1)
+        assert core is not None, subprocess.run(["ps", "-ef", "--forest"], capture_output=True, text=True).stdout
+        os.kill(core, signal.SIGKILL)
+        t_kill = time.time()
+        proc.wait(timeout=500)
+    out = log.read_text()
+    assert proc.returncode == 0, out[-5000:]
+    line = re.search(rf"\[rank 1/2 .*WARNING rank 1 on CPU cores 1 \(tensor_parallel_size=1\): engine died: its process "
+                     rf"{core} \(\S+\) exited; restarting it on the same slice \(restart 1 of 2\)", out)
+    assert line, out[-5000:]
+    readd = re.search(r"rank 1 re-added (\d+) requests of (\d+) unfinished batches", out)
+    assert readd and int(readd.group(1)) >= 1, out[-5000:]
+    assert "Worker rank 1 is ready (engine restarted in" in out
+    m = metrics(tmp_path, "killed")
+    assert m["ranks"][1]["engine_restarts"] == 1 and m["total"]["failed_ranks"] == []
+    print(f"kill -9 of EngineCore {core} after {after} batches of rank 1; re-added {readd.group(1)} requests; "
+          f"run ended {time.time() - t_kill:.1f}s after the kill")
+
+    ref = spmd(args("ref"), timeout=600)  # the same records on one rank, undisturbed
+    assert ref.returncode == 0, ref.stderr[-4000:]
+    killed, undisturbed = read_jsonl(tmp_path / "out" / "killed.jsonl"), read_jsonl(tmp_path / "out" / "ref.jsonl")
+    assert [r["id"] for r in killed] == [r["id"] for r in records]  # every key once, in input order
+    assert all(r["killed"] for r in killed)
+    assert [r["killed"] for r in killed] == [r["ref"] for r in undisturbed]  # greedy: identical text
