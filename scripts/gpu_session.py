@@ -63,8 +63,9 @@ def spmd_job(label: str, gpu: int, out: Path, workload: Path, extra: List[str], 
     else:
         cmd = ["taskset", "-c", str(gpu), *cmd, "engine_options.device=cpu"]
     t0 = time.time()
+    tree = Path(os.environ.get("SPMD_TREE", REPO))  # another checkout of spmd_dp (a branch carried beside this one)
     with open(d / "log.txt", "w") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, cwd=tree, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         code = proc.wait(timeout=1500)
     res: Dict[str, Any] = {"label": label, "gpu": gpu, "exit_code": code, "wall_s": round(time.time() - t0, 2),
                            "dir": str(d)}
