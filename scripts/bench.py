@@ -641,7 +641,7 @@ def scan_job(tree: Path, out: Path, label: str, data_dir: Path, input_path: str,
            "--rdzv-endpoint=localhost:0", "-m", "spmd_dp", f"data_dir={data_dir}", f"input_data_path={input_path}",
            f"output_dir={d}", "name=out", "overwrite=true", "batch_size=256", "generation_options.max_tokens=1",
            *extra]
-    env = dict(os.environ, PYTHONPATH=str(tree), PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")]), PYTHONUNBUFFERED="1")
     t0 = time.time()
     proc = subprocess.Popen(_pinned(cmd, cpus), cwd=tree, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -689,7 +689,7 @@ RAW_START = ("import json, time, sys; t0 = float(sys.argv[1]); from vllm import 
 def raw_engine_start(args: argparse.Namespace, cpus: Optional[str]) -> Dict[str, Any]:
     """Raw vLLM: launch to an engine ready, with the engine arguments spmd_dp passes on this device."""
     suite = dict(SUITES[args.device_suite], model=args.model, vllm_kwargs=json.loads(args.vllm_kwargs))
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     if suite["device"] == "cpu":
         env.update(VLLM_CPU_OMP_THREADS_BIND=(cpus or "0").split(",")[0], VLLM_CPU_KVCACHE_SPACE="1")
     p = subprocess.run(_pinned([PY, "-c", RAW_START, repr(time.time()), json.dumps(engine_kwargs(suite))], cpus),
