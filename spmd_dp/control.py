@@ -48,11 +48,12 @@ class ControlPlane(threading.Thread):
     """Streams each rank's outbox to rank 0's handler; tracks every rank's state; ends when all are done."""
 
     def __init__(self, group: Group, outbox: Outbox, handler: Optional[Handler], batch_timeout: float = 600.0,
-                 tick_s: float = 0.2) -> None:
-        """handler: rank 0's (it receives every rank's messages); None on the other ranks."""
+                 tick_s: float = 0.2, writer: Optional[Callable[[BatchDone], BatchDone]] = None) -> None:
+        """handler: rank 0's (it receives every rank's messages); None on the other ranks. writer: output_mode=sharded,
+        this rank's ShardWriter (spmd_dp/shards.py): a batch's rows become a part, and only its metadata leaves."""
         super().__init__(name="spmd_dp-control", daemon=True)
         assert (handler is not None) == (group.rank == 0), "rank 0, and only rank 0, handles the messages"
-        self.group, self.outbox, self.handler, self.tick_s = group, outbox, handler, tick_s
+        self.group, self.outbox, self.handler, self.tick_s, self.writer = group, outbox, handler, tick_s, writer
         self.stuck_s = batch_timeout + STUCK_GRACE_S
         self.all_done = threading.Event()
         self.committed: Set[int] = set()  # rank 0: the batches handed to the handler (it commits each at once)
@@ -75,6 +76,8 @@ class ControlPlane(threading.Thread):
             while True:
                 finished = box.finished  # read before draining: everything put before it is drained now
                 items = self._drain()
+                if self.writer is not None:
+                    items = [self.writer(m) if isinstance(m, BatchDone) else m for m in items]
                 done = finished and box.queue.empty()
                 payload = encode(items) if items else b""
                 table = self.group.all_gather_ints([int(box.state), int(done), len(payload), int(box.idle),

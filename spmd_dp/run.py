@@ -32,6 +32,7 @@ from spmd_dp.outbox import Outbox
 from spmd_dp.plan import OutputPaths, RankPlan, preflight
 from spmd_dp.prompts import PromptBuilder
 from spmd_dp.rank0 import Rank0, fork_scanners, open_node
+from spmd_dp.shards import shard_writer
 
 
 def run(cfgs: Sequence[RunConfig]) -> int:
@@ -73,7 +74,8 @@ def run_node(cfg: RunConfig, plan: RankPlan, prompts: PromptBuilder, store, time
     os.environ["VLLM_PORT"] = str(plan.vllm_port)
     logger.info("%s", plan.describe())
     plan.device.log_physical(plan.rank)
-    rank0 = Rank0(cfg, OutputPaths.of(cfg), prompts, plan.world_size) if plan.is_rank0 else None
+    paths = OutputPaths.of(cfg)
+    rank0 = Rank0(cfg, paths, prompts, plan.world_size) if plan.is_rank0 else None
     stats = RankStats(plan.rank)
     kv_budget = None
     if cfg.engine_options.agree_kv_cache:
@@ -96,7 +98,8 @@ def run_node(cfg: RunConfig, plan: RankPlan, prompts: PromptBuilder, store, time
         claims.announce()
         outbox = Outbox(plan.rank, plan.world_size, drain)
         control = ControlPlane(Group(substore(store, "control"), plan.rank, plan.world_size, timeout), outbox,
-                               rank0.handle if rank0 else None, cfg.batch_timeout)
+                               rank0.handle if rank0 else None, cfg.batch_timeout,
+                               writer=shard_writer(cfg, paths.parts, plan.rank, order.shared))
         control.start()
         engine = starting.result()
         outbox.state = RankState.FAILED if engine is None else RankState.READY
