@@ -13,6 +13,14 @@ claimed through counters in the store (`Claims`): static keeps one queue per ran
 and lets the others take the queue of a rank whose engine failed to start or gave
 up. This module is the only place that tells the two schedules apart at run time.
 
+How much a rank holds (`Claims.target`, in requests; spmd_dp/generation.py claims while it
+holds fewer): enough to keep its engine full (its capacity + one batch) while the unclaimed work
+is large; then guided self-scheduling: about remaining / (TAIL_K x N), so the last batches spread
+over the ranks instead of waiting in one rank's queue. Until every rank has reported its engine
+(ready or failed), a rank holds at most (ranks reported / N) of its capacity: the first engine up
+does not take an engine-full of the first (in a sorted input, the longest) records alone. static:
+a rank's share is its own; it holds an engine-full.
+
 Returned work: a rank whose engine fails for good (or stalls) hands its claimed,
 unfinished batches back (`give_back`): each goes into a slot of a list in the store,
 and every rank takes returned batches before new work, a slot being won by the one
@@ -22,12 +30,14 @@ rank whose `store.add` on it returns 1 (the same atomic discipline as the counte
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Iterable, List, Optional, Sequence, Tuple
 
 from spmd_dp.log import logger
 from spmd_dp.messages import RankState
 
 Span = Tuple[int, int]  # [start, stop) of record positions
+TAIL_K = 2  # guided self-scheduling: in the tail a rank holds about (unclaimed records) / (TAIL_K x ranks)
 
 
 @dataclass(frozen=True)
@@ -116,8 +126,11 @@ class Claims:
     """
 
     def __init__(self, store, batches: Sequence[Batch], schedule: str, rank: int, world: int) -> None:
-        self.store, self.rank, self.static = store, rank, schedule == "static"
+        self.store, self.rank, self.world, self.static = store, rank, world, schedule == "static"
         self.batches = list(batches)
+        # dynamic: records in the batches after batch i ([i+1:]); unclaimed = after[the counter's last value]
+        self.after = list(accumulate(b.size for b in reversed(self.batches)))[::-1][1:] + [0] if batches else [0]
+        self.unclaimed = sum(b.size for b in batches)  # as of this rank's last claim (it only falls)
         if self.static:
             self.queues = {r: [b for b in batches if b.owner == r] for r in range(world)}
         else:
@@ -161,10 +174,22 @@ class Claims:
         if owner in self.exhausted or not queue:
             return None
         i = self.store.add(f"next/{owner}", 1) - 1
+        if owner == -1:
+            self.unclaimed = self.after[i] if i < len(queue) else 0
         if i < len(queue):
             return queue[i]
         self.exhausted.add(owner)
         return None
+
+    def target(self, capacity: int, batch_size: int, reported: int) -> int:
+        """Requests this rank keeps claimed and unfinished. capacity: its engine's (vLLM's max_num_seqs);
+        reported: the ranks whose engines have started or failed (this one's included)."""
+        full = capacity + batch_size
+        if self.static or self.world == 1:
+            return full
+        if reported < self.world:  # the first engines up share the first records with those still starting
+            full = min(full, max(1, capacity * reported // self.world))
+        return min(full, max(1, -(-self.unclaimed // (TAIL_K * self.world))))
 
     def next(self, peer_states: Sequence[RankState] = ()) -> Optional[Batch]:
         """The next batch this rank runs, or None when there is none for it now (more may come back)."""

@@ -83,6 +83,7 @@ class EngineOptions:
     lora_adapters: Dict[str, str] = field(default_factory=dict)
     max_lora_rank: Optional[int] = None  # null: the largest `r` of the adapters' adapter_config.json (else 16)
     echo_start_s: float = 0.0  # seconds the echo engine takes to start (rehearses a slow engine start)
+    echo_start_ranks: List[int] = field(default_factory=list)  # the ranks whose echo engine takes echo_start_s ([]: all)
 
 
 @dataclass
@@ -316,6 +317,8 @@ def validate(cfg: RunConfig) -> None:
            "use an integer >= 0 (0: a rank whose engine fails mid-run hands its work to the others at once)")
     _check(eo.echo_delay_s >= 0, "engine_options.echo_delay_s", eo.echo_delay_s, "use seconds >= 0")
     _check(eo.echo_start_s >= 0, "engine_options.echo_start_s", eo.echo_start_s, "use seconds >= 0")
+    _check(all(r >= 0 for r in eo.echo_start_ranks), "engine_options.echo_start_ranks", eo.echo_start_ranks,
+           "list ranks (>= 0) whose echo engine takes echo_start_s to start, e.g. [1]; [] for all")
     _check(eo.echo_fault in ECHO_FAULTS, "engine_options.echo_fault", eo.echo_fault, f"use one of {', '.join(ECHO_FAULTS)}")
     _check(eo.echo_fault_after_steps >= 0, "engine_options.echo_fault_after_steps", eo.echo_fault_after_steps,
            "use an integer >= 0")

@@ -46,6 +46,11 @@ class Outbox:
     def beat(self) -> None:
         self.heartbeat = time.monotonic()
 
+    def reported(self) -> int:
+        """Ranks whose engines have started or failed (this one's as it knows it; the others' as of the last round)."""
+        mine = self.state != RankState.STARTING
+        return sum(1 for r, s in enumerate(self.peer_states) if s != RankState.STARTING or (r == self.rank and mine))
+
     def ranks_in(self, *states: RankState) -> List[int]:
         return [r for r, s in enumerate(self.peer_states) if s in states]
 

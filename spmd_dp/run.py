@@ -104,8 +104,7 @@ def run_node(cfg: RunConfig, plan: RankPlan, prompts: PromptBuilder, store, time
         engine = starting.result()
         outbox.state = RankState.FAILED if engine is None else RankState.READY
         if engine is not None:
-            GenerationLoop(cfg, engine, claims, index, prompts, outbox, plan.rank, stats,
-                           fair_share=-(-sum(b.size for b in batches) // plan.world_size), n_batches=len(batches)).run()
+            GenerationLoop(cfg, engine, claims, index, prompts, outbox, plan.rank, stats, len(batches)).run()
             if not keep_engine or outbox.state == RankState.GAVE_UP:
                 engines.release()
         outbox.put(stats)

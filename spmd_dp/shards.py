@@ -111,10 +111,10 @@ def finish_shards(journal, fmt: str) -> Tuple[int, int]:
     if fmt == "parquet":
         _one_schema(paths.parts, shards)
     records, size = sum(s[5] for s in shards), sum(s[3] for s in shards)
-    manifest = {"spmd_dp_manifest": MANIFEST_VERSION, "format": fmt, "records": records, "bytes": size,
-                "shards": [{"path": s[2], "start": s[0], "stop": s[1], "records": s[5], "bytes": s[3],
-                            "crc32": s[4]} for s in shards]}
-    atomic_write(paths.parts / paths.manifest.name, [json.dumps(manifest, indent=1).encode() + b"\n"])
+    head = json.dumps({"spmd_dp_manifest": MANIFEST_VERSION, "format": fmt, "records": records, "bytes": size})
+    lines = ",\n".join(json.dumps({"path": s[2], "start": s[0], "stop": s[1], "records": s[5], "bytes": s[3],
+                                   "crc32": s[4]}) for s in shards)  # one JSON object; a shard a line
+    atomic_write(paths.parts / paths.manifest.name, [f'{head[:-1]}, "shards": [\n{lines}\n]}}\n'.encode()])
     os.replace(paths.parts, paths.shards)
     fsync_dir(paths.dir)
     journal.mark_complete(records, size)
