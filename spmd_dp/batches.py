@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from itertools import accumulate
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from spmd_dp.log import logger
 from spmd_dp.messages import RankState
@@ -138,6 +138,8 @@ class Claims:
         self.exhausted: set = set()
         self.returned_seen = 0  # returned slots below this one are taken, or this rank's own (own_returned)
         self.own_returned: set = set()
+        if self.static:  # the seed's `Assigned N prompts to rank X` for a static share (dynamic logs each claim)
+            logger.info("Assigned %d prompts to rank %d", self.share(self.rank), self.rank)
 
     def give_back(self, batches: Sequence[Batch]) -> None:
         """Hand claimed, unfinished batches back: the other ranks take them before new work."""
@@ -145,11 +147,14 @@ class Claims:
             slot = self.store.add("returned/n", 1) - 1
             self.store.set(f"returned/{slot}", f"{b.index} {self.rank}")
 
-    def _claim_returned(self, peer_states: Sequence[RankState]) -> Optional[Batch]:
+    def _claim_returned(self, out: Mapping[int, RankState], returned: Optional[int]) -> Optional[Batch]:
         """A batch some rank handed back, if any is left. A rank leaves the batches it handed back itself
-        to the others (they may be why its engine stalled), unless no other rank takes work any more."""
-        n = self.store.add("returned/n", 0)
-        alone = all(s.out for r, s in enumerate(peer_states) if r != self.rank)
+        to the others (they may be why its engine stalled), unless no other rank takes work any more.
+        returned: how many were handed back as of the board's last read (None: ask the store)."""
+        n = self.store.add("returned/n", 0) if returned is None else returned
+        if n <= self.returned_seen and not self.own_returned:
+            return None
+        alone = len([r for r in out if r != self.rank]) == self.world - 1
         for slot in list(self.own_returned) + list(range(self.returned_seen, n)):
             self.returned_seen = max(self.returned_seen, slot + 1)
             index, giver = (int(x) for x in self.store.get(f"returned/{slot}").split())
@@ -163,11 +168,6 @@ class Claims:
                             self.rank, batch.index, giver)
                 return batch
         return None
-
-    def announce(self) -> None:
-        """The seed's `Assigned N prompts to rank X` for a static share (dynamic logs each claim)."""
-        if self.static:
-            logger.info("Assigned %d prompts to rank %d", self.share(self.rank), self.rank)
 
     def _claim_from(self, owner: int) -> Optional[Batch]:
         queue = self.queues.get(owner, [])
@@ -191,9 +191,13 @@ class Claims:
             full = min(full, max(1, capacity * reported // self.world))
         return min(full, max(1, -(-self.unclaimed // (TAIL_K * self.world))))
 
-    def next(self, peer_states: Sequence[RankState] = ()) -> Optional[Batch]:
-        """The next batch this rank runs, or None when there is none for it now (more may come back)."""
-        batch = self._claim_returned(peer_states)
+    def next(self, out: Union[Mapping[int, RankState], Sequence[RankState]] = (),
+             returned: Optional[int] = None) -> Optional[Batch]:
+        """The next batch this rank runs, or None when there is none for it now (more may come back).
+        out: the ranks that take no work (or every rank's state); returned: batches handed back so far."""
+        if not isinstance(out, Mapping):
+            out = {r: s for r, s in enumerate(out) if s.out}
+        batch = self._claim_returned(out, returned)
         if batch is not None:
             return batch
         if not self.static:
@@ -202,10 +206,10 @@ class Claims:
                 logger.info("Assigned %d prompts to rank %d (batch %d)", batch.size, self.rank, batch.index)
             return batch
         batch = self._claim_from(self.rank)
-        for other, state in enumerate(peer_states):
+        for other in sorted(out):
             if batch is not None:
                 break
-            if state in (RankState.FAILED, RankState.GAVE_UP):
+            if other != self.rank:
                 batch = self._claim_from(other)
                 if batch is not None:
                     logger.info("Assigned %d prompts to rank %d (batch %d of failed rank %d)", batch.size,

@@ -42,7 +42,7 @@ from spmd_dp.output import output_row
 from spmd_dp.prompts import PromptBuilder
 
 TICK_S = 0.2  # how long the loop waits when it has nothing to run but more may come
-IDLE_ROUNDS = 3  # control rounds with every rank idle after which nothing more can come
+IDLE_ROUNDS = 3  # reads of the board with every rank idle after which nothing more can come
 
 
 @dataclass
@@ -127,7 +127,10 @@ class GenerationLoop:
         self.outbox.idle = not self.inflight
 
     def _claim(self) -> bool:
-        batch = self.claims.next(self.outbox.peer_states)
+        t0 = time.perf_counter()
+        batch = self.claims.next(self.outbox.out, self.outbox.returned if self.outbox.board is not None else None)
+        self.stats.claims += 1
+        self.stats.claim_s += time.perf_counter() - t0
         if batch is None:
             return False
         records = read_batch(self.index, batch.start, batch.stop)
@@ -296,11 +299,11 @@ class GenerationLoop:
 
     def _nothing_left(self) -> bool:
         """Idle: leave once rank 0 has committed every batch, or when every rank has been idle (or out) for
-        IDLE_ROUNDS control rounds: then no batch is held anywhere, and none can be handed back."""
+        IDLE_ROUNDS reads of the board: then no batch is held anywhere, and none can be handed back."""
         box = self.outbox
         if box.committed >= self.n_batches:
             return True
-        if not all(idle or state.out for idle, state in zip(box.peer_idle, box.peer_states)):
+        if not box.everyone_idle():
             self.idle_from = None
             return False
         if self.idle_from is None:

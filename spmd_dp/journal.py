@@ -143,14 +143,15 @@ class Journal:
         for start in sorted(self.spans):
             yield (start, *self.spans[start])
 
-    def commit(self, batches: List[BatchDone]) -> None:
+    def commit(self, batches: List[BatchDone]) -> int:
         """Commit batches as one part: atomic, then journaled. A batch delivered twice is committed once.
-        Batches that carry a part (output_mode=sharded: their ranks wrote them) are journaled as they are."""
+        Batches that carry a part (output_mode=sharded: their ranks wrote them) are journaled as they are.
+        Returns how many batches were new."""
         if any(b.part is not None for b in batches):
             return self._commit_shards(batches)
         batches = [b for b in batches if b.start not in self.spans]
         if not batches:
-            return
+            return 0
         name = f"part-{self._next_part:08d}.jsonl"
         self._next_part += 1
         entries, chunks, offset = [], [], 0
@@ -165,8 +166,9 @@ class Journal:
         self.errors += errors
         for start, stop, off, length in entries:
             self.spans[start] = (stop, name, off, length)
+        return len(entries)
 
-    def _commit_shards(self, batches: List[BatchDone]) -> None:
+    def _commit_shards(self, batches: List[BatchDone]) -> int:
         """One journal line (one fsync) for a round of shards. The first delivery of a batch wins; the shard of a
         second one is removed: a part that is not in the journal is not output."""
         entries, errors = [], []
@@ -188,6 +190,7 @@ class Journal:
         if entries:
             self._append({"shards": entries, **({"errors": errors} if errors else {})})
             self.errors += errors
+        return len(entries)
 
     def shards(self) -> Iterator[Tuple[int, int, Optional[str], int, int, int, Optional[str]]]:
         """(start, stop, part, bytes, crc32, rows, schema) of every committed shard, in input order."""

@@ -73,6 +73,10 @@ class RankStats:
     engine_restarts: int = 0
     engine_faults: List[str] = field(default_factory=list)  # each fault of its engine, in order
     handed_back: int = 0  # batches it handed back to the other ranks
+    claims: int = 0  # claims it made (those that found a batch and those that did not)
+    claim_s: float = 0.0  # time in them (the rendezvous store's round trips)
+    control_cpu_s: float = 0.0  # its control thread's CPU until it sent this (docs/scale.md)
+    peak_rss_mb: float = 0.0  # its peak resident memory
 
     @property
     def output_tokens_per_s(self) -> float:

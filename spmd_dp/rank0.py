@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from spmd_dp.batches import Span
 from spmd_dp.config import RunConfig, to_yaml
@@ -123,11 +123,11 @@ class Rank0:
         self.todo = todo
         return WorkOrder(pending, shared=mark_shared(paths.parts) if cfg.output_mode == "sharded" else None)
 
-    def handle(self, messages: List[Message]) -> None:
-        """Called by the control thread with one rank's messages of a round."""
+    def handle(self, messages: List[Message]) -> int:
+        """Called by the control thread with the messages of a round, from every rank (one journal line for all);
+        returns how many batches were committed (a batch that came twice counts once)."""
         batches = [m for m in messages if isinstance(m, BatchDone)]
-        if batches:
-            self.journal.commit(batches)
+        committed = self.journal.commit(batches) if batches else 0
         for m in messages:
             if isinstance(m, BatchDone):
                 logger.info("Received results for batch %d from rank %d (%d records)", m.index, m.rank, m.records)
@@ -136,11 +136,14 @@ class Rank0:
                 self.metrics.add_rank(m)
                 if m.engine_failed:
                     self.failed[m.rank] = m
+        return committed
 
-    def finish(self, drain: Optional[Drain] = None) -> None:
+    def finish(self, drain: Optional[Drain] = None, control: Optional[Dict[str, Any]] = None) -> None:
         """Every rank is done: write the final file, the errors file and the metrics; print the summary.
-        After a drain that left work undone, say what was committed and stop (a rerun resumes)."""
+        After a drain that left work undone, say what was committed and stop (a rerun resumes).
+        control: what rank 0's control plane counted (its messages, handler calls, CPU), for the metrics."""
         self.progress.close()
+        self.metrics.control = dict(control or {})
         missing = self.journal.missing(self.n_records)
         if missing and drain is not None and drain.requested:
             left = sum(b - a for a, b in missing)

@@ -32,6 +32,7 @@ from typing import Iterable, List, Optional, Tuple
 from spmd_dp.errors import RunFailure, UsageError
 from spmd_dp.log import logger
 from spmd_dp.messages import BatchDone
+from spmd_dp.plan import OutputPaths
 from spmd_dp.output import atomic_write, conform, float32_columns, fsync_dir, parquet_bytes, schema_digest, unify
 
 MANIFEST_VERSION = 1
@@ -87,12 +88,12 @@ class ShardWriter:
         return replace(b, lines=[], part=meta)
 
 
-def shard_writer(cfg, parts: Path, rank: int, shared_token: Optional[str]) -> Optional[ShardWriter]:
+def shard_writer(cfg, rank: int, shared_token: Optional[str]) -> Optional[ShardWriter]:
     """This rank's ShardWriter under output_mode=sharded, else None (rank 0 writes what it receives)."""
     if cfg.output_mode != "sharded":
         return None
     assert shared_token is not None
-    return ShardWriter(parts, cfg.output_format, rank, float32_columns(cfg.name), shared_token)
+    return ShardWriter(OutputPaths.of(cfg).parts, cfg.output_format, rank, float32_columns(cfg.name), shared_token)
 
 
 def finish_shards(journal, fmt: str) -> Tuple[int, int]:
