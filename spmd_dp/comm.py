@@ -113,9 +113,9 @@ class Group:
         """Wait for `peer`'s goodbye; raises at once when its process is gone (gloo sees its connection close)."""
         self.pg.recv([torch.empty(1, dtype=torch.int64)], peer, WATCH).wait(LONG_WAIT)
 
-    def goodbye(self, peer: int) -> None:
-        """Tell the rank that watches this one that it leaves on purpose."""
-        self.pg.send([torch.zeros(1, dtype=torch.int64)], peer, WATCH).wait()
+    def goodbye(self, peer: int, timeout: timedelta) -> None:
+        """Tell the rank that watches this one that it leaves on purpose (bounded: that rank may have left)."""
+        self.pg.send([torch.zeros(1, dtype=torch.int64)], peer, WATCH).wait(timeout)
 
     def all_gather_bytes(self, data: bytes) -> List[bytes]:
         """Every rank's bytes (of any length), indexed by rank."""

@@ -35,6 +35,7 @@ import signal
 import sys
 import threading
 import time
+from datetime import timedelta
 from typing import Callable, List, Optional, Set
 
 from spmd_dp.board import Board, View
@@ -232,7 +233,7 @@ class ControlPlane(threading.Thread):
         """The end is agreed: tell the rank that watches this one. Rank 0 then waits (bounded) until every rank has
         read the end: without torchrun the store lives in rank 0's process, and a rank still reading it would fail."""
         try:
-            self.group.goodbye((self.group.rank - 1) % self.group.world)
+            self.group.goodbye((self.group.rank - 1) % self.group.world, timedelta(seconds=GOODBYE_WAIT_S))
         except Exception as e:  # it may have left already
             logger.debug("goodbye to rank %d: %s", (self.group.rank - 1) % self.group.world, e)
         deadline = time.monotonic() + GOODBYE_WAIT_S + self.poll_s
