@@ -13,6 +13,14 @@ claimed through counters in the store (`Claims`): static keeps one queue per ran
 and lets the others take the queue of a rank whose engine failed to start or gave
 up. This module is the only place that tells the two schedules apart at run time.
 
+How much a rank holds (`Claims.target`, in requests; spmd_dp/generation.py claims while it
+holds fewer): enough to keep its engine full (its capacity + one batch) while the unclaimed work
+is large; then guided self-scheduling: about remaining / (TAIL_K x N), so the last batches spread
+over the ranks instead of waiting in one rank's queue. Until every rank has reported its engine
+(ready or failed), a rank holds at most (ranks reported / N) of its capacity: the first engine up
+does not take an engine-full of the first (in a sorted input, the longest) records alone. static:
+a rank's share is its own; it holds an engine-full.
+
 Returned work: a rank whose engine fails for good (or stalls) hands its claimed,
 unfinished batches back (`give_back`): each goes into a slot of a list in the store,
 and every rank takes returned batches before new work, a slot being won by the one
@@ -22,12 +30,14 @@ rank whose `store.add` on it returns 1 (the same atomic discipline as the counte
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, List, Optional, Sequence, Tuple
+from itertools import accumulate
+from typing import Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from spmd_dp.log import logger
 from spmd_dp.messages import RankState
 
 Span = Tuple[int, int]  # [start, stop) of record positions
+TAIL_K = 2  # guided self-scheduling: in the tail a rank holds about (unclaimed records) / (TAIL_K x ranks)
 
 
 @dataclass(frozen=True)
@@ -116,8 +126,11 @@ class Claims:
     """
 
     def __init__(self, store, batches: Sequence[Batch], schedule: str, rank: int, world: int) -> None:
-        self.store, self.rank, self.static = store, rank, schedule == "static"
+        self.store, self.rank, self.world, self.static = store, rank, world, schedule == "static"
         self.batches = list(batches)
+        # dynamic: records in the batches after batch i ([i+1:]); unclaimed = after[the counter's last value]
+        self.after = list(accumulate(b.size for b in reversed(self.batches)))[::-1][1:] + [0] if batches else [0]
+        self.unclaimed = sum(b.size for b in batches)  # as of this rank's last claim (it only falls)
         if self.static:
             self.queues = {r: [b for b in batches if b.owner == r] for r in range(world)}
         else:
@@ -125,6 +138,8 @@ class Claims:
         self.exhausted: set = set()
         self.returned_seen = 0  # returned slots below this one are taken, or this rank's own (own_returned)
         self.own_returned: set = set()
+        if self.static:  # the seed's `Assigned N prompts to rank X` for a static share (dynamic logs each claim)
+            logger.info("Assigned %d prompts to rank %d", self.share(self.rank), self.rank)
 
     def give_back(self, batches: Sequence[Batch]) -> None:
         """Hand claimed, unfinished batches back: the other ranks take them before new work."""
@@ -132,11 +147,14 @@ class Claims:
             slot = self.store.add("returned/n", 1) - 1
             self.store.set(f"returned/{slot}", f"{b.index} {self.rank}")
 
-    def _claim_returned(self, peer_states: Sequence[RankState]) -> Optional[Batch]:
+    def _claim_returned(self, out: Mapping[int, RankState], returned: Optional[int]) -> Optional[Batch]:
         """A batch some rank handed back, if any is left. A rank leaves the batches it handed back itself
-        to the others (they may be why its engine stalled), unless no other rank takes work any more."""
-        n = self.store.add("returned/n", 0)
-        alone = all(s.out for r, s in enumerate(peer_states) if r != self.rank)
+        to the others (they may be why its engine stalled), unless no other rank takes work any more.
+        returned: how many were handed back as of the board's last read (None: ask the store)."""
+        n = self.store.add("returned/n", 0) if returned is None else returned
+        if n <= self.returned_seen and not self.own_returned:
+            return None
+        alone = len([r for r in out if r != self.rank]) == self.world - 1
         for slot in list(self.own_returned) + list(range(self.returned_seen, n)):
             self.returned_seen = max(self.returned_seen, slot + 1)
             index, giver = (int(x) for x in self.store.get(f"returned/{slot}").split())
@@ -151,24 +169,35 @@ class Claims:
                 return batch
         return None
 
-    def announce(self) -> None:
-        """The seed's `Assigned N prompts to rank X` for a static share (dynamic logs each claim)."""
-        if self.static:
-            logger.info("Assigned %d prompts to rank %d", self.share(self.rank), self.rank)
-
     def _claim_from(self, owner: int) -> Optional[Batch]:
         queue = self.queues.get(owner, [])
         if owner in self.exhausted or not queue:
             return None
         i = self.store.add(f"next/{owner}", 1) - 1
+        if owner == -1:
+            self.unclaimed = self.after[i] if i < len(queue) else 0
         if i < len(queue):
             return queue[i]
         self.exhausted.add(owner)
         return None
 
-    def next(self, peer_states: Sequence[RankState] = ()) -> Optional[Batch]:
-        """The next batch this rank runs, or None when there is none for it now (more may come back)."""
-        batch = self._claim_returned(peer_states)
+    def target(self, capacity: int, batch_size: int, reported: int) -> int:
+        """Requests this rank keeps claimed and unfinished. capacity: its engine's (vLLM's max_num_seqs);
+        reported: the ranks whose engines have started or failed (this one's included)."""
+        full = capacity + batch_size
+        if self.static or self.world == 1:
+            return full
+        if reported < self.world:  # the first engines up share the first records with those still starting
+            full = min(full, max(1, capacity * reported // self.world))
+        return min(full, max(1, -(-self.unclaimed // (TAIL_K * self.world))))
+
+    def next(self, out: Union[Mapping[int, RankState], Sequence[RankState]] = (),
+             returned: Optional[int] = None) -> Optional[Batch]:
+        """The next batch this rank runs, or None when there is none for it now (more may come back).
+        out: the ranks that take no work (or every rank's state); returned: batches handed back so far."""
+        if not isinstance(out, Mapping):
+            out = {r: s for r, s in enumerate(out) if s.out}
+        batch = self._claim_returned(out, returned)
         if batch is not None:
             return batch
         if not self.static:
@@ -177,10 +206,10 @@ class Claims:
                 logger.info("Assigned %d prompts to rank %d (batch %d)", batch.size, self.rank, batch.index)
             return batch
         batch = self._claim_from(self.rank)
-        for other, state in enumerate(peer_states):
+        for other in sorted(out):
             if batch is not None:
                 break
-            if state in (RankState.FAILED, RankState.GAVE_UP):
+            if other != self.rank:
                 batch = self._claim_from(other)
                 if batch is not None:
                     logger.info("Assigned %d prompts to rank %d (batch %d of failed rank %d)", batch.size,

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from datetime import timedelta
-from typing import Any, List, Sequence
+from typing import Any, List, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -42,13 +42,27 @@ def substore(store, prefix: str):
     return dist.PrefixStore(prefix, store)
 
 
-class Group:
-    """A gloo group of the world's ranks over `store`, with the few collectives spmd_dp needs."""
+# tags of the point-to-point messages of the control group (spmd_dp/control.py)
+HEADER, PAYLOAD, WATCH = 1, 2, 3
+LONG_WAIT = timedelta(days=30)  # a wait that ends when the peer speaks or its process is gone, not on a clock
 
-    def __init__(self, store, rank: int, world: int, timeout: timedelta) -> None:
+
+class Group:
+    """A gloo group of the world's ranks over `store`, with the few collectives spmd_dp needs.
+
+    lazy: gloo connects a pair of ranks on its first use instead of every pair at the start (N - 1 sockets a
+    rank, N^2 / 2 in all, each exchanged through the store): the control group's messages go to rank 0 and
+    along a ring, so there a rank connects to two or three peers and rank 0 to each rank once."""
+
+    def __init__(self, store, rank: int, world: int, timeout: timedelta, lazy: bool = False) -> None:
         self.rank, self.world = rank, world
-        self.pg = dist.ProcessGroupGloo(store, rank, world, timeout)
-        self.notes = substore(store, "notes")  # what ranks tell each other outside the collectives
+        if lazy:
+            opts = dist.ProcessGroupGloo._Options()
+            opts._devices = [dist.ProcessGroupGloo.create_default_device(lazy_init=True)]
+            opts._timeout = timeout
+            self.pg = dist.ProcessGroupGloo(store, rank, world, opts)
+        else:
+            self.pg = dist.ProcessGroupGloo(store, rank, world, timeout)
 
     def all_gather_ints(self, values: Sequence[int]) -> List[List[int]]:
         """Every rank's vector of integers (all of the same length), indexed by rank."""
@@ -70,13 +84,38 @@ class Group:
         self.pg.allreduce([t], opts).wait()
         return float(t.item())
 
-    def send_bytes(self, data: bytes, dst: int) -> None:
-        self.pg.send([torch.frombuffer(bytearray(data), dtype=torch.uint8)], dst, 0).wait()
+    def send_bytes(self, data: bytes, dst: int, tag: int = 0) -> None:
+        self.pg.send([torch.frombuffer(bytearray(data), dtype=torch.uint8)], dst, tag).wait()
 
-    def recv_bytes(self, size: int, src: int) -> "Receive":
+    def recv_bytes(self, size: int, src: int, tag: int = 0) -> "Receive":
         """Start receiving `size` bytes from src; `.result()` waits and returns them."""
         buf = torch.empty(size, dtype=torch.uint8)
-        return Receive(buf, self.pg.recv([buf], src, 0))
+        return Receive(buf, self.pg.recv([buf], src, tag))
+
+    # -- the control group's messages: any rank -> rank 0, and the watch along the ring ----------------------
+    def send_message(self, data: bytes, flags: int, dst: int = 0) -> None:
+        """A header (size, flags), then the bytes; each send bounded by the group's timeout."""
+        self.pg.send([torch.tensor([len(data), flags], dtype=torch.int64)], dst, HEADER).wait()
+        if data:
+            self.send_bytes(data, dst, PAYLOAD)
+
+    def recv_message(self) -> Tuple[int, bytes, int]:
+        """The next message any rank sends this one: (source, bytes, flags), in each sender's order. It waits as
+        long as it takes (a rank that is gone is seen by the watch on it, not here)."""
+        header = torch.empty(2, dtype=torch.int64)
+        work = self.pg.recv_anysource([header], HEADER)
+        work.wait(LONG_WAIT)
+        src = work._source_rank()
+        size, flags = header.tolist()
+        return src, self.recv_bytes(size, src, PAYLOAD).result() if size else b"", flags
+
+    def watch(self, peer: int) -> None:
+        """Wait for `peer`'s goodbye; raises at once when its process is gone (gloo sees its connection close)."""
+        self.pg.recv([torch.empty(1, dtype=torch.int64)], peer, WATCH).wait(LONG_WAIT)
+
+    def goodbye(self, peer: int, timeout: timedelta) -> None:
+        """Tell the rank that watches this one that it leaves on purpose (bounded: that rank may have left)."""
+        self.pg.send([torch.zeros(1, dtype=torch.int64)], peer, WATCH).wait(timeout)
 
     def all_gather_bytes(self, data: bytes) -> List[bytes]:
         """Every rank's bytes (of any length), indexed by rank."""

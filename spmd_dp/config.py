@@ -28,6 +28,7 @@ ENGINES = ("vllm_dp", "echo")
 SCHEDULES = ("dynamic", "static")
 DEVICES = ("auto", "cuda", "cpu")
 OUTPUT_FORMATS = ("jsonl", "parquet")
+OUTPUT_MODES = ("single", "sharded")  # one file written by rank 0 | a folder of shards written by every rank
 ON_BAD_RECORD = ("fail", "skip")
 ECHO_FAULTS = ("die", "hang")
 DEFAULT_MODEL = "spmd-dp/tiny-llama"
@@ -82,6 +83,7 @@ class EngineOptions:
     lora_adapters: Dict[str, str] = field(default_factory=dict)
     max_lora_rank: Optional[int] = None  # null: the largest `r` of the adapters' adapter_config.json (else 16)
     echo_start_s: float = 0.0  # seconds the echo engine takes to start (rehearses a slow engine start)
+    echo_start_ranks: List[int] = field(default_factory=list)  # the ranks whose echo engine takes echo_start_s ([]: all)
 
 
 @dataclass
@@ -154,6 +156,10 @@ class RunConfig:
     schedule: str = "dynamic"
     overwrite: bool = False
     output_format: str = "jsonl"  # jsonl | parquet (${output_dir}/${name}.parquet, via pyarrow)
+    # single: rank 0 receives every row and writes ${name}.jsonl; sharded: each rank writes the batches it finished
+    # (spmd_dp/shards.py), rank 0 journals their metadata, the output is the folder ${name}/ of shards in input order
+    output_mode: str = "single"
+    merge: bool = False  # output_mode=sharded: write one file (${name}.jsonl|.parquet) from the shards at the end
     return_metadata: bool = False  # add ${name}_metadata: finish_reason, token counts, rank, batch
     on_bad_record: str = "fail"  # skip: bad records go to ${output_dir}/${name}.errors.jsonl, the rest run
     log_level: str = "INFO"
@@ -277,6 +283,10 @@ def validate(cfg: RunConfig) -> None:
     _check(cfg.inference_engine in ENGINES, "inference_engine", cfg.inference_engine, f"use one of {', '.join(ENGINES)}")
     _check(cfg.schedule in SCHEDULES, "schedule", cfg.schedule, f"use one of {', '.join(SCHEDULES)}")
     _check(cfg.output_format in OUTPUT_FORMATS, "output_format", cfg.output_format, f"use one of {', '.join(OUTPUT_FORMATS)}")
+    _check(cfg.output_mode in OUTPUT_MODES, "output_mode", cfg.output_mode,
+           f"use one of {', '.join(OUTPUT_MODES)} (sharded: every rank writes its own batches; see the README)")
+    _check(not cfg.merge or cfg.output_mode == "sharded", "merge", cfg.merge,
+           "merge=true joins the shards of output_mode=sharded into one file; single mode writes one file already")
     _check(cfg.on_bad_record in ON_BAD_RECORD, "on_bad_record", cfg.on_bad_record, f"use one of {', '.join(ON_BAD_RECORD)}")
     _check(cfg.batch_size >= 1, "batch_size", cfg.batch_size, "use an integer >= 1 (the seed's default is 32)")
     _check(cfg.batch_timeout > 0, "batch_timeout", cfg.batch_timeout, "use seconds > 0 (the seed's default is 600.0)")
@@ -307,6 +317,8 @@ def validate(cfg: RunConfig) -> None:
            "use an integer >= 0 (0: a rank whose engine fails mid-run hands its work to the others at once)")
     _check(eo.echo_delay_s >= 0, "engine_options.echo_delay_s", eo.echo_delay_s, "use seconds >= 0")
     _check(eo.echo_start_s >= 0, "engine_options.echo_start_s", eo.echo_start_s, "use seconds >= 0")
+    _check(all(r >= 0 for r in eo.echo_start_ranks), "engine_options.echo_start_ranks", eo.echo_start_ranks,
+           "list ranks (>= 0) whose echo engine takes echo_start_s to start, e.g. [1]; [] for all")
     _check(eo.echo_fault in ECHO_FAULTS, "engine_options.echo_fault", eo.echo_fault, f"use one of {', '.join(ECHO_FAULTS)}")
     _check(eo.echo_fault_after_steps >= 0, "engine_options.echo_fault_after_steps", eo.echo_fault_after_steps,
            "use an integer >= 0")

@@ -1,112 +1,260 @@
 """The control plane: a thread per rank that streams finished batches to rank 0 and agrees on the end.
 
-Each round, on its own gloo group, every rank all-gathers a small status vector
-(engine state, done flag, payload size, idle flag, the batches rank 0 has committed,
-the signal of a drain); ranks with messages in their outbox then send them (JSON
-bytes) to rank 0, whose handler (spmd_dp/rank0.py) commits them at once. Rank 0
-therefore holds only the batches of one round, never the dataset. The loop ends in
-the round where every rank says done: that is the termination agreement. A drain on
-one rank (spmd_dp/drain.py) reaches every rank in the next round.
+Nothing here goes round all ranks in lockstep: what a rank sends, it sends when it has it, and
+what it must know about the others it reads from the board (spmd_dp/board.py), so the cost per
+batch does not grow with the number of ranks (docs/scale.md: it did, with a per-round all-gather).
 
-A rank that leaves the run on an error first writes its reason in the store
-(`leaving`); when a collective then fails on the others, they report that rank and
-its reason ("rank 1 exited: ..."), not the transport's message. A dead or stuck peer
-makes a collective fail within the group's timeout, and the error reaches the
-generation loop through the outbox, so nothing hangs.
-
-The thread is also the last-resort watchdog of its rank: the generation loop bounds
-each engine step itself (spmd_dp/engines/supervisor.py), so a loop that has not gone
-round for `batch_timeout` + STUCK_GRACE_S is stuck elsewhere; the rank then fails, and
-if the loop does not react, the process exits from this thread after a grace period.
+- Messages (messages.py, JSON) go from a rank to rank 0 over the control group (gloo), point to
+  point, as the rank's outbox fills (at most MAX_MESSAGE_BYTES at a time; a message's header says
+  its size and whether it is the rank's last). Under output_mode=sharded the rank first writes each
+  batch's rows itself (the writer, spmd_dp/shards.py) and only the metadata goes. Rank 0 receives
+  from any rank in a thread of its own, and commits what arrived with its own finished batches in
+  one call of its handler (spmd_dp/rank0.py: one journal line, one fsync, per round of messages).
+- The board: every rank reads it every `poll_s` (world / READS_PER_S, at least a tick) and writes its
+  own changes: its engine's state and idle flag (through the outbox), a drain (a signal on one rank
+  drains every rank at their next read), the batches rank 0 committed.
+- The end agreement: a rank's last message says it is done; rank 0, once every rank has said so and
+  all is committed, sets `end` on the board; each rank leaves when it reads it.
+- A rank that leaves: each rank watches the next one on a ring (r watches r + 1) with a receive that
+  ends when that peer says goodbye at the end, or fails as soon as its process is gone (gloo sees the
+  connection close: kill -9, the OOM killer, a lost node). The watcher names it, with the reason the
+  peer left in the store if it left on an error of its own (`leaving`), on the board: every rank stops
+  with that line. A send to rank 0 fails the same way when rank 0 is gone.
+- Last-resort watchdog of its rank: the generation loop bounds each engine step itself
+  (spmd_dp/engines/supervisor.py), so a loop that has not gone round for `batch_timeout` +
+  STUCK_GRACE_S is stuck elsewhere; the rank then fails, and if the loop does not react, the process
+  exits from this thread after a grace period.
 """
 
 from __future__ import annotations
 
 import os
 import queue
+import resource
 import signal
 import sys
 import threading
 import time
+from datetime import timedelta
 from typing import Callable, List, Optional, Set
 
+from spmd_dp.board import Board, View
 from spmd_dp.comm import Group
 from spmd_dp.errors import Drained, PeerLost, RunFailure, UsageError
 from spmd_dp.log import logger
-from spmd_dp.messages import BatchDone, Message, RankState, decode, encode
+from spmd_dp.messages import BatchDone, Message, RankStats, decode, encode
 from spmd_dp.outbox import Outbox
 from spmd_dp.procs import terminate_children
 
-MAX_ROUND_BYTES = 8 << 20  # a rank sends at most this much per round (more waits for the next)
+MAX_MESSAGE_BYTES = 8 << 20  # a rank sends at most this much in one message (more goes in the next)
 STUCK_GRACE_S = 30.0  # a rank whose generation loop does not react to its own failure exits after this
-ROLL_CALL_S = 5.0  # after a failed collective, how long survivors wait for each other's names in the store
+READS_PER_S = 2000.0  # the board's reads a second, all ranks together (poll_s = world / READS_PER_S)
+GOODBYE_WAIT_S = 10.0  # at the end, how long rank 0 waits for every rank to have read the end
+DONE = 1  # a message's flag: the sender's last
+RESUME = "rerun with the same output_dir (or torchrun --max-restarts) to resume"
 
-Handler = Callable[[List[Message]], None]
+Handler = Callable[[List[Message]], int]
 
 
 class ControlPlane(threading.Thread):
-    """Streams each rank's outbox to rank 0's handler; tracks every rank's state; ends when all are done."""
+    """Streams each rank's outbox to rank 0's handler; keeps the outbox's view of the peers; ends when all are done."""
 
     def __init__(self, group: Group, outbox: Outbox, handler: Optional[Handler], batch_timeout: float = 600.0,
-                 tick_s: float = 0.2) -> None:
-        """handler: rank 0's (it receives every rank's messages); None on the other ranks."""
+                 tick_s: float = 0.2, writer: Optional[Callable[[BatchDone], BatchDone]] = None) -> None:
+        """handler: rank 0's (it receives every rank's messages, returns how many batches it newly committed);
+        None on the other ranks. The board is the outbox's. writer: output_mode=sharded, this rank's ShardWriter
+        (spmd_dp/shards.py): a batch's rows become a part, and only its metadata leaves."""
         super().__init__(name="spmd_dp-control", daemon=True)
         assert (handler is not None) == (group.rank == 0), "rank 0, and only rank 0, handles the messages"
-        self.group, self.outbox, self.handler, self.tick_s = group, outbox, handler, tick_s
+        assert outbox.board is not None, "the control plane reads and writes the board"
+        self.group, self.outbox, self.handler, self.board = group, outbox, handler, outbox.board
+        self.tick_s, self.writer = tick_s, writer
+        self.poll_s = max(tick_s, group.world / READS_PER_S)
         self.stuck_s = batch_timeout + STUCK_GRACE_S
         self.all_done = threading.Event()
-        self.committed: Set[int] = set()  # rank 0: the batches handed to the handler (it commits each at once)
+        self.peers_done: Set[int] = set()  # rank 0: the ranks whose last message came
+        self.peer = (group.rank + 1) % group.world  # the rank this one watches
+        self.ending = False  # the end is agreed: a peer that goes now is no loss
+        self.drain_said = False
+        # what this thread did, for the metrics (docs/scale.md)
+        self.stats = {"messages": 0, "handler_calls": 0, "handler_s": 0.0, "board_reads": 0, "control_cpu_s": 0.0,
+                      "receive_cpu_s": 0.0, "poll_s": self.poll_s}
+
+    # -- the thread ------------------------------------------------------------------------------------
+    def run(self) -> None:
+        box, me, world = self.outbox, self.group.rank, self.group.world
+        try:
+            if world > 1:
+                threading.Thread(target=self._watch_peer, name="spmd_dp-watch", daemon=True).start()
+                if me == 0:
+                    threading.Thread(target=self._receive, name="spmd_dp-receive", daemon=True).start()
+            sent_done, next_read = False, 0.0
+            while True:
+                finished = box.finished  # read before draining: everything put before it is drained now
+                peers_done = len(self.peers_done)
+                items = self._drain()
+                for m in items:
+                    if isinstance(m, RankStats) and m.rank == me:  # its last message: what this thread cost
+                        m.control_cpu_s = round(time.thread_time(), 4)
+                        m.peak_rss_mb = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+                if self.writer is not None:
+                    items = [self.writer(m) if isinstance(m, BatchDone) else m for m in items]
+                done = finished and box.queue.empty()
+                if me == 0:
+                    self._commit(items)
+                elif items or (done and not sent_done):
+                    self.group.send_message(encode(items) if items else b"", DONE if done else 0)
+                    self.stats["messages"] += 1
+                    sent_done = done
+                self._say_drain()
+                now = time.monotonic()
+                if now >= next_read:
+                    view = self._read()
+                    next_read = now + self.poll_s
+                    if me == 0 and done and peers_done == world - 1 and box.queue.empty():
+                        self.board.end()
+                        break
+                    if me != 0 and sent_done and view.end:
+                        self.board.left()
+                        break
+                self._watch()
+            self.ending = True
+            if world > 1:
+                self._goodbye()
+        except BaseException as e:  # handed to the generation loop, which fails the rank
+            if box.error is None:
+                box.error = e if isinstance(e, RunFailure) else self._failed(e)
+        finally:
+            self.stats["control_cpu_s"] = time.thread_time()
+            self.all_done.set()
+        self._exit_if_stuck()
+
+    def _failed(self, error: BaseException) -> RunFailure:
+        """An error in this thread: a send to rank 0 that failed (rank 0 is gone), the store gone, ..."""
+        if self.group.rank != 0:
+            return PeerLost(f"rank {self.group.rank} stops: {self._lost_line(error, 0)}; {RESUME}")
+        text = str(error).strip()
+        return RunFailure(f"rank 0's control plane failed: {type(error).__name__}: "
+                          f"{text.splitlines()[0][:300] if text else ''}; what was committed is kept: {RESUME}")
 
     def _drain(self) -> List[Message]:
         items: List[Message] = []
         size = 0
         try:
             items.append(self.outbox.queue.get(timeout=self.tick_s))
-            while size < MAX_ROUND_BYTES:
+            size += items[-1].nbytes
+            while size < MAX_MESSAGE_BYTES:
                 items.append(self.outbox.queue.get_nowait())
                 size += items[-1].nbytes
         except queue.Empty:
             pass
         return items
 
-    def run(self) -> None:
-        box = self.outbox
-        try:
-            while True:
-                finished = box.finished  # read before draining: everything put before it is drained now
-                items = self._drain()
-                done = finished and box.queue.empty()
-                payload = encode(items) if items else b""
-                table = self.group.all_gather_ints([int(box.state), int(done), len(payload), int(box.idle),
-                                                    len(self.committed), box.drain.signum])
-                box.peer_states = [RankState(row[0]) for row in table]
-                box.peer_idle = [bool(row[3]) for row in table]
-                box.committed = table[0][4]
-                box.rounds += 1
-                self._spread_drain([row[5] for row in table])
-                for data in self._to_rank0(payload, [row[2] for row in table]):
-                    messages = decode(data)
-                    self.handler(messages)
-                    self.committed.update(m.index for m in messages if isinstance(m, BatchDone))
-                if all(row[1] for row in table):
-                    break
-                self._watch()
-        except BaseException as e:  # handed to the generation loop, which fails the rank
-            if box.error is None:
-                box.error = e if isinstance(e, RunFailure) else PeerLost(self._who_left(e))
-        finally:
-            self.all_done.set()
-        self._exit_if_stuck()
-
-    def _spread_drain(self, signals: List[int]) -> None:
-        drain = self.outbox.drain
-        if drain.requested:
+    def _commit(self, items: List[Message]) -> None:
+        """Rank 0: what arrived from every rank and its own, in one call of the handler (one journal line)."""
+        if not items:
             return
-        for rank, signum in enumerate(signals):
-            if signum:
-                drain.request(signum, f"{signal.Signals(signum).name} on rank {rank}")
-                return
+        t0 = time.perf_counter()
+        committed = self.handler(items)
+        self.stats["handler_s"] += time.perf_counter() - t0
+        self.stats["handler_calls"] += 1
+        self.board.committed(committed)
 
+    def _receive(self) -> None:
+        """Rank 0's receiving thread: every rank's messages into rank 0's own outbox queue, in arrival order."""
+        src = None
+        try:
+            while len(self.peers_done) < self.group.world - 1:
+                src, data, flags = self.group.recv_message()
+                for m in decode(data) if data else []:
+                    self.outbox.queue.put(m)
+                self.stats["messages"] += 1
+                if flags & DONE:
+                    self.peers_done.add(src)
+        except BaseException as e:
+            if self.outbox.error is None and not self.ending:
+                self.outbox.error = PeerLost(f"rank 0 stops: {self._lost_line(e, src)}; {RESUME}")
+        finally:
+            self.stats["receive_cpu_s"] = time.thread_time()
+
+    def _read(self) -> View:
+        view = self.board.read()
+        self.stats["board_reads"] += 1
+        box = self.outbox
+        box.out, box.n_reported, box.n_idle = dict(view.out), view.reported, view.idle
+        box.committed, box.returned, box.rounds = view.committed, view.returned, view.reads
+        if view.lost:
+            raise PeerLost(f"rank {self.group.rank} stops: {view.lost[0]}; {RESUME}")
+        if view.drains and not box.drain.requested:
+            signum, rank = view.drains[0]
+            box.drain.request(signum, f"{signal.Signals(signum).name} on rank {rank}")
+        return view
+
+    def _say_drain(self) -> None:
+        """This rank got a signal: every rank drains, at its next read of the board."""
+        drain = self.outbox.drain
+        if drain.requested and not self.drain_said:
+            self.drain_said = True
+            if " on rank " not in (drain.why or ""):
+                self.board.drain(drain.signum)
+
+    # -- peers that leave ------------------------------------------------------------------------------
+    def _watch_peer(self) -> None:
+        """Wait for the next rank's goodbye; if its process goes first, name it on the board."""
+        try:
+            self.group.watch(self.peer)
+        except BaseException as e:
+            if self.ending:
+                return
+            line = self._lost_line(e, self.peer)
+            try:
+                self.board.lost(line)
+            except Exception as store_error:  # without torchrun the store lives in rank 0's process
+                logger.debug("could not name rank %d on the board: %s", self.peer, store_error)
+            if self.outbox.error is None:
+                self.outbox.error = PeerLost(f"rank {self.group.rank} stops: {line}; {RESUME}")
+
+    def _lost_line(self, error: BaseException, peer: Optional[int]) -> str:
+        """'rank P exited: <its reason>' from its note in the store, or 'rank P left without a word'."""
+        if peer is None:
+            text = str(error).strip()
+            return f"the control plane failed ({text.splitlines()[0][:200] if text else type(error).__name__})"
+        if self.ending:
+            return f"rank {peer} left at the end"
+        try:
+            note = self.board.note(peer)
+        except Exception:  # without torchrun rank 0 hosts the store: it is gone with it
+            return f"rank {peer} is gone (rank 0 hosts the store without torchrun: see rank 0's line)"
+        if note is not None:
+            return f"rank {peer} exited: {note}"
+        return (f"rank {peer} left without a word (killed? out of memory? see torchrun's summary or its log)")
+
+    def _goodbye(self) -> None:
+        """The end is agreed: tell the rank that watches this one. Rank 0 then waits (bounded) until every rank has
+        read the end: without torchrun the store lives in rank 0's process, and a rank still reading it would fail."""
+        try:
+            self.group.goodbye((self.group.rank - 1) % self.group.world, timedelta(seconds=GOODBYE_WAIT_S))
+        except Exception as e:  # it may have left already
+            logger.debug("goodbye to rank %d: %s", (self.group.rank - 1) % self.group.world, e)
+        deadline = time.monotonic() + GOODBYE_WAIT_S + self.poll_s
+        while self.group.rank == 0 and self.board.read().left < self.group.world - 1 and time.monotonic() < deadline:
+            time.sleep(self.tick_s)
+
+    def leaving(self, error: BaseException) -> None:
+        """This rank leaves the run on an error of its own: say why, for the others to report (best effort,
+        bounded). Not for a peer's exit, a drain or bad input (every rank has those)."""
+        if isinstance(error, (PeerLost, Drained, UsageError)):
+            return
+        text = str(error).strip()
+        reason = text.splitlines()[0] if text else ""
+        if not isinstance(error, RunFailure):
+            reason = f"{type(error).__name__}: {reason}" if reason else type(error).__name__
+        try:
+            self.board.leave_note(reason)
+        except Exception as e:  # the store may be gone with rank 0
+            logger.debug("could not leave a note in the store: %s", e)
+
+    # -- this rank stuck -------------------------------------------------------------------------------
     def _watch(self) -> None:
         beat = self.outbox.heartbeat
         if beat is not None and time.monotonic() - beat > self.stuck_s and self.outbox.error is None:
@@ -128,57 +276,8 @@ class ControlPlane(threading.Thread):
             terminate_children()
             os._exit(1)
 
-    def leaving(self, error: BaseException) -> None:
-        """This rank leaves the run on an error of its own: say why, for the others to report (best effort,
-        bounded). Not for a peer's exit, a drain or bad input (every rank has those)."""
-        if isinstance(error, (PeerLost, Drained, UsageError)):
-            return
-        text = str(error).strip()
-        reason = text.splitlines()[0] if text else ""
-        if not isinstance(error, RunFailure):
-            reason = f"{type(error).__name__}: {reason}" if reason else type(error).__name__
-        try:
-            self.group.notes.set(f"exit/{self.group.rank}", reason)
-        except Exception as e:  # the store may be gone with rank 0
-            logger.debug("could not leave a note in the store: %s", e)
-
-    def _who_left(self, error: BaseException) -> str:
-        """A collective failed: name the ranks that left, from their notes in the store and a roll call."""
-        me, world, notes = self.group.rank, self.group.world, self.group.notes
-        text = str(error).strip()
-        transport = text.splitlines()[0][:200] if text else type(error).__name__
-        resume = "rerun with the same output_dir (or torchrun --max-restarts) to resume"
-        try:
-            notes.set(f"here/{me}", "1")
-            deadline = time.monotonic() + ROLL_CALL_S
-            while True:
-                here = [r for r in range(world) if notes.check([f"here/{r}"])]
-                left = [r for r in range(world) if notes.check([f"exit/{r}"])]
-                if len(here) + len(left) >= world or time.monotonic() > deadline:
-                    break
-                time.sleep(0.2)
-            said = [f"rank {r} exited: {notes.get(f'exit/{r}').decode()}" for r in left]
-            silent = [r for r in range(world) if r not in here and r not in left]
-        except Exception:  # without torchrun rank 0 hosts the store: it is gone with it
-            return f"rank {me} lost the other ranks: rank 0 exited or is unreachable (see its line); {resume}"
-        if silent:
-            said.append(f"rank{'s' if len(silent) > 1 else ''} {', '.join(map(str, silent))} left without a word "
-                        f"(killed? out of memory? see torchrun's summary or its log)")
-        if not said:
-            said.append(f"the control plane failed ({transport})")
-        return f"rank {me} stops: {'; '.join(said)}; {resume}"
-
-    def _to_rank0(self, payload: bytes, sizes: List[int]) -> List[bytes]:
-        """Every rank's payload of this round, on rank 0 (in rank order); [] on the others."""
-        if self.group.rank != 0:
-            if payload:
-                self.group.send_bytes(payload, 0)
-            return []
-        receives = [self.group.recv_bytes(sizes[r], r) for r in range(1, self.group.world) if sizes[r]]
-        return [p for p in [payload] + [r.result() for r in receives] if p]
-
     def wait_done(self) -> None:
-        """Wait for the end agreed by all ranks. Bounded: each round is a collective with a timeout."""
+        """Wait for the end agreed by all ranks. Bounded: every send and read is, and a lost peer is seen."""
         while not self.all_done.wait(1.0):
             if not self.is_alive():
                 break

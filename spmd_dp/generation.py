@@ -2,10 +2,11 @@
 
 The loop keeps enough claimed batches in flight that the engine always has more
 than its `capacity` (vLLM's max_num_seqs) requests queued: a new batch is
-claimed as soon as the queue falls below capacity + batch_size, unless the
-requests queued already need more tokens (prompt + max_tokens) than the engine's
-KV cache holds: more would only wait in this rank's queue while another rank runs
-dry, which under dynamic scheduling is work better left unclaimed. A batch is done
+claimed as soon as the queue falls below capacity + batch_size (less in the run's
+tail, and while other ranks' engines start: `Claims.target`, spmd_dp/batches.py),
+unless the requests queued already need more tokens (prompt + max_tokens) than the
+engine's KV cache holds: more would only wait in this rank's queue while another
+rank runs dry, which under dynamic scheduling is work better left unclaimed. A batch is done
 when its last request finishes; its output lines go to the outbox, from which the
 control thread streams them to rank 0.
 
@@ -41,7 +42,7 @@ from spmd_dp.output import output_row
 from spmd_dp.prompts import PromptBuilder
 
 TICK_S = 0.2  # how long the loop waits when it has nothing to run but more may come
-IDLE_ROUNDS = 3  # control rounds with every rank idle after which nothing more can come
+IDLE_ROUNDS = 3  # reads of the board with every rank idle after which nothing more can come
 
 
 @dataclass
@@ -81,8 +82,8 @@ def record_seed(seed: int, key: Any) -> int:
 
 class GenerationLoop:
     def __init__(self, cfg: RunConfig, engine: Engine, claims: Claims, index: InputIndex, prompts: PromptBuilder,
-                 outbox: Outbox, rank: int, stats: RankStats, fair_share: int, n_batches: int) -> None:
-        """fair_share: records of this run / ranks; n_batches: batches of this run (all committed: the end)."""
+                 outbox: Outbox, rank: int, stats: RankStats, n_batches: int) -> None:
+        """n_batches: batches of this run (all committed: the end)."""
         self.cfg, self.engine, self.claims, self.index, self.outbox, self.rank = cfg, engine, claims, index, outbox, rank
         self.prompts = prompts
         self.stats = stats
@@ -93,18 +94,18 @@ class GenerationLoop:
         self.inflight: Dict[int, _InFlight] = {}
         self.queued = 0  # requests in the engine, not finished
         self.demand = 0  # KV tokens they may need
-        # Keep more requests queued than the engine runs at once, but never more than a fair share of
-        # the run ahead (a small dataset would otherwise go to the first rank up). Counted in requests,
-        # not batches: a batch waiting for its longest request must not stop new claims.
-        self.target = min(engine.capacity + cfg.batch_size, max(fair_share, 1))
         self.next_claim = 0.0  # after a claim found nothing, the next try waits a tick
         self.idle_from: Optional[int] = None  # the control round from which every rank was idle
         self.last_emit: Optional[float] = None
         self.drained = 0  # batches finished during a drain
 
     def _has_room(self) -> bool:
+        """Room for another batch: fewer requests queued than the claims' target (an engine-full and a batch, less
+        in the run's tail and while other engines start: spmd_dp/batches.py), counted in requests, not batches (a
+        batch waiting for its longest request must not stop new claims), and the KV cache not spoken for."""
         kv = self.engine.kv_tokens
-        return self.queued < self.target and (kv is None or self.demand < kv or self.queued == 0)
+        target = self.claims.target(self.engine.capacity, self.cfg.batch_size, self.outbox.reported())
+        return self.queued < target and (kv is None or self.demand < kv or self.queued == 0)
 
     def _request(self, batch: Batch, i: int, record: Dict[str, Any]) -> Request:
         request = self.prompts.request(f"{batch.index}:{i}", record, self.sampling)
@@ -126,7 +127,10 @@ class GenerationLoop:
         self.outbox.idle = not self.inflight
 
     def _claim(self) -> bool:
-        batch = self.claims.next(self.outbox.peer_states)
+        t0 = time.perf_counter()
+        batch = self.claims.next(self.outbox.out, self.outbox.returned if self.outbox.board is not None else None)
+        self.stats.claims += 1
+        self.stats.claim_s += time.perf_counter() - t0
         if batch is None:
             return False
         records = read_batch(self.index, batch.start, batch.stop)
@@ -295,11 +299,11 @@ class GenerationLoop:
 
     def _nothing_left(self) -> bool:
         """Idle: leave once rank 0 has committed every batch, or when every rank has been idle (or out) for
-        IDLE_ROUNDS control rounds: then no batch is held anywhere, and none can be handed back."""
+        IDLE_ROUNDS reads of the board: then no batch is held anywhere, and none can be handed back."""
         box = self.outbox
         if box.committed >= self.n_batches:
             return True
-        if not all(idle or state.out for idle, state in zip(box.peer_idle, box.peer_states)):
+        if not box.everyone_idle():
             self.idle_from = None
             return False
         if self.idle_from is None:

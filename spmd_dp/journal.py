@@ -1,13 +1,17 @@
 """Durable, exactly-once commit on rank 0, and resume.
 
 Under `${output_dir}` (the paths are `OutputPaths`, spmd_dp/plan.py):
-  `${name}.parts/part-NNNNNNNN.jsonl`  the batches received in one round, written
-                                        atomically (temp file, fsync, rename);
+  `${name}.parts/part-NNNNNNNN.jsonl`  output_mode=single: the batches received in one
+                                        round, written atomically (temp file, fsync, rename);
+                                        sharded: each rank's parts, one per batch
+                                        (spmd_dp/shards.py), written by the rank itself;
   `${name}.journal.jsonl`              a header with the run's fingerprint, then one
-                                        fsync'ed line per part naming its batches
-                                        (record span, byte offset, length) and the
-                                        records the engine refused (on_bad_record=skip).
-A batch is committed once its journal line is on disk. A rerun with the same
+                                        fsync'ed line per round naming its batches
+                                        (record span, part, byte offset and length; for a
+                                        shard its size, CRC-32 and rows) and the records
+                                        the engine refused (on_bad_record=skip).
+A batch is committed once its journal line is on disk. Exactly-once is decided here:
+a batch delivered twice is journaled once, and the second delivery's shard removed. A rerun with the same
 output_dir reads the journal, skips the committed spans and finishes the rest; a
 part with no journal line (a crash in between) is removed and its batches redone.
 When the final file is written (spmd_dp/output.py) the journal says so, and a
@@ -39,7 +43,8 @@ class Journal:
         """paths: the run's OutputPaths; fingerprint: what the committed results depend on."""
         self.paths = paths
         self.fingerprint = fingerprint
-        self.spans: Dict[int, Tuple[int, str, int, int]] = {}  # start -> (stop, part, offset, length)
+        self.spans: Dict[int, Tuple[int, Optional[str], int, int]] = {}  # start -> (stop, part, offset, length)
+        self.shard_info: Dict[int, Tuple[int, int, Optional[str]]] = {}  # sharded: start -> (crc32, rows, schema)
         self.errors: List[Dict[str, Any]] = []  # records the engine refused, from the committed batches
         self.complete = False
         self._next_part = 0
@@ -54,13 +59,18 @@ class Journal:
             self._wipe()
         elif p.journal.exists():
             self._load()
-            if self.complete and not p.final.exists():
-                logger.warning("%s is gone though the journal says it was complete; starting over", p.final)
+            if self.complete and not p.output.exists():
+                logger.warning("%s is gone though the journal says it was complete; starting over", p.output)
                 self._wipe()
                 self.spans.clear()
+                self.shard_info.clear()
                 self.complete = False
-        elif p.final.exists():
-            raise UsageError(f"output error: {p.final} exists and no journal says it came from this "
+            elif not self.complete and p.shards is not None and p.shards.exists() and not p.parts.exists():
+                # the end of a sharded run renames the parts' folder, then journals it complete: a crash in between
+                logger.info("%s was renamed but not journaled complete: taking its shards back", p.shards)
+                os.replace(p.shards, p.parts)
+        elif p.output.exists():
+            raise UsageError(f"output error: {p.output} exists and no journal says it came from this "
                              f"input and config; set overwrite=true, or another output_dir or name")
         if not p.journal.exists():
             header = {"spmd_dp_journal": JOURNAL_VERSION, "fingerprint": self.fingerprint}
@@ -74,6 +84,8 @@ class Journal:
             if path.exists():
                 path.unlink()
         shutil.rmtree(self.paths.parts, ignore_errors=True)
+        if self.paths.shards is not None:
+            shutil.rmtree(self.paths.shards, ignore_errors=True)
 
     def _load(self) -> None:
         path = self.paths.journal
@@ -103,15 +115,24 @@ class Journal:
                 self.complete = True
             for start, stop, offset, length in e.get("batches", []):
                 self.spans[start] = (stop, e["part"], offset, length)
+            for start, stop, part, size, crc32, rows, schema in e.get("shards", []):
+                self.spans[start] = (stop, part, 0, size)
+                self.shard_info[start] = (crc32, rows, schema)
             self.errors += e.get("errors", [])
             if "part" in e:
                 self._next_part = max(self._next_part, int(e["part"].split("-")[1].split(".")[0]) + 1)
 
     def _remove_orphan_parts(self) -> None:
+        """A part no journal line names is not output (its batch is redone): written before a crash, or by a rank
+        whose message never reached rank 0."""
         known = {part for (_, part, _, _) in self.spans.values()}
-        for p in self.paths.parts.iterdir():
-            if p.name not in known:
-                p.unlink()
+        orphans = [p for p in self.paths.parts.iterdir() if p.name not in known]
+        for p in orphans:
+            p.unlink()
+        orphans = [p for p in orphans if p.name.startswith("part-")]  # (not temp files, markers)
+        if orphans:
+            logger.info("removed %d parts no journal line names (written before the last run stopped): %s%s",
+                        len(orphans), ", ".join(p.name for p in orphans[:3]), ", ..." if len(orphans) > 3 else "")
 
     # -- committing ---------------------------------------------------------------------------
     def committed_spans(self) -> List[Span]:
@@ -122,11 +143,15 @@ class Journal:
         for start in sorted(self.spans):
             yield (start, *self.spans[start])
 
-    def commit(self, batches: List[BatchDone]) -> None:
-        """Commit batches as one part: atomic, then journaled. A batch delivered twice is committed once."""
+    def commit(self, batches: List[BatchDone]) -> int:
+        """Commit batches as one part: atomic, then journaled. A batch delivered twice is committed once.
+        Batches that carry a part (output_mode=sharded: their ranks wrote them) are journaled as they are.
+        Returns how many batches were new."""
+        if any(b.part is not None for b in batches):
+            return self._commit_shards(batches)
         batches = [b for b in batches if b.start not in self.spans]
         if not batches:
-            return
+            return 0
         name = f"part-{self._next_part:08d}.jsonl"
         self._next_part += 1
         entries, chunks, offset = [], [], 0
@@ -141,6 +166,37 @@ class Journal:
         self.errors += errors
         for start, stop, off, length in entries:
             self.spans[start] = (stop, name, off, length)
+        return len(entries)
+
+    def _commit_shards(self, batches: List[BatchDone]) -> int:
+        """One journal line (one fsync) for a round of shards. The first delivery of a batch wins; the shard of a
+        second one is removed: a part that is not in the journal is not output."""
+        entries, errors = [], []
+        for b in batches:
+            part = b.part or {}
+            if b.start in self.spans:
+                name = part.get("name")
+                if name and name != self.spans[b.start][1]:
+                    (self.paths.parts / name).unlink(missing_ok=True)
+                    logger.info("batch %d (records %d..%d) came twice (from rank %d too): its second shard %s is "
+                                "removed", b.index, b.start, b.stop - 1, b.rank, name)
+                continue
+            entry = [b.start, b.stop, part.get("name"), part.get("bytes", 0), part.get("crc32", 0),
+                     part.get("rows", 0), part.get("schema")]
+            entries.append(entry)
+            errors += b.errors
+            self.spans[b.start] = (b.stop, entry[2], 0, entry[3])
+            self.shard_info[b.start] = (entry[4], entry[5], entry[6])
+        if entries:
+            self._append({"shards": entries, **({"errors": errors} if errors else {})})
+            self.errors += errors
+        return len(entries)
+
+    def shards(self) -> Iterator[Tuple[int, int, Optional[str], int, int, int, Optional[str]]]:
+        """(start, stop, part, bytes, crc32, rows, schema) of every committed shard, in input order."""
+        for start in sorted(self.spans):
+            stop, part, _, size = self.spans[start]
+            yield (start, stop, part, size, *self.shard_info.get(start, (0, 0, None)))
 
     def _append(self, entry: Dict[str, Any]) -> None:
         assert self._file is not None
@@ -178,6 +234,7 @@ def fingerprint(cfg, input_sha256: str, n_records: int, template: Optional[Path]
         "prompt_field": cfg.prompt_field,
         "primary_key": cfg.primary_key,
         "output_format": cfg.output_format,
+        "output_mode": cfg.output_mode,  # rank 0's parts (several batches each) are no shards
         # per-record requests (spmd_dp/requests.py): what changes the results
         "task": cfg.task,
         "input_format": cfg.input_format,

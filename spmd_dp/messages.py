@@ -1,7 +1,8 @@
 """What ranks tell each other: the control-plane states and the messages ranks send rank 0.
 
 Typed dataclasses, sent as JSON (nothing received is unpickled): `BatchDone` is a
-finished batch with its output lines, `RankStats` a rank's totals at its end.
+finished batch with its output lines (output_mode=single) or the metadata of the part
+its rank wrote (sharded), `RankStats` a rank's totals at its end.
 `encode`/`decode` turn a list of them into bytes and back, each tagged with its type.
 """
 
@@ -40,10 +41,13 @@ class BatchDone:
     prompt_tokens: int = 0
     output_tokens: int = 0
     elapsed_s: float = 0.0  # claim to last finished request
+    # output_mode=sharded: the part its rank wrote (spmd_dp/shards.py) instead of the lines: name (None: no rows),
+    # bytes, crc32, rows, schema (Parquet: its digest)
+    part: Optional[Dict[str, Any]] = None
 
     @property
     def records(self) -> int:
-        return len(self.lines)
+        return self.part["rows"] if self.part is not None else len(self.lines)
 
     @property
     def nbytes(self) -> int:
@@ -69,6 +73,10 @@ class RankStats:
     engine_restarts: int = 0
     engine_faults: List[str] = field(default_factory=list)  # each fault of its engine, in order
     handed_back: int = 0  # batches it handed back to the other ranks
+    claims: int = 0  # claims it made (those that found a batch and those that did not)
+    claim_s: float = 0.0  # time in them (the rendezvous store's round trips)
+    control_cpu_s: float = 0.0  # its control thread's CPU until it sent this (docs/scale.md)
+    peak_rss_mb: float = 0.0  # its peak resident memory
 
     @property
     def output_tokens_per_s(self) -> float:

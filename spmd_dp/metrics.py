@@ -51,6 +51,7 @@ class Metrics:
         self.ranks = [RankStats(r) for r in range(world)]
         self.started = time.monotonic()
         self.started_unix = time.time()
+        self.control: Dict[str, Any] = {}  # rank 0's control plane: messages, handler calls, CPU (docs/scale.md)
 
     def add_rank(self, stats: RankStats) -> None:
         if stats.failed_at_unix is not None:  # when, in the run's time (the table's +s)
@@ -78,5 +79,9 @@ class Metrics:
             "failed_ranks": [r.rank for r in self.ranks if r.engine_failed],  # each rank's row says when and why
             "engine_restarts": sum(r.engine_restarts for r in self.ranks),
             "rank0_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "rank0_cpu_s": round(sum(resource.getrusage(resource.RUSAGE_SELF)[:2]), 3),
+            "rank0_control": {k: round(v, 4) if isinstance(v, float) else v for k, v in self.control.items()},
+            "claims": sum(r.claims for r in self.ranks),
+            "claim_s": round(sum(r.claim_s for r in self.ranks), 4),  # time in claims (store round trips), all ranks
         }
         return Report(self.ranks, total)

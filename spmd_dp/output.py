@@ -15,6 +15,7 @@ input order, atomically, and removes the parts; `write_errors` writes
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -81,23 +82,27 @@ def float32_columns(name: str) -> List[str]:
 
 def assemble(journal, n_records: int, float32: Iterable[str] = ()) -> int:
     """Write the final output in input order (atomically) from the journal's parts; returns its size in bytes.
-    float32: columns whose floats are float32 in Parquet (JSONL keeps the digits written)."""
+    float32: columns whose floats are float32 in Parquet (JSONL keeps the digits written). The parts are rank 0's
+    (JSONL, several batches each) or, with output_mode=sharded merge=true, the ranks' shards (JSONL or Parquet)."""
     paths = journal.paths
     missing = journal.missing(n_records)
     if missing:
         raise RuntimeError(f"cannot assemble {paths.final}: records {missing[:3]} are not committed")
     lines = 0
+    committed = [c for c in journal.committed() if c[2] is not None]  # (an empty batch has no part)
 
     def chunks():
         nonlocal lines
-        for _, _, part, offset, length in journal.committed():
+        for _, _, part, offset, length in committed:
             with open(paths.parts / part, "rb") as f:
                 f.seek(offset)
                 data = f.read(length)
             lines += data.count(b"\n")
             yield data
 
-    if paths.final.suffix == ".parquet":
+    if any(part.endswith(".parquet") for _, _, part, _, _ in committed):
+        size, lines = merge_parquet([paths.parts / part for _, _, part, _, _ in committed], paths.final)
+    elif paths.final.suffix == ".parquet":
         jsonl = paths.parts / "final.jsonl"
         atomic_write(jsonl, chunks())
         size = jsonl_to_parquet(jsonl, paths.final, float32=float32)
@@ -133,15 +138,7 @@ def jsonl_to_parquet(src: Path, dst: Path, rows_per_group: int = 8192, float32: 
         if rows:
             yield rows
 
-    try:
-        # pa.array infers one struct type from every row's keys (Table.from_pylist would only look at the first)
-        schema = pa.unify_schemas([pa.schema(list(pa.array(g).type)) for g in groups()],
-                                  promote_options="permissive")
-    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
-        raise RunFailure(f"cannot write Parquet: the records' fields change type ({e}); use output_format=jsonl "
-                         f"(the results are committed: rerun with output_format=jsonl)") from None
-    narrow = set(float32)
-    schema = pa.schema([f.with_type(_float32(f.type)) if f.name in narrow else f for f in schema])
+    schema = rows_schema(groups(), float32)
     tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
     with pq.ParquetWriter(tmp, schema) as writer:
         for g in groups():
@@ -151,6 +148,93 @@ def jsonl_to_parquet(src: Path, dst: Path, rows_per_group: int = 8192, float32: 
     os.replace(tmp, dst)
     fsync_dir(dst.parent)
     return dst.stat().st_size
+
+
+def rows_schema(groups: Iterable[List[Dict[str, Any]]], float32: Iterable[str] = ()):
+    """One Arrow schema for groups of rows (pa.array infers one struct type from every row's keys; Table.from_pylist
+    would only look at the first); the floats of the `float32` columns as float32."""
+    import pyarrow as pa
+
+    try:
+        schema = pa.unify_schemas([pa.schema(list(pa.array(g).type)) for g in groups], promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        raise RunFailure(f"cannot write Parquet: the records' fields change type ({e}); use output_format=jsonl "
+                         f"(the results are committed: rerun with output_format=jsonl)") from None
+    narrow = set(float32)
+    return pa.schema([f.with_type(_float32(f.type)) if f.name in narrow else f for f in schema])
+
+
+def parquet_bytes(lines: List[str], float32: Iterable[str] = ()):
+    """One batch's output lines as a Parquet file in memory: (its bytes, its schema)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [json.loads(line) for line in lines]
+    schema = rows_schema([rows], float32)
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), sink)
+    return sink.getvalue().to_pybytes(), schema
+
+
+def schema_digest(schema) -> str:
+    """A short digest of an Arrow schema: shards with equal digests have equal schemas."""
+    return hashlib.sha256(schema.serialize().to_pybytes()).hexdigest()[:16]
+
+
+def conform(table, schema):
+    """A table in `schema`: its columns cast, in the schema's order, missing ones as nulls (shards of one run differ
+    only where a batch's rows had nulls, or ints where another's had floats)."""
+    import pyarrow as pa
+
+    try:
+        cols = [table.column(f.name).cast(f.type) if f.name in table.column_names else pa.nulls(len(table), f.type)
+                for f in schema]
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
+        raise RunFailure(f"cannot bring the Parquet shards to one schema ({e}); use output_format=jsonl (the results "
+                         f"are committed: rerun with output_format=jsonl merge=true to resume)") from None
+    return pa.Table.from_arrays(cols, schema=schema)
+
+
+def merge_parquet(parts: List[Path], dst: Path):
+    """Parquet shards (in input order) as one Parquet file, atomically: (its size, its rows)."""
+    import pyarrow.parquet as pq
+
+    schema = rows_schema_of_files(parts)
+    rows = 0
+    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
+    with pq.ParquetWriter(tmp, schema) as writer:
+        for p in parts:
+            table = conform(pq.read_table(p), schema)
+            rows += len(table)
+            writer.write_table(table)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, dst)
+    fsync_dir(dst.parent)
+    return dst.stat().st_size, rows
+
+
+def rows_schema_of_files(parts: Iterable[Path]):
+    """The unified schema of Parquet files (their footers only)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schemas = {}
+    for p in parts:
+        s = pq.read_schema(p)
+        schemas.setdefault(schema_digest(s), s)
+    return unify(list(schemas.values()))
+
+
+def unify(schemas: List[Any]):
+    import pyarrow as pa
+
+    if len(schemas) == 1:
+        return schemas[0]
+    try:
+        return pa.unify_schemas(schemas, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        raise RunFailure(f"cannot bring the Parquet shards to one schema ({e}); use output_format=jsonl") from None
 
 
 def _float32(t):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from spmd_dp.batches import Span
 from spmd_dp.config import RunConfig, to_yaml
@@ -31,6 +31,7 @@ from spmd_dp.output import assemble, atomic_write, float32_columns, write_errors
 from spmd_dp.plan import OutputPaths
 from spmd_dp.progress import Progress
 from spmd_dp.prompts import PromptBuilder
+from spmd_dp.shards import finish_shards, mark_shared, shared_seen
 
 
 @dataclass
@@ -40,6 +41,7 @@ class WorkOrder:
     pending: List[Span] = field(default_factory=list)  # record spans not committed yet
     complete: bool = False  # the journal says the output is written already
     error: Optional[str] = None  # a UsageError's line: every rank exits 2
+    shared: Optional[str] = None  # output_mode=sharded: the marker rank 0 left in the parts' folder (shards.py)
 
 
 def record_spec(cfg: RunConfig, prompts: PromptBuilder) -> RecordSpec:
@@ -68,6 +70,13 @@ def open_node(cfg: RunConfig, prompts: PromptBuilder, group, rank0: Optional["Ra
     except UsageError as e:
         return None, WorkOrder(error=str(e))
     order = WorkOrder(**group.broadcast_json(asdict(rank0.open(result)) if rank0 else None))
+    if order.shared is not None:  # output_mode=sharded: every rank writes into the folder rank 0 made
+        seen = group.all_gather_bytes(b"1" if shared_seen(OutputPaths.of(cfg).parts, order.shared) else b"0")
+        blind = [r for r, x in enumerate(seen) if x != b"1"]
+        if blind:
+            order.error = (f"output error: output_mode=sharded: ranks {blind} do not see {OutputPaths.of(cfg).parts}, "
+                           f"where rank 0 writes: output_dir must be on a filesystem every rank shares (or use "
+                           f"output_mode=single: rank 0 writes everything)")
     return result.index, order
 
 
@@ -103,7 +112,7 @@ class Rank0:
             return WorkOrder(error=f"output error: {e.strerror}: {e.filename}; check that output_dir="
                                    f"{cfg.output_dir!r} is a writable directory")
         if self.journal.complete:
-            logger.info("%s is complete already (journal %s); nothing to do", paths.final, paths.journal)
+            logger.info("%s is complete already (journal %s); nothing to do", paths.output, paths.journal)
             return WorkOrder([], True)
         pending = self.journal.missing(index.n_records)
         todo = sum(b - a for a, b in pending)
@@ -112,13 +121,13 @@ class Rank0:
                         index.n_records, todo)
         self.progress = Progress(todo)
         self.todo = todo
-        return WorkOrder(pending)
+        return WorkOrder(pending, shared=mark_shared(paths.parts) if cfg.output_mode == "sharded" else None)
 
-    def handle(self, messages: List[Message]) -> None:
-        """Called by the control thread with one rank's messages of a round."""
+    def handle(self, messages: List[Message]) -> int:
+        """Called by the control thread with the messages of a round, from every rank (one journal line for all);
+        returns how many batches were committed (a batch that came twice counts once)."""
         batches = [m for m in messages if isinstance(m, BatchDone)]
-        if batches:
-            self.journal.commit(batches)
+        committed = self.journal.commit(batches) if batches else 0
         for m in messages:
             if isinstance(m, BatchDone):
                 logger.info("Received results for batch %d from rank %d (%d records)", m.index, m.rank, m.records)
@@ -127,11 +136,14 @@ class Rank0:
                 self.metrics.add_rank(m)
                 if m.engine_failed:
                     self.failed[m.rank] = m
+        return committed
 
-    def finish(self, drain: Optional[Drain] = None) -> None:
+    def finish(self, drain: Optional[Drain] = None, control: Optional[Dict[str, Any]] = None) -> None:
         """Every rank is done: write the final file, the errors file and the metrics; print the summary.
-        After a drain that left work undone, say what was committed and stop (a rerun resumes)."""
+        After a drain that left work undone, say what was committed and stop (a rerun resumes).
+        control: what rank 0's control plane counted (its messages, handler calls, CPU), for the metrics."""
         self.progress.close()
+        self.metrics.control = dict(control or {})
         missing = self.journal.missing(self.n_records)
         if missing and drain is not None and drain.requested:
             left = sum(b - a for a, b in missing)
@@ -143,7 +155,10 @@ class Rank0:
             raise RunFailure(f"{sum(b - a for a, b in missing)} records were not generated (first span "
                              f"{missing[0][0]}..{missing[0][1] - 1}); rerun with the same output_dir to resume")
         t0 = time.monotonic()
-        size = assemble(self.journal, self.n_records, float32_columns(self.cfg.name))
+        if self.paths.shards is not None:  # output_mode=sharded: the ranks' parts become the shards, in place
+            _, size = finish_shards(self.journal, self.cfg.output_format)
+        else:
+            size = assemble(self.journal, self.n_records, float32_columns(self.cfg.name))
         merge_s = time.monotonic() - t0
         skipped = None
         if self.cfg.on_bad_record == "skip" or self.journal.errors:  # (on_long_prompt=skip: whatever on_bad_record)

@@ -4,7 +4,7 @@
   per workflow node:
     device slice -> the engine starts (a thread) while every rank scans its share of the input; the
     shares merge; rank 0 opens the journal (open_node) -> WorkOrder to all
-    -> batches and claims -> control thread (outbox -> rank 0's handler; end agreed by all)
+    -> batches and claims -> control thread (outbox -> rank 0's handler; the board; end agreed by all)
     -> the engine, started -> generation loop -> rank 0 writes the output and the metrics
 """
 
@@ -15,6 +15,7 @@ from datetime import timedelta
 from typing import Sequence
 
 from spmd_dp.batches import Claims, make_batches
+from spmd_dp.board import Board
 from spmd_dp.comm import Group, rendezvous, substore
 from spmd_dp.config import RunConfig
 from spmd_dp.control import ControlPlane
@@ -32,6 +33,7 @@ from spmd_dp.outbox import Outbox
 from spmd_dp.plan import OutputPaths, RankPlan, preflight
 from spmd_dp.prompts import PromptBuilder
 from spmd_dp.rank0 import Rank0, fork_scanners, open_node
+from spmd_dp.shards import shard_writer
 
 
 def run(cfgs: Sequence[RunConfig]) -> int:
@@ -75,10 +77,8 @@ def run_node(cfg: RunConfig, plan: RankPlan, prompts: PromptBuilder, store, time
     plan.device.log_physical(plan.rank)
     rank0 = Rank0(cfg, OutputPaths.of(cfg), prompts, plan.world_size) if plan.is_rank0 else None
     stats = RankStats(plan.rank)
-    kv_budget = None
-    if cfg.engine_options.agree_kv_cache:
-        kv_budget = agree_kv_budget(plan.device, cfg.engine_options, plan.env.local_world_size,
-                                    plan.world_size, group.min)
+    kv_budget = agree_kv_budget(plan.device, cfg.engine_options, plan.env.local_world_size, plan.world_size,
+                                group.min) if cfg.engine_options.agree_kv_cache else None
     scrub_launcher_env()  # vLLM's workers must form a world of their own, not join ours
     scanners = fork_scanners(cfg, prompts, plan.device.kind, plan.env.local_world_size)  # before the engine's thread
     starting = EngineStart(engines, cfg, plan.device, plan.rank, kv_budget, stats)  # while the input is scanned
@@ -92,17 +92,17 @@ def run_node(cfg: RunConfig, plan: RankPlan, prompts: PromptBuilder, store, time
             starting.stop()
             return
         batches = make_batches(cfg.schedule, order.pending, plan.world_size, cfg.batch_size)
-        claims = Claims(substore(store, "work"), batches, cfg.schedule, plan.rank, plan.world_size)
-        claims.announce()
-        outbox = Outbox(plan.rank, plan.world_size, drain)
-        control = ControlPlane(Group(substore(store, "control"), plan.rank, plan.world_size, timeout), outbox,
-                               rank0.handle if rank0 else None, cfg.batch_timeout)
+        work = substore(store, "work")  # the claim counters and the board (spmd_dp/board.py)
+        claims = Claims(work, batches, cfg.schedule, plan.rank, plan.world_size)  # logs a static share
+        outbox = Outbox(plan.rank, plan.world_size, drain, Board(work, plan.rank, plan.world_size))
+        control = ControlPlane(Group(substore(store, "control"), plan.rank, plan.world_size, timeout, lazy=True),
+                               outbox, rank0.handle if rank0 else None, cfg.batch_timeout,
+                               writer=shard_writer(cfg, plan.rank, order.shared))
         control.start()
         engine = starting.result()
         outbox.state = RankState.FAILED if engine is None else RankState.READY
         if engine is not None:
-            GenerationLoop(cfg, engine, claims, index, prompts, outbox, plan.rank, stats,
-                           fair_share=-(-sum(b.size for b in batches) // plan.world_size), n_batches=len(batches)).run()
+            GenerationLoop(cfg, engine, claims, index, prompts, outbox, plan.rank, stats, len(batches)).run()
             if not keep_engine or outbox.state == RankState.GAVE_UP:
                 engines.release()
         outbox.put(stats)
@@ -110,7 +110,7 @@ def run_node(cfg: RunConfig, plan: RankPlan, prompts: PromptBuilder, store, time
         control.wait_done()
         outbox.raise_if_stopped(stats.engine_failed, len(batches), plan.is_rank0)  # no rank could run, or drained
         if rank0:
-            rank0.finish(drain)
+            rank0.finish(drain, control.stats)
     except (Exception, KeyboardInterrupt) as e:
         if control is not None:
             control.leaving(e)  # for the other ranks to say why this one left

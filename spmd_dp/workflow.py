@@ -122,7 +122,7 @@ def workflow_configs(path: Path, overrides: List[str], config_name: str = "confi
             raise _error(path, f"node '{node['id']}': {str(e).removeprefix('config error: ')}") from None
         configs.append(cfg)
         # what a node depending on this one reads: this one's output
-        inputs[node["id"]] = {"input_data_path": str(OutputPaths.of(cfg).final), "primary_key": cfg.primary_key,
+        inputs[node["id"]] = {"input_data_path": str(OutputPaths.of(cfg).output), "primary_key": cfg.primary_key,
                               "input_format": "auto"}
     if not configs:
         raise _error(path, "no text_prompt node: nothing to run")

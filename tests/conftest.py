@@ -32,7 +32,8 @@ def journal_batches(path: Path) -> int:
     if not path.exists():
         return 0
     with open(path) as f:
-        return sum(len(json.loads(line).get("batches", [])) for line in f if line.strip().endswith("}"))
+        entries = [json.loads(line) for line in f if line.strip().endswith("}")]
+    return sum(len(e.get("batches", [])) + len(e.get("shards", [])) for e in entries)  # single | sharded
 
 
 def make_records(n: int, words: int = 6, prefix: str = "r") -> List[dict]:

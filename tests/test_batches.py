@@ -94,3 +94,25 @@ def test_static_queue_takes_own_share_then_failed_ranks_share():
     assert {b.owner for b in stolen} == {3} and sum(b.size for b in stolen) == 10
     q3 = Claims(store, batches, "static", 3, 4)
     assert q3.next(ready) is None  # rank 3's queue was taken by rank 1
+
+
+def test_the_claim_target_shrinks_with_the_work_left_and_waits_for_the_engines():
+    """Requests a rank keeps in flight: an engine-full and a batch while much is unclaimed; about unclaimed /
+    (TAIL_K x N) in the tail; (ranks reported / N) of the engine's capacity while engines still start."""
+    from spmd_dp.batches import TAIL_K
+
+    store = _store()
+    batches = dynamic_batches([(0, 4000)], 8)  # 500 batches
+    c = Claims(store, batches, "dynamic", 0, 4)
+    full = 64 + 8
+    assert c.target(64, 8, reported=4) == full  # 4000 unclaimed: far from the tail
+    assert c.target(64, 8, reported=1) == 64 // 4  # the first engine up: a quarter of its capacity
+    assert c.target(64, 8, reported=2) == 64 // 2
+    store.add("next/-1", 480)  # the other ranks claimed 480 batches: 20 left, 160 records
+    assert c.next().index == 480 and c.unclaimed == 152
+    assert c.target(64, 8, reported=4) == -(-152 // (TAIL_K * 4)) == 19
+    while c.next() is not None:
+        pass
+    assert c.unclaimed == 0 and c.target(64, 8, reported=4) == 1  # nothing unclaimed: finish what is held
+    assert Claims(store, batches, "static", 0, 4).target(64, 8, reported=1) == full  # static: its own share
+    assert Claims(_store(), batches, "dynamic", 0, 1).target(64, 8, reported=1) == full  # alone: nothing to share

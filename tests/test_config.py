@@ -49,6 +49,8 @@ def test_overrides():
     ("engine_options.gpu_memory_utilization=1.5", "gpu_memory_utilization=1.5 is not allowed"),
     ("engine_options.vllm_kwargs.enforce_eager=true", "add it with a plus, +engine_options.vllm_kwargs.enforce_eager="),
     ("batch_size", "write overrides as key=value"),
+    ("output_mode=parallel", "output_mode='parallel' is not allowed; use one of single, sharded"),
+    ("merge=true", "merge=True is not allowed; merge=true joins the shards of output_mode=sharded into one file"),
 ])
 def test_rejected_values_are_one_line(override, expected):
     with pytest.raises(UsageError) as e:

@@ -9,6 +9,7 @@ import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from spmd_dp.board import Board
 from spmd_dp.comm import Group
 from spmd_dp.control import ControlPlane
 from spmd_dp.errors import RunFailure
@@ -19,9 +20,14 @@ from spmd_dp.outbox import Outbox
 def _rank(rank, world, store_path, out_dir):
     store = dist.FileStore(store_path, world)
     got = []
-    outbox = Outbox(rank, world)
-    control = ControlPlane(Group(store, rank, world, timedelta(seconds=60)), outbox,
-                           got.extend if rank == 0 else None, tick_s=0.05)
+
+    def handle(messages):  # rank 0's handler: returns the batches it committed
+        got.extend(messages)
+        return sum(isinstance(m, BatchDone) for m in messages)
+
+    outbox = Outbox(rank, world, board=Board(dist.PrefixStore("work", store), rank, world))
+    control = ControlPlane(Group(dist.PrefixStore("control", store), rank, world, timedelta(seconds=60), lazy=True),
+                           outbox, handle if rank == 0 else None, tick_s=0.05)
     control.start()
     outbox.state = RankState.READY
     for i in range(5):  # rank r finishes batches r, r+2, r+4, ...
@@ -33,7 +39,7 @@ def _rank(rank, world, store_path, out_dir):
     seen = [s.name for s in outbox.peer_states]
     Path(out_dir, f"r{rank}.json").write_text(json.dumps({
         "peers": seen, "batches": sorted((m.index, m.rank) for m in got if isinstance(m, BatchDone)),
-        "stats": sorted(m.rank for m in got if isinstance(m, RankStats))}))
+        "stats": sorted(m.rank for m in got if isinstance(m, RankStats)), "committed": outbox.committed}))
 
 
 def test_two_ranks_stream_to_rank0_and_agree_on_the_end(tmp_path):
@@ -44,13 +50,15 @@ def test_two_ranks_stream_to_rank0_and_agree_on_the_end(tmp_path):
     assert r0["stats"] == [0, 1]
     assert r1["batches"] == [] and r1["stats"] == []  # only rank 0 handles messages
     assert r0["peers"] == r1["peers"] == ["READY", "READY"]
+    assert r1["committed"] == 10  # rank 0's commits, as rank 1 read them on the board
 
 
 def test_the_watchdog_fails_the_rank_with_its_reason():
     """The engine's steps are bounded by the supervisor; a generation loop that has not gone round for
     batch_timeout + STUCK_GRACE_S is stuck elsewhere: the control thread fails the rank."""
-    outbox = Outbox(0, 1)
-    control = ControlPlane(Group(dist.HashStore(), 0, 1, timedelta(seconds=30)), outbox, lambda msgs: None,
+    store = dist.HashStore()
+    outbox = Outbox(0, 1, board=Board(store, 0, 1))
+    control = ControlPlane(Group(store, 0, 1, timedelta(seconds=30)), outbox, lambda msgs: 0,
                            batch_timeout=1.0, tick_s=0.02)
     outbox.heartbeat = time.monotonic() - 40  # more than 1.0 + STUCK_GRACE_S ago
     control.start()
@@ -61,5 +69,6 @@ def test_the_watchdog_fails_the_rank_with_its_reason():
 
 
 def test_only_rank0_may_handle_messages():
+    store = dist.HashStore()
     with pytest.raises(AssertionError):
-        ControlPlane(Group(dist.HashStore(), 0, 1, timedelta(seconds=5)), Outbox(0, 1), None)
+        ControlPlane(Group(store, 0, 1, timedelta(seconds=5)), Outbox(0, 1, board=Board(store, 0, 1)), None)

@@ -55,8 +55,7 @@ def run_loop(tmp_path, records, batch_size, engine, *overrides):
     claims = Claims(dist.HashStore(), batches, "dynamic", 0, 1)
     outbox = LoopbackOutbox(0, 1)
     outbox.state = outbox.peer_states[0] = RankState.READY
-    stats = GenerationLoop(cfg, engine, claims, index, prompts, outbox, 0, RankStats(0), len(records),
-                           len(batches)).run()
+    stats = GenerationLoop(cfg, engine, claims, index, prompts, outbox, 0, RankStats(0), len(batches)).run()
     sent = []
     while not outbox.queue.empty():
         sent.append(outbox.queue.get())

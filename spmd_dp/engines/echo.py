@@ -15,7 +15,7 @@ shares of short / long words, `score` the overlap (Jaccard) of the two texts' wo
 engine fails at start; `echo_fail_keys` records whose requests fail (error_kind
 failed) `echo_fail_times` times each, then succeed (to rehearse `max_retries`).
 Structured outputs and LoRA adapters are accepted and ignored (a dry run). `echo_start_s` is how long
-it takes to start (to rehearse a slow start, as vLLM's).
+it takes to start (to rehearse a slow start, as vLLM's), on the ranks `echo_start_ranks` lists (all: []).
 
 Engine faults mid-run (spmd_dp/engines/supervisor.py): on `echo_fault_ranks` the engine
 dies (`echo_fault=die`: its step raises, as vLLM's raises EngineDeadError) or stops
@@ -42,7 +42,8 @@ class EchoEngine:
     def __init__(self, options, batch_size: int, rank: int, attempt: int = 0) -> None:
         if rank in options.echo_fail_ranks:
             raise EngineStartError(f"echo engine: rank {rank} is listed in engine_options.echo_fail_ranks")
-        time.sleep(options.echo_start_s)
+        if not options.echo_start_ranks or rank in options.echo_start_ranks:
+            time.sleep(options.echo_start_s)
         faulty = rank in options.echo_fault_ranks and attempt < options.echo_fault_times
         self.fault = options.echo_fault if faulty else None
         self.steps_left = options.echo_fault_after_steps
@@ -53,7 +54,7 @@ class EchoEngine:
         self.fail_times = options.echo_fail_times
         self.failures: Dict[str, int] = {}
         self.truncated: Dict[str, int] = {}  # request id -> prompt words before truncation
-        self.capacity = batch_size
+        self.capacity = options.max_num_seqs or batch_size  # what it holds at once (as vLLM's max_num_seqs)
         self.kv_tokens = None
         self.queue: Deque[Request] = deque()
 

@@ -1,0 +1,207 @@
+#!/usr/bin/env python3
+"""The control plane at scale (issue 15): many echo ranks on one host, the cost per batch against the number of ranks.
+
+  python scripts/bench_scale.py --out DIR [--ranks 2,8,32,64] [--modes single,sharded] [--base-rev REV]
+
+Each job is `torchrun --nproc-per-node=N -m spmd_dp` with the echo engine, which sleeps `--delay` s per word it
+returns, so ranks sleep as GPU ranks do while their engines work; every rank gets B batches of `--batch-size`
+records of `--words` words. Each configuration runs at two values of B (`--batches`, e.g. 8 and 32 per rank): the
+difference cancels what does not depend on the work (imports, rendezvous, engine start, the end), so
+
+  CPU per batch, all ranks   = (CPU of the job at B2 - at B1) / (N x (B2 - B1))   (the job's processes, from
+                                                                                  getrusage of the children)
+  rank 0's CPU per batch     = (rank 0's CPU at B2 - at B1) / (N x (B2 - B1))     (psutil, sampled every 0.2 s)
+  wall overhead per batch    = (span - ideal at B2 - the same at B1) / (B2 - B1)  (span: first request to last token
+                                                                                  over all ranks; ideal: a rank's sleep)
+
+and rank 0's ceilings are 1 / (its CPU per batch) batches a second on one core, x records and x bytes a batch.
+Memory: every rank's peak RSS (psutil). `--base-rev` runs the same jobs with the code of that commit too (today's
+control plane, a per-round all-gather of every rank's state), for what grew with N. Results: DIR/scale.json and
+DIR/scale.md (the table of docs/scale.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench import PY, REPO, baseline_tree, environment, SUITES  # noqa: E402
+
+
+class Sampler(threading.Thread):
+    """Every rank process of one torchrun: its last CPU time and its peak RSS, by RANK."""
+
+    def __init__(self, agent: psutil.Process, every_s: float = 0.2) -> None:
+        super().__init__(daemon=True)
+        self.agent, self.every_s = agent, every_s
+        self.cpu: Dict[int, float] = {}
+        self.rss: Dict[int, float] = {}
+        self.ranks: Dict[int, int] = {}  # pid -> RANK
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                children = self.agent.children()
+            except psutil.NoSuchProcess:
+                return
+            for p in children:
+                try:
+                    if p.pid not in self.ranks:
+                        self.ranks[p.pid] = int(p.environ().get("RANK", -1))
+                    r = self.ranks[p.pid]
+                    t = p.cpu_times()
+                    self.cpu[r] = t.user + t.system
+                    self.rss[r] = max(self.rss.get(r, 0.0), p.memory_info().rss / 2**20)
+                except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
+                    continue
+            self.stop.wait(self.every_s)
+
+
+def workload(path: Path, n: int, words: int) -> Path:
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        prompt = " ".join(f"w{j}" for j in range(words))
+        path.write_text("".join(json.dumps({"id": i, "prompt": prompt}) + "\n" for i in range(n)))
+    return path
+
+
+def job(tree: Path, out: Path, label: str, n: int, batches: int, mode: str, args: argparse.Namespace) -> Dict[str, Any]:
+    records = n * batches * args.batch_size
+    wl = workload(out / "workloads" / f"{records}.jsonl", records, args.words)
+    d = out / "runs" / label
+    d.mkdir(parents=True, exist_ok=True)
+    cmd = [PY, "-m", "torch.distributed.run", f"--nproc-per-node={n}", "--rdzv-backend=c10d",
+           "--rdzv-endpoint=localhost:0", "-m", "spmd_dp", "inference_engine=echo", f"data_dir={wl.parent}",
+           f"input_data_path={wl.name}", f"output_dir={d}", "name=out", "overwrite=true", "log_level=WARNING",
+           f"batch_size={args.batch_size}", f"generation_options.max_tokens={args.words}",
+           f"engine_options.max_num_seqs={args.batch_size}", f"engine_options.echo_delay_s={args.delay}",
+           f"output_mode={mode}"]
+    env = dict(os.environ, PYTHONPATH=str(tree), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.time()
+    with open(d / "log.txt", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=tree, env=env, stdout=log, stderr=subprocess.STDOUT)
+        sampler = Sampler(psutil.Process(proc.pid))
+        sampler.start()
+        code = proc.wait(timeout=args.timeout)
+        sampler.stop.set()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    res: Dict[str, Any] = {"label": label, "ranks": n, "batches_per_rank": batches, "mode": mode, "exit_code": code,
+                           "wall_s": round(time.time() - t0, 2), "load": [round(x, 2) for x in os.getloadavg()],
+                           "job_cpu_s": round(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, 3),
+                           "rank0_cpu_s": round(sampler.cpu.get(0, float("nan")), 3),
+                           "rss_mb_max": round(max(sampler.rss.values(), default=0.0), 1),
+                           "rss_mb_mean": round(sum(sampler.rss.values()) / max(1, len(sampler.rss)), 1),
+                           "rank0_rss_mb": round(sampler.rss.get(0, 0.0), 1)}
+    if code:
+        res["error"] = (d / "log.txt").read_text()[-2000:]
+        print(f"  {label}: FAILED\n{res['error'][-1500:]}", flush=True)
+        return res
+    m = json.loads((d / "out.metrics.json").read_text())
+    ranks, total = m["ranks"], m["total"]
+    s0 = min(r["gen_start_unix"] for r in ranks)
+    res["span_s"] = round(max(r["gen_end_unix"] for r in ranks) - s0, 3)
+    res["ideal_s"] = round(batches * args.batch_size * args.words * args.delay, 3)
+    res["records"] = total["records"]
+    res["output_bytes"] = total.get("output_bytes") or sum(p.stat().st_size for p in d.glob("out/*") if p.is_file()) \
+        or sum(p.stat().st_size for p in d.glob("out.*") if p.suffix in (".jsonl", ".parquet"))
+    for k in ("rank0_control", "claims", "claim_s"):
+        if k in total:
+            res[k] = total[k]
+    for f in d.glob("out*"):  # the output itself is not kept
+        if f.is_dir():
+            subprocess.run(["rm", "-rf", str(f)])
+        elif f.suffix in (".jsonl", ".parquet") and not f.name.endswith("journal.jsonl"):
+            f.unlink()
+    print(f"  {label}: wall {res['wall_s']} s, span {res['span_s']} s (ideal {res['ideal_s']}), job CPU "
+          f"{res['job_cpu_s']} s, rank 0 CPU {res['rank0_cpu_s']} s, RSS max {res['rss_mb_max']} MB", flush=True)
+    return res
+
+
+def per_batch(lo: Dict[str, Any], hi: Dict[str, Any], batch_size: int) -> Dict[str, Any]:
+    """The differences between the two runs of a configuration, per batch."""
+    if "error" in lo or "error" in hi:
+        return {"error": True}
+    n, db = hi["ranks"], hi["batches_per_rank"] - lo["batches_per_rank"]
+    cpu = (hi["job_cpu_s"] - lo["job_cpu_s"]) / (n * db)
+    cpu0 = (hi["rank0_cpu_s"] - lo["rank0_cpu_s"]) / (n * db)
+    wall = ((hi["span_s"] - hi["ideal_s"]) - (lo["span_s"] - lo["ideal_s"])) / db
+    bytes_per_batch = (hi["output_bytes"] - lo["output_bytes"]) / (n * db)
+    res = {"ranks": n, "mode": hi["mode"], "cpu_ms_per_batch": round(cpu * 1e3, 3),
+           "rank0_cpu_ms_per_batch": round(cpu0 * 1e3, 3), "wall_overhead_ms_per_batch": round(wall * 1e3, 2),
+           "span_vs_ideal": round(hi["span_s"] / hi["ideal_s"], 3), "rss_mb_mean": hi["rss_mb_mean"],
+           "rss_mb_max": hi["rss_mb_max"], "rank0_rss_mb": hi["rank0_rss_mb"], "bytes_per_batch": round(bytes_per_batch)}
+    if cpu0 > 0:
+        res["rank0_ceiling_batches_per_s"] = round(1 / cpu0, 1)
+        res["rank0_ceiling_records_per_s"] = round(batch_size / cpu0)
+        res["rank0_ceiling_mb_per_s"] = round(bytes_per_batch / cpu0 / 1e6, 1)
+    if "claims" in hi and "claims" in lo and hi["claims"] > lo["claims"]:
+        res["claim_ms"] = round((hi["claim_s"] - lo["claim_s"]) / (hi["claims"] - lo["claims"]) * 1e3, 3)
+    return res
+
+
+def markdown(results: Dict[str, Any]) -> str:
+    rows = ["| code | mode | ranks | CPU ms / batch (all ranks) | rank 0 CPU ms / batch | rank 0 ceiling batches/s "
+            "(records/s, MB/s) | wall overhead ms / batch | span / ideal | claim ms | RSS MB mean (max) |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for code, table in results["per_batch"].items():
+        for r in table:
+            if r.get("error"):
+                rows.append(f"| {code} | {r.get('mode', '')} | {r.get('ranks', '')} | failed | | | | | | |")
+                continue
+            ceiling = (f"{r['rank0_ceiling_batches_per_s']} ({r['rank0_ceiling_records_per_s']}, "
+                       f"{r['rank0_ceiling_mb_per_s']})" if "rank0_ceiling_batches_per_s" in r else "")
+            rows.append(f"| {code} | {r['mode']} | {r['ranks']} | {r['cpu_ms_per_batch']} | {r['rank0_cpu_ms_per_batch']} "
+                        f"| {ceiling} | {r['wall_overhead_ms_per_batch']} | {r['span_vs_ideal']} | "
+                        f"{r.get('claim_ms', '')} | {r['rss_mb_mean']} ({r['rss_mb_max']}) |")
+    return "\n".join(rows) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True)
+    p.add_argument("--ranks", default="2,8,32,64")
+    p.add_argument("--modes", default="single,sharded")
+    p.add_argument("--batches", default="8,32", help="batches per rank of the two runs of each configuration")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--words", type=int, default=16)
+    p.add_argument("--delay", type=float, default=0.004, help="the echo engine's sleep per word")
+    p.add_argument("--base-rev", help="also the code of this commit (today's control plane)")
+    p.add_argument("--base-modes", default="sharded")
+    p.add_argument("--timeout", type=float, default=1200)
+    args = p.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    b1, b2 = (int(x) for x in args.batches.split(","))
+    trees = {"new": (REPO, args.modes.split(","))}
+    if args.base_rev:
+        trees[f"base {args.base_rev}"] = (baseline_tree(out, args.base_rev), args.base_modes.split(","))
+    results: Dict[str, Any] = {"environment": environment(SUITES["cpu"]), "args": vars(args), "runs": [],
+                               "per_batch": {}}
+    for n in (int(x) for x in args.ranks.split(",")):
+        for code, (tree, modes) in trees.items():
+            for mode in modes:
+                tag = f"{code.split()[0]}_{mode}_n{n}"
+                lo = job(tree, out, f"{tag}_b{b1}", n, b1, mode, args)
+                hi = job(tree, out, f"{tag}_b{b2}", n, b2, mode, args)
+                results["runs"] += [dict(lo, code=code), dict(hi, code=code)]
+                results["per_batch"].setdefault(code, []).append(per_batch(lo, hi, args.batch_size))
+                (out / "scale.json").write_text(json.dumps(results, indent=1))
+    (out / "scale.md").write_text(markdown(results))
+    print((out / "scale.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
