@@ -5,14 +5,15 @@
 
 Each job is `torchrun --nproc-per-node=N -m spmd_dp` with the echo engine, which sleeps `--delay` s per word it
 returns, so ranks sleep as GPU ranks do while their engines work; every rank gets B batches of `--batch-size`
-records of `--words` words. Each configuration runs at two values of B (`--batches`, e.g. 8 and 32 per rank): the
-difference cancels what does not depend on the work (imports, rendezvous, engine start, the end), so
+records of `--words` words. A sampler reads every rank process's CPU time every 0.2 s (psutil), so the
+figures cover the generation only, not imports, rendezvous or the engine start:
 
-  CPU per batch, all ranks   = (CPU of the job at B2 - at B1) / (N x (B2 - B1))   (the job's processes, from
-                                                                                  getrusage of the children)
-  rank 0's CPU per batch     = (rank 0's CPU at B2 - at B1) / (N x (B2 - B1))     (psutil, sampled every 0.2 s)
-  wall overhead per batch    = (span - ideal at B2 - the same at B1) / (B2 - B1)  (span: first request to last token
-                                                                                  over all ranks; ideal: a rank's sleep)
+  CPU per batch, all ranks   = each rank's CPU from its first request to its last token, summed / batches
+  rank 0's CPU per batch     = rank 0's CPU from the first request (any rank's) to its exit, less what its
+                               own batches cost a rank (the other ranks' mean), / batches: its role as rank 0
+                               (commits, the journal, and in single mode the rows it writes and the final file)
+  wall overhead per batch    = (span - ideal) / batches per rank (span: first request to last token over all
+                               ranks; ideal: a rank's sleep)
 
 and rank 0's ceilings are 1 / (its CPU per batch) batches a second on one core, x records and x bytes a batch.
 Memory: every rank's peak RSS (psutil). `--base-rev` runs the same jobs with the code of that commit too (today's
@@ -23,6 +24,7 @@ DIR/scale.md (the table of docs/scale.md).
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import os
 import resource
@@ -31,7 +33,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Tuple
 
 import psutil
 
@@ -45,41 +47,60 @@ class Sampler(threading.Thread):
     def __init__(self, agent: psutil.Process, every_s: float = 0.2) -> None:
         super().__init__(daemon=True)
         self.agent, self.every_s = agent, every_s
-        self.cpu: Dict[int, float] = {}
+        self.cpu: Dict[int, List[Tuple[float, float]]] = {}  # RANK -> [(unix time, CPU s)]
         self.rss: Dict[int, float] = {}
         self.ranks: Dict[int, int] = {}  # pid -> RANK
         self.stop = threading.Event()
+        self.errors: Dict[str, int] = {}
 
     def run(self) -> None:
         while not self.stop.is_set():
             try:
                 children = self.agent.children()
-            except psutil.NoSuchProcess:
+            except Exception:  # the agent has exited
                 return
             for p in children:
                 try:
                     if p.pid not in self.ranks:
-                        self.ranks[p.pid] = int(p.environ().get("RANK", -1))
+                        rank = p.environ().get("RANK")  # read just after the fork, it is still the agent's environment
+                        if rank is None:
+                            continue
+                        self.ranks[p.pid] = int(rank)
                     r = self.ranks[p.pid]
                     t = p.cpu_times()
-                    self.cpu[r] = t.user + t.system
+                    self.cpu.setdefault(r, []).append((time.time(), t.user + t.system))
                     self.rss[r] = max(self.rss.get(r, 0.0), p.memory_info().rss / 2**20)
-                except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
+                except Exception as e:  # gone, or not readable yet: the next pass tries again
+                    self.errors[type(e).__name__] = self.errors.get(type(e).__name__, 0) + 1
                     continue
             self.stop.wait(self.every_s)
 
+    def cpu_at(self, rank: int, when: float) -> float:
+        """The rank's CPU time at `when` (linear between samples; the last sample after its exit)."""
+        series = self.cpu.get(rank, [])
+        if not series:
+            return float("nan")
+        if when >= series[-1][0]:
+            return series[-1][1]
+        if when <= series[0][0]:
+            return series[0][1]
+        i = bisect.bisect_left([t for t, _ in series], when)
+        (t0, c0), (t1, c1) = series[i - 1], series[i]
+        return c0 + (c1 - c0) * (when - t0) / (t1 - t0)
+
 
 def workload(path: Path, n: int, words: int) -> Path:
+    """n records whose prompt has `words` words (the echo engine returns the first --words of them)."""
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        prompt = " ".join(f"w{j}" for j in range(words))
+        prompt = " ".join(f"w{j:05d}" for j in range(words))
         path.write_text("".join(json.dumps({"id": i, "prompt": prompt}) + "\n" for i in range(n)))
     return path
 
 
 def job(tree: Path, out: Path, label: str, n: int, batches: int, mode: str, args: argparse.Namespace) -> Dict[str, Any]:
     records = n * batches * args.batch_size
-    wl = workload(out / "workloads" / f"{records}.jsonl", records, args.words)
+    wl = workload(out / "workloads" / f"{records}x{args.prompt_words}.jsonl", records, args.prompt_words)
     d = out / "runs" / label
     d.mkdir(parents=True, exist_ok=True)
     cmd = [PY, "-m", "torch.distributed.run", f"--nproc-per-node={n}", "--rdzv-backend=c10d",
@@ -101,10 +122,10 @@ def job(tree: Path, out: Path, label: str, n: int, batches: int, mode: str, args
     res: Dict[str, Any] = {"label": label, "ranks": n, "batches_per_rank": batches, "mode": mode, "exit_code": code,
                            "wall_s": round(time.time() - t0, 2), "load": [round(x, 2) for x in os.getloadavg()],
                            "job_cpu_s": round(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, 3),
-                           "rank0_cpu_s": round(sampler.cpu.get(0, float("nan")), 3),
                            "rss_mb_max": round(max(sampler.rss.values(), default=0.0), 1),
                            "rss_mb_mean": round(sum(sampler.rss.values()) / max(1, len(sampler.rss)), 1),
-                           "rank0_rss_mb": round(sampler.rss.get(0, 0.0), 1)}
+                           "rank0_rss_mb": round(sampler.rss.get(0, 0.0), 1), "sampled_ranks": len(sampler.cpu),
+                           "sampler_errors": sampler.errors}
     if code:
         res["error"] = (d / "log.txt").read_text()[-2000:]
         print(f"  {label}: FAILED\n{res['error'][-1500:]}", flush=True)
@@ -113,6 +134,16 @@ def job(tree: Path, out: Path, label: str, n: int, batches: int, mode: str, args
     ranks, total = m["ranks"], m["total"]
     s0 = min(r["gen_start_unix"] for r in ranks)
     res["span_s"] = round(max(r["gen_end_unix"] for r in ranks) - s0, 3)
+    gen = {r["rank"]: sampler.cpu_at(r["rank"], r["gen_end_unix"]) - sampler.cpu_at(r["rank"], r["gen_start_unix"])
+           for r in ranks}
+    res["gen_cpu_s"] = round(sum(gen.values()), 3)
+    res["rank0_cpu_s"] = round(sampler.cpu_at(0, float("inf")) - sampler.cpu_at(0, s0), 3)
+    res["batches"] = sum(r["batches"] for r in ranks)
+    # rank 0's CPU beyond what its own batches cost a rank (the other ranks' mean): its part as rank 0
+    others = [(gen[r["rank"]], r["batches"]) for r in ranks if r["rank"] != 0]
+    if others and sum(b for _, b in others):
+        own = sum(c for c, _ in others) / sum(b for _, b in others) * ranks[0]["batches"]
+        res["rank0_role_cpu_s"] = round(res["rank0_cpu_s"] - own, 3)
     res["ideal_s"] = round(batches * args.batch_size * args.words * args.delay, 3)
     res["records"] = total["records"]
     res["output_bytes"] = total.get("output_bytes") or sum(p.stat().st_size for p in d.glob("out/*") if p.is_file()) \
@@ -126,29 +157,63 @@ def job(tree: Path, out: Path, label: str, n: int, batches: int, mode: str, args
         elif f.suffix in (".jsonl", ".parquet") and not f.name.endswith("journal.jsonl"):
             f.unlink()
     print(f"  {label}: wall {res['wall_s']} s, span {res['span_s']} s (ideal {res['ideal_s']}), job CPU "
-          f"{res['job_cpu_s']} s, rank 0 CPU {res['rank0_cpu_s']} s, RSS max {res['rss_mb_max']} MB", flush=True)
+          f"{res['job_cpu_s']} s, generation CPU {res['gen_cpu_s']} s, rank 0 CPU {res['rank0_cpu_s']} s, RSS max "
+          f"{res['rss_mb_max']} MB", flush=True)
     return res
 
 
-def per_batch(lo: Dict[str, Any], hi: Dict[str, Any], batch_size: int) -> Dict[str, Any]:
-    """The differences between the two runs of a configuration, per batch."""
-    if "error" in lo or "error" in hi:
-        return {"error": True}
-    n, db = hi["ranks"], hi["batches_per_rank"] - lo["batches_per_rank"]
-    cpu = (hi["job_cpu_s"] - lo["job_cpu_s"]) / (n * db)
-    cpu0 = (hi["rank0_cpu_s"] - lo["rank0_cpu_s"]) / (n * db)
-    wall = ((hi["span_s"] - hi["ideal_s"]) - (lo["span_s"] - lo["ideal_s"])) / db
-    bytes_per_batch = (hi["output_bytes"] - lo["output_bytes"]) / (n * db)
-    res = {"ranks": n, "mode": hi["mode"], "cpu_ms_per_batch": round(cpu * 1e3, 3),
-           "rank0_cpu_ms_per_batch": round(cpu0 * 1e3, 3), "wall_overhead_ms_per_batch": round(wall * 1e3, 2),
-           "span_vs_ideal": round(hi["span_s"] / hi["ideal_s"], 3), "rss_mb_mean": hi["rss_mb_mean"],
-           "rss_mb_max": hi["rss_mb_max"], "rank0_rss_mb": hi["rank0_rss_mb"], "bytes_per_batch": round(bytes_per_batch)}
+def per_batch(run: Dict[str, Any], batch_size: int) -> Dict[str, Any]:
+    """One run's figures, per batch."""
+    if "error" in run:
+        return {"error": True, "ranks": run["ranks"], "mode": run["mode"]}
+    b = run["batches"]
+    cpu, cpu0 = run["gen_cpu_s"] / b, run.get("rank0_role_cpu_s", run["rank0_cpu_s"]) / b
+    res = {"ranks": run["ranks"], "mode": run["mode"], "cpu_ms_per_batch": round(cpu * 1e3, 3),
+           "rank0_cpu_ms_per_batch": round(cpu0 * 1e3, 3),
+           "wall_overhead_ms_per_batch": round((run["span_s"] - run["ideal_s"]) / run["batches_per_rank"] * 1e3, 2),
+           "span_vs_ideal": round(run["span_s"] / run["ideal_s"], 3), "rss_mb_mean": run["rss_mb_mean"],
+           "rss_mb_max": run["rss_mb_max"], "rank0_rss_mb": run["rank0_rss_mb"],
+           "bytes_per_batch": round(run["output_bytes"] / b)}
     if cpu0 > 0:
         res["rank0_ceiling_batches_per_s"] = round(1 / cpu0, 1)
         res["rank0_ceiling_records_per_s"] = round(batch_size / cpu0)
-        res["rank0_ceiling_mb_per_s"] = round(bytes_per_batch / cpu0 / 1e6, 1)
-    if "claims" in hi and "claims" in lo and hi["claims"] > lo["claims"]:
-        res["claim_ms"] = round((hi["claim_s"] - lo["claim_s"]) / (hi["claims"] - lo["claims"]) * 1e3, 3)
+        res["rank0_ceiling_mb_per_s"] = round(res["bytes_per_batch"] / cpu0 / 1e6, 1)
+    if run.get("claims"):
+        res["claim_ms"] = round(run["claim_s"] / run["claims"] * 1e3, 3)
+    return res
+
+
+def _store_client(port: int, n: int, q) -> None:
+    import torch.distributed as dist
+    from datetime import timedelta
+
+    store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=60))
+    t0 = time.perf_counter()
+    for _ in range(n):
+        store.add("claims", 1)  # what a claim does
+    q.put(time.perf_counter() - t0)
+
+
+def store_throughput(clients: List[int], n: int = 4000) -> List[Dict[str, Any]]:
+    """The rendezvous TCPStore's add()s a second with this many client processes (one server, as torchrun's)."""
+    import multiprocessing as mp
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=60))
+    ctx = mp.get_context("spawn")
+    res = []
+    for c in clients:
+        q = ctx.Queue()
+        procs = [ctx.Process(target=_store_client, args=(server.port, n, q)) for _ in range(c)]
+        for p in procs:
+            p.start()
+        times = [q.get() for _ in procs]
+        for p in procs:
+            p.join()
+        res.append({"clients": c, "adds_per_s": round(c * n / max(times)), "round_trip_us": round(max(times) / n * 1e6)})
+        print(f"  store: {res[-1]}", flush=True)
     return res
 
 
@@ -174,17 +239,18 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--ranks", default="2,8,32,64")
     p.add_argument("--modes", default="single,sharded")
-    p.add_argument("--batches", default="8,32", help="batches per rank of the two runs of each configuration")
+    p.add_argument("--batches", type=int, default=48, help="batches per rank")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--words", type=int, default=16)
+    p.add_argument("--words", type=int, default=16, help="output words (tokens) a record")
+    p.add_argument("--prompt-words", type=int, default=160, help="prompt words a record (~1.1 KB; the row carries it)")
     p.add_argument("--delay", type=float, default=0.004, help="the echo engine's sleep per word")
     p.add_argument("--base-rev", help="also the code of this commit (today's control plane)")
     p.add_argument("--base-modes", default="sharded")
     p.add_argument("--timeout", type=float, default=1200)
+    p.add_argument("--store-clients", default="1,4,16", help="also the store's add()s a second with these clients")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    b1, b2 = (int(x) for x in args.batches.split(","))
     trees = {"new": (REPO, args.modes.split(","))}
     if args.base_rev:
         trees[f"base {args.base_rev}"] = (baseline_tree(out, args.base_rev), args.base_modes.split(","))
@@ -194,11 +260,13 @@ def main() -> None:
         for code, (tree, modes) in trees.items():
             for mode in modes:
                 tag = f"{code.split()[0]}_{mode}_n{n}"
-                lo = job(tree, out, f"{tag}_b{b1}", n, b1, mode, args)
-                hi = job(tree, out, f"{tag}_b{b2}", n, b2, mode, args)
-                results["runs"] += [dict(lo, code=code), dict(hi, code=code)]
-                results["per_batch"].setdefault(code, []).append(per_batch(lo, hi, args.batch_size))
+                run = job(tree, out, tag, n, args.batches, mode, args)
+                results["runs"].append(dict(run, code=code))
+                results["per_batch"].setdefault(code, []).append(per_batch(run, args.batch_size))
                 (out / "scale.json").write_text(json.dumps(results, indent=1))
+    if args.store_clients:
+        results["store"] = store_throughput([int(x) for x in args.store_clients.split(",")])
+        (out / "scale.json").write_text(json.dumps(results, indent=1))
     (out / "scale.md").write_text(markdown(results))
     print((out / "scale.md").read_text())
 

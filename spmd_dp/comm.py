@@ -17,6 +17,7 @@ JSON or integers: nothing received is ever unpickled.
 from __future__ import annotations
 
 import json
+import resource
 from datetime import timedelta
 from typing import Any, List, Sequence, Tuple
 
@@ -28,6 +29,7 @@ from spmd_dp.launcher import RankEnv
 
 def rendezvous(env: RankEnv, timeout: timedelta):
     """The rendezvous store, its keys namespaced by run and restart (it outlives a torchrun restart)."""
+    raise_open_files_limit(env.world_size)
     if env.launcher == "single":
         store = dist.HashStore()
     else:
@@ -35,6 +37,14 @@ def rendezvous(env: RankEnv, timeout: timedelta):
                               is_master=env.rank == 0 and not env.agent_store, timeout=timeout,
                               wait_for_workers=False)
     return dist.PrefixStore(env.store_prefix, store)
+
+
+def raise_open_files_limit(world: int) -> None:
+    """A gloo connection is a socket: rank 0 holds one per rank that sends it messages, and the setup group one
+    per peer. Raise this process's soft limit of open files to the hard one when the world could need more."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < 2 * world + 256 and (hard == resource.RLIM_INFINITY or hard > soft):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def substore(store, prefix: str):

@@ -5,11 +5,13 @@ what it must know about the others it reads from the board (spmd_dp/board.py), s
 batch does not grow with the number of ranks (docs/scale.md: it did, with a per-round all-gather).
 
 - Messages (messages.py, JSON) go from a rank to rank 0 over the control group (gloo), point to
-  point, as the rank's outbox fills (at most MAX_MESSAGE_BYTES at a time; a message's header says
-  its size and whether it is the rank's last). Under output_mode=sharded the rank first writes each
-  batch's rows itself (the writer, spmd_dp/shards.py) and only the metadata goes. Rank 0 receives
-  from any rank in a thread of its own, and commits what arrived with its own finished batches in
-  one call of its handler (spmd_dp/rank0.py: one journal line, one fsync, per round of messages).
+  point: what the rank's outbox holds, once every `flush_s` (at once for its last message, or when
+  MAX_MESSAGE_BYTES wait; a message's header says its size and whether it is the rank's last). So
+  rank 0 gets at most world / flush_s = MESSAGES_PER_S messages a second, however many ranks there are.
+  Under output_mode=sharded the rank first writes each batch's rows itself (the writer,
+  spmd_dp/shards.py) and only the metadata goes. Rank 0 receives from any rank in a thread of its
+  own, and every `poll_s` commits what arrived with its own finished batches in one call of its
+  handler (spmd_dp/rank0.py: one journal line, one fsync, one add to the board for all of them).
 - The board: every rank reads it every `poll_s` (world / READS_PER_S, at least a tick) and writes its
   own changes: its engine's state and idle flag (through the outbox), a drain (a signal on one rank
   drains every rank at their next read), the batches rank 0 committed.
@@ -49,6 +51,7 @@ from spmd_dp.procs import terminate_children
 MAX_MESSAGE_BYTES = 8 << 20  # a rank sends at most this much in one message (more goes in the next)
 STUCK_GRACE_S = 30.0  # a rank whose generation loop does not react to its own failure exits after this
 READS_PER_S = 2000.0  # the board's reads a second, all ranks together (poll_s = world / READS_PER_S)
+MESSAGES_PER_S = 250.0  # messages to rank 0 a second, all ranks together (flush_s = world / MESSAGES_PER_S)
 GOODBYE_WAIT_S = 10.0  # at the end, how long rank 0 waits for every rank to have read the end
 DONE = 1  # a message's flag: the sender's last
 RESUME = "rerun with the same output_dir (or torchrun --max-restarts) to resume"
@@ -70,6 +73,8 @@ class ControlPlane(threading.Thread):
         self.group, self.outbox, self.handler, self.board = group, outbox, handler, outbox.board
         self.tick_s, self.writer = tick_s, writer
         self.poll_s = max(tick_s, group.world / READS_PER_S)
+        # how long a rank holds finished batches before it sends them (rank 0: before it commits what it holds)
+        self.flush_s = self.poll_s if group.rank == 0 else max(tick_s, group.world / MESSAGES_PER_S)
         self.stuck_s = batch_timeout + STUCK_GRACE_S
         self.all_done = threading.Event()
         self.peers_done: Set[int] = set()  # rank 0: the ranks whose last message came
@@ -88,7 +93,8 @@ class ControlPlane(threading.Thread):
                 threading.Thread(target=self._watch_peer, name="spmd_dp-watch", daemon=True).start()
                 if me == 0:
                     threading.Thread(target=self._receive, name="spmd_dp-receive", daemon=True).start()
-            sent_done, next_read = False, 0.0
+            sent_done, next_read, next_flush = False, 0.0, 0.0
+            pending: List[Message] = []  # held until the next flush: one message (one journal line) for many batches
             while True:
                 finished = box.finished  # read before draining: everything put before it is drained now
                 peers_done = len(self.peers_done)
@@ -100,14 +106,18 @@ class ControlPlane(threading.Thread):
                 if self.writer is not None:
                     items = [self.writer(m) if isinstance(m, BatchDone) else m for m in items]
                 done = finished and box.queue.empty()
-                if me == 0:
-                    self._commit(items)
-                elif items or (done and not sent_done):
-                    self.group.send_message(encode(items) if items else b"", DONE if done else 0)
-                    self.stats["messages"] += 1
-                    sent_done = done
-                self._say_drain()
+                pending += items
                 now = time.monotonic()
+                if done or now >= next_flush or sum(m.nbytes for m in pending) >= MAX_MESSAGE_BYTES:
+                    next_flush = now + self.flush_s
+                    if me == 0:
+                        self._commit(pending)
+                    elif pending or (done and not sent_done):
+                        self.group.send_message(encode(pending) if pending else b"", DONE if done else 0)
+                        self.stats["messages"] += 1
+                        sent_done = done
+                    pending = []
+                self._say_drain()
                 if now >= next_read:
                     view = self._read()
                     next_read = now + self.poll_s
