@@ -12,7 +12,7 @@ What the ranks must know about each other, kept where no collective over all ran
   drain/n     drain/<i> = "<signal> <rank>"                    a drain reaches every rank
   lost/n      lost/<i> = the line naming a rank that left      every rank stops with that line
   end         1 once rank 0 has every rank's last message      the end agreement
-  left        ranks that have read the end                     rank 0 (which may host the store) leaves last
+  left        ranks that have read the end                     the last sets `released`: every rank leaves then
 
 A rank changes a counter when its own state changes (a store.add each, a handful in a run), rank 0
 adds what it commits once per round of messages, and every rank reads the whole board every
@@ -106,7 +106,16 @@ class Board:
         self.store.add("end", 1)
 
     def left(self) -> None:
-        self.store.add("left", 1)
+        """This rank has read the end. The last one to do so releases every rank (`wait_released`)."""
+        if self.store.add("left", 1) >= self.world - 1:
+            self.store.set("released", "1")
+
+    def wait_released(self, timeout) -> None:
+        """Until every rank has read the end (bounded): then all leave at once, so that none that exits non-zero
+        has its launcher stop the others before they said their own line (torchrun ends a job's other workers
+        when one fails), and rank 0, which may host the store, goes no earlier than the rest."""
+        if self.world > 1:
+            self.store.wait(["released"], timeout)
 
     def note(self, rank: int) -> Optional[str]:
         """The reason a rank left in the store (ControlPlane.leaving), if it wrote one."""

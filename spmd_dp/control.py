@@ -240,15 +240,16 @@ class ControlPlane(threading.Thread):
         return (f"rank {peer} left without a word (killed? out of memory? see torchrun's summary or its log)")
 
     def _goodbye(self) -> None:
-        """The end is agreed: tell the rank that watches this one. Rank 0 then waits (bounded) until every rank has
-        read the end: without torchrun the store lives in rank 0's process, and a rank still reading it would fail."""
+        """The end is agreed: tell the rank that watches this one, then wait (bounded) until every rank has read the
+        end, and leave together (Board.wait_released)."""
         try:
             self.group.goodbye((self.group.rank - 1) % self.group.world, timedelta(seconds=GOODBYE_WAIT_S))
         except Exception as e:  # it may have left already
             logger.debug("goodbye to rank %d: %s", (self.group.rank - 1) % self.group.world, e)
-        deadline = time.monotonic() + GOODBYE_WAIT_S + self.poll_s
-        while self.group.rank == 0 and self.board.read().left < self.group.world - 1 and time.monotonic() < deadline:
-            time.sleep(self.tick_s)
+        try:
+            self.board.wait_released(timedelta(seconds=GOODBYE_WAIT_S + self.poll_s))
+        except Exception as e:  # a rank gone at the end: leave anyway, bounded
+            logger.debug("not every rank read the end within %.0f s: %s", GOODBYE_WAIT_S + self.poll_s, e)
 
     def leaving(self, error: BaseException) -> None:
         """This rank leaves the run on an error of its own: say why, for the others to report (best effort,
