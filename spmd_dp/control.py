@@ -40,7 +40,7 @@ import time
 from datetime import timedelta
 from typing import Callable, List, Optional, Set
 
-from spmd_dp.board import Board, View
+from spmd_dp.board import View
 from spmd_dp.comm import Group
 from spmd_dp.errors import Drained, PeerLost, RunFailure, UsageError
 from spmd_dp.log import logger

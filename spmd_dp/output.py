@@ -216,7 +216,6 @@ def merge_parquet(parts: List[Path], dst: Path):
 
 def rows_schema_of_files(parts: Iterable[Path]):
     """The unified schema of Parquet files (their footers only)."""
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     schemas = {}

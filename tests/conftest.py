@@ -36,6 +36,20 @@ def journal_batches(path: Path) -> int:
     return sum(len(e.get("batches", [])) + len(e.get("shards", [])) for e in entries)  # single | sharded
 
 
+def worker_pids(torchrun_pid: int) -> Dict[int, int]:
+    """torchrun's worker processes by the RANK each was given."""
+    pids = {}
+    for pid in subprocess.run(["pgrep", "-P", str(torchrun_pid)], capture_output=True, text=True).stdout.split():
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        ranks = [e.split(b"=", 1)[1] for e in env if e.startswith(b"RANK=")]
+        if ranks:
+            pids[int(ranks[0])] = int(pid)
+    return pids
+
+
 def make_records(n: int, words: int = 6, prefix: str = "r") -> List[dict]:
     return [{"id": f"{prefix}{i:05d}", "prompt": " ".join(f"w{i}_{j}" for j in range(words))} for i in range(n)]
 

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, echo_args, journal_batches, make_records, read_jsonl, spmd, write_jsonl
+from tests.conftest import (REPO, echo_args, journal_batches, make_records, read_jsonl, spmd, worker_pids,
+                            write_jsonl)
 
 
 def start(args, nproc=None, max_restarts=0):
@@ -45,20 +46,6 @@ def running(proc):
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 proc.kill()
-
-
-def worker_pids(torchrun_pid: int) -> dict:
-    """torchrun's workers by RANK."""
-    pids = {}
-    for pid in subprocess.run(["pgrep", "-P", str(torchrun_pid)], capture_output=True, text=True).stdout.split():
-        try:
-            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        ranks = [e.split(b"=", 1)[1] for e in env if e.startswith(b"RANK=")]
-        if ranks:
-            pids[int(ranks[0])] = int(pid)
-    return pids
 
 
 def wait_for(cond, timeout, proc=None, what=""):

@@ -12,26 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, echo_args, journal_batches, make_records, read_jsonl, spmd, write_jsonl
+from tests.conftest import (REPO, echo_args, journal_batches, make_records, read_jsonl, spmd, worker_pids,
+                            write_jsonl)
 
 
 def expected_rows(records, name="out", words=4):
     return [{**r, name: " ".join(r["prompt"].split()[:words])} for r in records]
-
-
-def worker_pids(torchrun_pid: int):
-    """torchrun's worker processes, with the RANK each was given."""
-    out = subprocess.run(["pgrep", "-P", str(torchrun_pid)], capture_output=True, text=True).stdout.split()
-    pids = {}
-    for pid in out:
-        try:
-            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        ranks = [e.split(b"=", 1)[1] for e in env if e.startswith(b"RANK=")]
-        if ranks:
-            pids[int(ranks[0])] = int(pid)
-    return pids
 
 
 def torchrun(args, nproc, max_restarts=1):

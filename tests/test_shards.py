@@ -18,8 +18,8 @@ from spmd_dp.journal import Journal
 from spmd_dp.messages import BatchDone
 from spmd_dp.plan import OutputPaths
 from spmd_dp.shards import ShardWriter, check_shared, finish_shards, mark_shared
-from tests.conftest import echo_args, journal_batches, make_records, read_jsonl, spmd, write_jsonl
-from tests.test_resilience import torchrun, worker_pids
+from tests.conftest import echo_args, journal_batches, make_records, read_jsonl, spmd, worker_pids, write_jsonl
+from tests.test_resilience import torchrun
 
 FP = {"input_sha256": "abc", "n_records": 12}
 

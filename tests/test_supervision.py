@@ -14,10 +14,10 @@ import torch.distributed as dist
 
 from spmd_dp.batches import Claims, dynamic_batches, static_batches
 from spmd_dp.drain import Drain
-from spmd_dp.engines import Completion, EngineFailure, EngineGaveUp, EngineStartError
+from spmd_dp.engines import EngineFailure, EngineGaveUp, EngineStartError
 from spmd_dp.engines.supervisor import SupervisedEngine
-from spmd_dp.messages import RankState, RankStats
-from tests.test_generation import FakeEngine, LoopbackOutbox, run_loop, token_records
+from spmd_dp.messages import RankState
+from tests.test_generation import FakeEngine, run_loop, token_records
 
 READY3 = [RankState.READY] * 3
 

@@ -30,7 +30,7 @@ from spmd_dp.devices import cpu_kvcache_gib
 from spmd_dp.engines.base import FAILED, SKIPPED, Completion, EngineStartError, Logprobs, Request
 from spmd_dp.log import logger
 from spmd_dp.model import is_embedded, resolve_model
-from spmd_dp.prompts import Chat, Pair
+from spmd_dp.prompts import Chat
 from spmd_dp.requests import fit_context
 
 POOLING_RUNNER = {"embed": "embed", "classify": "classify", "reward": "classify", "score": "auto"}  # -> convert

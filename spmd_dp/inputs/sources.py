@@ -20,7 +20,6 @@ import posixpath
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-import fsspec
 from fsspec.core import url_to_fs
 
 from spmd_dp.errors import UsageError
