@@ -91,7 +91,7 @@ def raw_main(args: argparse.Namespace) -> None:
     launch = time.time()
     from vllm import LLM, SamplingParams
 
-    from spmd_dp.model import resolve_model
+    from spmd_dp.models.embedded import resolve_model
 
     kwargs = json.loads(args.engine_kwargs)
     kwargs["model"] = resolve_model(kwargs["model"])
@@ -590,16 +590,16 @@ SCAN_IN_PROCESS = r"""
 import json, resource, sys, time
 from pathlib import Path
 from spmd_dp.config import load_config
-from spmd_dp.prompts import PromptBuilder
+from spmd_dp.prompting.prompts import PromptBuilder
 from spmd_dp.inputs import RecordSpec, scan_input
-path, stride = sys.argv[1], int(sys.argv[2])
+path, offset_every = sys.argv[1], int(sys.argv[2])
 spec = RecordSpec("id", PromptBuilder(load_config([])).check)
 def status(key):
     return int(next(line.split()[1] for line in open("/proc/self/status") if line.startswith(key)))
 rss0 = status("VmRSS:")
 open("/proc/self/clear_refs", "w").write("5")  # the peak RSS starts again from here
 t0, c0 = time.perf_counter(), time.process_time()
-index, bad = scan_input(Path(path), spec, stride)
+index, bad = scan_input(Path(path), spec, offset_every)
 print(json.dumps({"wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0, "records": index.n_records,
                   "scan_rss_mb": (status("VmHWM:") - rss0) / 1024}))
 """
@@ -684,7 +684,7 @@ def scan_job(tree: Path, out: Path, label: str, data_dir: Path, input_path: str,
     return res
 
 
-RAW_START = ("import json, time, sys; t0 = float(sys.argv[1]); from vllm import LLM; from spmd_dp.model import "
+RAW_START = ("import json, time, sys; t0 = float(sys.argv[1]); from vllm import LLM; from spmd_dp.models.embedded import "
              "resolve_model; kw = json.loads(sys.argv[2]); kw['model'] = resolve_model(kw['model']); LLM(**kw); "
              "print(json.dumps({'engine_ready_s': time.time() - t0}), flush=True)")
 

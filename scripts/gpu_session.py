@@ -33,7 +33,7 @@ from typing import Any, Dict, List
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import PY, REPO, SUITES, make_workload, raw_engine_start, scan_job, scan_workload  # noqa: E402
 
-from spmd_dp.model import resolve_model  # noqa: E402
+from spmd_dp.models.embedded import resolve_model  # noqa: E402
 
 SUITE = dict(SUITES["gpu"])
 # a rehearsal of the script on this machine's CPUs (2 cores: each job pinned to one), before device time is spent

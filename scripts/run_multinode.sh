@@ -13,7 +13,7 @@
 #   NNODES            nodes [1]          NODE_RANK   this node's index, 0..NNODES-1 [0]
 #   MASTER_ADDR       the rendezvous host (node 0) [127.0.0.1]    MASTER_PORT  its port [29500]
 #   GPUS_PER_DP_RANK  GPUs per rank [1]   NPROC_PER_NODE  ranks per node [visible GPUs / GPUS_PER_DP_RANK, or 1:
-#                                         `python -m spmd_dp.launcher ranks-per-node`, as in run_local.sh and slurm.sbatch]
+#                                         `python -m spmd_dp.launch.launcher ranks-per-node`, as in run_local.sh and slurm.sbatch]
 #   RDZV_ID           a name for this job, the same on every node [spmd_dp]
 #   MAX_RESTARTS      [0]                 PYTHON  [python3]
 set -euo pipefail
@@ -26,7 +26,7 @@ for arg in "$@"; do  # seed 000's dp_master_ip / dp_master_port name the rendezv
     esac
 done
 GPUS_PER_DP_RANK="${GPUS_PER_DP_RANK:-1}"
-NPROC_PER_NODE=$("${PYTHON:-python3}" -m spmd_dp.launcher ranks-per-node "$GPUS_PER_DP_RANK") || exit 2
+NPROC_PER_NODE=$("${PYTHON:-python3}" -m spmd_dp.launch.launcher ranks-per-node "$GPUS_PER_DP_RANK") || exit 2
 exec "${PYTHON:-python3}" -m torch.distributed.run \
     --nnodes="${NNODES:-1}" --node-rank="${NODE_RANK:-0}" --nproc-per-node="$NPROC_PER_NODE" \
     --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv-id="${RDZV_ID:-spmd_dp}" \

@@ -4,7 +4,7 @@ import os
 import sys
 
 from spmd_dp.cli import main
-from spmd_dp.procs import terminate_children
+from spmd_dp.launch.procs import terminate_children
 
 if __name__ == "__main__":  # vLLM spawns its engine process: this module must be import-safe
     code = main()

@@ -1,14 +1,15 @@
-"""The generation loop of one rank: claim batches, keep the engine full, put finished batches in the outbox.
+"""The generation loop of one rank: claim batches, keep the engine full, hand finished batches to the output.
 
 The loop keeps enough claimed batches in flight that the engine always has more
 than its `capacity` (vLLM's max_num_seqs) requests queued: a new batch is
 claimed as soon as the queue falls below capacity + batch_size (less in the run's
-tail, and while other ranks' engines start: `Claims.target`, spmd_dp/batches.py),
+tail, and while other ranks' engines start: `Claims.target`, spmd_dp/control/claims.py),
 unless the requests queued already need more tokens (prompt + max_tokens) than the
 engine's KV cache holds: more would only wait in this rank's queue while another
 rank runs dry, which under dynamic scheduling is work better left unclaimed. A batch is done
-when its last request finishes; its output lines go to the outbox, from which the
-control thread streams them to rank 0.
+when its last request finishes; its rows (shaped by spmd_dp/output/rows.py) go to the rank's sink
+(spmd_dp/output/sink.py), which puts them in the outbox for the control thread to stream to rank 0. What
+the loop knows of the other ranks it reads from its `Peers` (spmd_dp/control/peers.py).
 
 Faults (the engine is a `SupervisedEngine`, spmd_dp/engines/supervisor.py): when the
 engine dies, the loop has it restarted and re-adds the requests of its unfinished
@@ -17,29 +18,30 @@ that), the loop first hands its batches back to the other ranks, then has the en
 restarted. When the engine cannot be restarted, the loop hands its batches back and
 the rank takes no more work. A rank with nothing to do waits until rank 0 has
 committed every batch, taking any batch another rank hands back. A drain (SIGTERM,
-spmd_dp/drain.py) stops the claims and lets the batches in flight finish until
+spmd_dp/control/drain.py) stops the claims and lets the batches in flight finish until
 `drain_timeout`. A request the engine failed (not bad input, and not the engine's own
 death) is added again, up to its `max_retries`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from spmd_dp.batches import Batch, Claims
-from spmd_dp.config import RunConfig, sampling_kwargs
+from spmd_dp.control.claims import Batch, Claims
+from spmd_dp.config import RunConfig
 from spmd_dp.engines.base import FAILED, REJECTED, Completion, Engine, EngineFailure, EngineGaveUp, Request
 from spmd_dp.errors import RunFailure
 from spmd_dp.inputs import InputIndex, read_batch
 from spmd_dp.log import logger
-from spmd_dp.messages import BatchDone, RankState, RankStats
-from spmd_dp.openai_batch import output_line
-from spmd_dp.outbox import Outbox
-from spmd_dp.output import output_row
-from spmd_dp.prompts import PromptBuilder
+from spmd_dp.control.messages import BatchDone, RankState, RankStats
+from spmd_dp.control.outbox import Outbox
+from spmd_dp.control.peers import Peers
+from spmd_dp.output.rows import BAD_RECORD, RowShaper
+from spmd_dp.output.sink import Sink
+from spmd_dp.prompting.options import sampling_kwargs
+from spmd_dp.prompting.prompts import PromptBuilder
 
 TICK_S = 0.2  # how long the loop waits when it has nothing to run but more may come
 IDLE_ROUNDS = 3  # reads of the board with every rank idle after which nothing more can come
@@ -58,9 +60,6 @@ class _InFlight:
     tries: List[int] = field(default_factory=list)
 
 
-BAD_RECORD = "skipped: a bad input record"
-
-
 def token_demand(request: Request) -> int:
     """KV tokens a request may need: its prompt (token ids, or ~4 characters a token) plus its outputs."""
     prompt = request.prompt
@@ -74,23 +73,17 @@ def token_demand(request: Request) -> int:
     return n + int(request.sampling.get("max_tokens") or 16) * int(request.sampling.get("n") or 1)
 
 
-def record_seed(seed: int, key: Any) -> int:
-    """A per-record sampling seed that depends only on the run's seed and the record's key."""
-    digest = hashlib.blake2b(f"{seed}\x00{key}".encode(), digest_size=4).digest()
-    return int.from_bytes(digest, "little") & 0x7FFFFFFF
-
-
 class GenerationLoop:
     def __init__(self, cfg: RunConfig, engine: Engine, claims: Claims, index: InputIndex, prompts: PromptBuilder,
-                 outbox: Outbox, rank: int, stats: RankStats, n_batches: int) -> None:
+                 outbox: Outbox, peers: Peers, sink: Sink, rank: int, stats: RankStats, n_batches: int) -> None:
         """n_batches: batches of this run (all committed: the end)."""
         self.cfg, self.engine, self.claims, self.index, self.outbox, self.rank = cfg, engine, claims, index, outbox, rank
+        self.peers, self.sink, self.shaper = peers, sink, RowShaper(cfg, rank)
         self.prompts = prompts
         self.stats = stats
         self.n_batches = n_batches
-        self.drain = outbox.drain
+        self.drain = peers.drain
         self.sampling = sampling_kwargs(cfg, rank)
-        self.seed = self.sampling.pop("seed", None)
         self.inflight: Dict[int, _InFlight] = {}
         self.queued = 0  # requests in the engine, not finished
         self.demand = 0  # KV tokens they may need
@@ -101,21 +94,14 @@ class GenerationLoop:
 
     def _has_room(self) -> bool:
         """Room for another batch: fewer requests queued than the claims' target (an engine-full and a batch, less
-        in the run's tail and while other engines start: spmd_dp/batches.py), counted in requests, not batches (a
+        in the run's tail and while other engines start: spmd_dp/control/claims.py), counted in requests, not batches (a
         batch waiting for its longest request must not stop new claims), and the KV cache not spoken for."""
         kv = self.engine.kv_tokens
-        target = self.claims.target(self.engine.capacity, self.cfg.batch_size, self.outbox.reported())
+        target = self.claims.target(self.engine.capacity, self.cfg.batch_size, self.peers.reported())
         return self.queued < target and (kv is None or self.demand < kv or self.queued == 0)
 
-    def _request(self, batch: Batch, i: int, record: Dict[str, Any]) -> Request:
-        request = self.prompts.request(f"{batch.index}:{i}", record, self.sampling)
-        seed = request.sampling.pop("seed", self.seed)
-        if seed is not None and request.task == "generate":
-            request.sampling["seed"] = record_seed(seed, record[self.cfg.primary_key])
-        return request
-
     def _fill(self) -> None:
-        """Claim batches while the engine has room (returned work first, spmd_dp/batches.py)."""
+        """Claim batches while the engine has room (returned work first, spmd_dp/control/claims.py)."""
         now = time.monotonic()
         if now < self.next_claim:
             return
@@ -128,7 +114,8 @@ class GenerationLoop:
 
     def _claim(self) -> bool:
         t0 = time.perf_counter()
-        batch = self.claims.next(self.outbox.out, self.outbox.returned if self.outbox.board is not None else None)
+        view = self.peers.view
+        batch = self.claims.next(view.out, view.returned if self.peers.shared else None)
         self.stats.claims += 1
         self.stats.claim_s += time.perf_counter() - t0
         if batch is None:
@@ -146,7 +133,7 @@ class GenerationLoop:
         """Add one record's request to the engine; a Completion when it is settled at once (skipped, refused)."""
         if record is None:
             return Completion(f"{job.batch.index}:{i}", error=BAD_RECORD)
-        request = job.requests[i] = self._request(job.batch, i, record)
+        request = job.requests[i] = self.prompts.request(f"{job.batch.index}:{i}", record, self.sampling)
         rejected = self.engine.add(request)
         if rejected is not None:
             return rejected
@@ -192,43 +179,17 @@ class GenerationLoop:
             self._emit(self.inflight.pop(batch_index))
 
     def _emit(self, job: _InFlight) -> None:
-        lines, errors = [], []
-        prompt_tokens = output_tokens = 0
         b = job.batch
-        for i, (record, c) in enumerate(zip(job.records, job.done)):
-            assert c is not None
-            if c.error == BAD_RECORD:  # the scan reported it
-                continue
-            if self.prompts.openai:  # every request has its line, an error line if it failed
-                lines.append(output_line(record, c, self.cfg.model_name))
-                if c.error is None:
-                    prompt_tokens += c.prompt_tokens
-                    output_tokens += c.output_tokens
-                continue
-            if c.error is not None:
-                what = {REJECTED: "rejected by the engine", FAILED: "failed in the engine"}.get(c.error_kind, "skipped")
-                errors.append({"position": b.start + i, "key": record[self.cfg.primary_key], "error": f"{what}: {c.error}"})
-                continue
-            metadata = None
-            if self.cfg.return_metadata:
-                metadata = {"finish_reason": c.finish_reason, "prompt_tokens": c.prompt_tokens,
-                            "output_tokens": c.output_tokens, "rank": self.rank, "batch": b.index}
-                if c.truncated_from is not None:
-                    metadata["truncated_from"] = c.truncated_from
-                if job.tries[i]:
-                    metadata["retries"] = job.tries[i]
-            lines.append(output_row(record, self.cfg.name, c, metadata, self.cfg.return_token_ids))
-            prompt_tokens += c.prompt_tokens
-            output_tokens += c.output_tokens
-        self.outbox.put(BatchDone(b.index, b.start, b.stop, self.rank, lines, errors, prompt_tokens, output_tokens,
-                                  round(time.monotonic() - job.claimed_at, 3)))
+        shaped = self.shaper.shape(b.index, b.start, job.records, job.done, job.tries)
+        self.sink.put(BatchDone(b.index, b.start, b.stop, self.rank, [], shaped.errors, shaped.prompt_tokens,
+                                shaped.output_tokens, round(time.monotonic() - job.claimed_at, 3)), shaped.rows)
         self.last_emit = time.monotonic()
         self.drained += self.drain.requested
         s = self.stats
-        s.records += len(lines)
+        s.records += len(shaped.rows)
         s.batches += 1
-        s.prompt_tokens += prompt_tokens
-        s.output_tokens += output_tokens
+        s.prompt_tokens += shaped.prompt_tokens
+        s.output_tokens += shaped.output_tokens
 
     def late(self) -> Optional[str]:
         """The oldest batch, if it has been in the engine longer than batch_timeout (the engine stalled)."""
@@ -300,15 +261,15 @@ class GenerationLoop:
     def _nothing_left(self) -> bool:
         """Idle: leave once rank 0 has committed every batch, or when every rank has been idle (or out) for
         IDLE_ROUNDS reads of the board: then no batch is held anywhere, and none can be handed back."""
-        box = self.outbox
-        if box.committed >= self.n_batches:
+        peers = self.peers
+        if peers.view.committed >= self.n_batches:
             return True
-        if not box.everyone_idle():
+        if not peers.everyone_idle():
             self.idle_from = None
             return False
         if self.idle_from is None:
-            self.idle_from = box.rounds
-        return box.rounds - self.idle_from >= IDLE_ROUNDS
+            self.idle_from = peers.view.reads
+        return peers.view.reads - self.idle_from >= IDLE_ROUNDS
 
     def run(self) -> RankStats:
         box = self.outbox
@@ -316,7 +277,8 @@ class GenerationLoop:
         self.stats.gen_start_unix = time.time()
         cut = f"within drain_timeout={self.drain.timeout_s:g}s"
         while True:
-            box.check()
+            self.peers.check()
+            self.sink.check()
             box.beat()
             try:
                 if not self.drain.requested:
@@ -336,6 +298,7 @@ class GenerationLoop:
                     break
                 if not self._recover(failure):
                     break
+        self.sink.close()  # every finished batch is in the outbox
         box.idle = True
         if self.drain.requested:
             left = sum(j.batch.size for j in self.inflight.values())

@@ -1,90 +1,38 @@
 """Rank 0's role in a workflow node: open the journal on the scanned input, commit what arrives, report.
 
-`open_node` is every rank's setup of a node: the input scan that all ranks share
-(spmd_dp/inputs/scan.py: each validates and indexes a share, the shares merge into the
-index every rank reads batches through), then rank 0's `Rank0.open`, which opens the
-journal (resume or refuse) and writes the resolved config; what it returns (`WorkOrder`)
-is broadcast to every rank. Only rank 0 makes a `Rank0` (spmd_dp/run.py). While the ranks
-generate, the control thread hands it every rank's messages (`handle`): finished
-batches are committed at once, rank statistics kept for the metrics. `finish()`
-checks that every record is committed, writes the final file in input order, the
-errors file and the metrics, and prints the summary table.
+Only rank 0 makes a `Rank0` (spmd_dp/run.py). `open` opens the journal (resume, or refuse another run's
+output), writes the resolved config and says what is left to do (the `WorkOrder` every rank gets:
+spmd_dp/node.py). While the ranks generate, the control thread hands it every rank's messages
+(`handle`): finished batches are committed at once (one journal line for all), rank statistics kept for the
+metrics. `finish()` checks that every record is committed, has the output written in input order
+(`Output.finish`), writes the errors file and the metrics, and prints the summary table.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
-from spmd_dp.batches import Span
-from spmd_dp.config import RunConfig, to_yaml
-from spmd_dp.drain import Drain
+from spmd_dp.config import to_yaml
+from spmd_dp.control.drain import Drain
+from spmd_dp.control.messages import BatchDone, Message, RankStats
 from spmd_dp.errors import Drained, RunFailure, UsageError
-from spmd_dp.inputs import BadRecord, InputIndex, RecordSpec, ScanResult, locations, shared_scan
-from spmd_dp.inputs.workers import Scanners, scan_processes
-from spmd_dp.journal import Journal, fingerprint
+from spmd_dp.inputs import BadRecord, ScanResult
 from spmd_dp.log import logger
-from spmd_dp.messages import BatchDone, Message, RankStats
-from spmd_dp.metrics import Metrics
-from spmd_dp.output import assemble, atomic_write, float32_columns, write_errors
-from spmd_dp.plan import OutputPaths
-from spmd_dp.progress import Progress
-from spmd_dp.prompts import PromptBuilder
-from spmd_dp.shards import finish_shards, mark_shared, shared_seen
-
-
-@dataclass
-class WorkOrder:
-    """What rank 0 tells every rank before the work starts (broadcast as JSON)."""
-
-    pending: List[Span] = field(default_factory=list)  # record spans not committed yet
-    complete: bool = False  # the journal says the output is written already
-    error: Optional[str] = None  # a UsageError's line: every rank exits 2
-    shared: Optional[str] = None  # output_mode=sharded: the marker rank 0 left in the parts' folder (shards.py)
-
-
-def record_spec(cfg: RunConfig, prompts: PromptBuilder) -> RecordSpec:
-    """What a valid record is for this node; a table without the prompt's column is refused up front (unless a
-    template decides what the prompt reads)."""
-    columns = None if prompts.template is not None else (cfg.prompt_field, cfg.messages_field)
-    return RecordSpec(cfg.primary_key, prompts.check, columns)
-
-
-def fork_scanners(cfg: RunConfig, prompts: PromptBuilder, device_kind: str, local_world_size: int) -> Scanners:
-    """The processes that will scan this rank's share of the input, forked now: before the engine starts."""
-    kind = "cpu_engine" if device_kind == "cpu" and cfg.inference_engine != "echo" else device_kind
-    return Scanners(record_spec(cfg, prompts), cfg.batch_size, cfg.storage_options or None,
-                    scan_processes(kind, local_world_size))
-
-
-def open_node(cfg: RunConfig, prompts: PromptBuilder, group, rank0: Optional["Rank0"], scanners: Optional[Scanners]
-              ) -> Tuple[Optional[InputIndex], "WorkOrder"]:
-    """Every rank: scan a share of the input (merged over `group`, a spmd_dp.comm.Group) in its scanners, then
-    rank 0 opens the journal; the WorkOrder is rank 0's, on every rank. A bad input is the same one-line error on
-    every rank."""
-    try:
-        result = shared_scan(locations(cfg.data_dir, cfg.input_data_path), cfg.input_format, record_spec(cfg, prompts),
-                             cfg.batch_size, cfg.on_bad_record == "skip", group, cfg.storage_options or None,
-                             scanners)
-    except UsageError as e:
-        return None, WorkOrder(error=str(e))
-    order = WorkOrder(**group.broadcast_json(asdict(rank0.open(result)) if rank0 else None))
-    if order.shared is not None:  # output_mode=sharded: every rank writes into the folder rank 0 made
-        seen = group.all_gather_bytes(b"1" if shared_seen(OutputPaths.of(cfg).parts, order.shared) else b"0")
-        blind = [r for r, x in enumerate(seen) if x != b"1"]
-        if blind:
-            order.error = (f"output error: output_mode=sharded: ranks {blind} do not see {OutputPaths.of(cfg).parts}, "
-                           f"where rank 0 writes: output_dir must be on a filesystem every rank shares (or use "
-                           f"output_mode=single: rank 0 writes everything)")
-    return result.index, order
+from spmd_dp.node import Node, WorkOrder
+from spmd_dp.output.files import atomic_write
+from spmd_dp.output.final import write_errors
+from spmd_dp.output.journal import fingerprint
+from spmd_dp.status.metrics import Metrics
+from spmd_dp.status.progress import Progress
 
 
 class Rank0:
-    def __init__(self, cfg: RunConfig, paths: OutputPaths, prompts: PromptBuilder, world: int) -> None:
-        self.cfg, self.paths, self.prompts = cfg, paths, prompts
-        self.journal = Journal(paths, {})
-        self.metrics = Metrics(world)
+    def __init__(self, node: Node) -> None:
+        self.node, self.cfg, self.prompts, self.output = node, node.cfg, node.prompts, node.output
+        self.paths = node.output.paths
+        self.journal = node.output.journal({})
+        self.metrics = Metrics(node.plan.world_size)
         self.bad: List[BadRecord] = []
         self.n_records = 0
         self.progress: Optional[Progress] = None
@@ -112,7 +60,7 @@ class Rank0:
             return WorkOrder(error=f"output error: {e.strerror}: {e.filename}; check that output_dir="
                                    f"{cfg.output_dir!r} is a writable directory")
         if self.journal.complete:
-            logger.info("%s is complete already (journal %s); nothing to do", paths.output, paths.journal)
+            logger.info("%s is complete already (journal %s); nothing to do", self.output.path, paths.journal)
             return WorkOrder([], True)
         pending = self.journal.missing(index.n_records)
         todo = sum(b - a for a, b in pending)
@@ -121,7 +69,7 @@ class Rank0:
                         index.n_records, todo)
         self.progress = Progress(todo)
         self.todo = todo
-        return WorkOrder(pending, shared=mark_shared(paths.parts) if cfg.output_mode == "sharded" else None)
+        return WorkOrder(pending, shared=self.output.share())
 
     def handle(self, messages: List[Message]) -> int:
         """Called by the control thread with the messages of a round, from every rank (one journal line for all);
@@ -155,10 +103,7 @@ class Rank0:
             raise RunFailure(f"{sum(b - a for a, b in missing)} records were not generated (first span "
                              f"{missing[0][0]}..{missing[0][1] - 1}); rerun with the same output_dir to resume")
         t0 = time.monotonic()
-        if self.paths.shards is not None:  # output_mode=sharded: the ranks' parts become the shards, in place
-            _, size = finish_shards(self.journal, self.cfg.output_format)
-        else:
-            size = assemble(self.journal, self.n_records, float32_columns(self.cfg.name))
+        size = self.output.finish(self.journal, self.n_records)
         merge_s = time.monotonic() - t0
         skipped = None
         if self.cfg.on_bad_record == "skip" or self.journal.errors:  # (on_long_prompt=skip: whatever on_bad_record)

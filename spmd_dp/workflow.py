@@ -15,6 +15,7 @@ config's input. Precedence: the config's defaults < the workflow file < command-
 
 from __future__ import annotations
 
+import graphlib
 import json
 from pathlib import Path
 from typing import Any, Dict, List
@@ -22,9 +23,9 @@ from typing import Any, Dict, List
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from spmd_dp.config import RunConfig, compose_config, load_config, validate
+from spmd_dp.config import RunConfig, compose_config, load_config, resolve_and_check
 from spmd_dp.errors import UsageError
-from spmd_dp.plan import OutputPaths
+from spmd_dp.output.paths import OutputPaths
 
 NODE_TYPES = ("load", "text_prompt")
 WORKFLOW_KEYS = ("data_dir", "output_dir", "prompts_dir")
@@ -62,25 +63,15 @@ def ordered_nodes(path: Path, wf: Dict[str, Any]) -> List[Dict[str, Any]]:
         if node["id"] in nodes:
             raise _error(path, f"two nodes have the id '{node['id']}'")
         nodes[node["id"]] = node
-    order: List[Dict[str, Any]] = []
-    state: Dict[str, int] = {}  # 1: visiting, 2: done
-
-    def visit(nid: str, chain: List[str]) -> None:
-        if state.get(nid) == 2:
-            return
-        if state.get(nid) == 1:
-            raise _error(path, f"dependency cycle: {' -> '.join(chain + [nid])}")
-        state[nid] = 1
-        for dep in nodes[nid].get("dependencies", []):
+    for nid, node in nodes.items():
+        for dep in node.get("dependencies", []):
             if dep not in nodes:
                 raise _error(path, f"node '{nid}' depends on '{dep}', which is not a node")
-            visit(dep, chain + [nid])
-        state[nid] = 2
-        order.append(nodes[nid])
-
-    for nid in nodes:
-        visit(nid, [])
-    return order
+    sorter = graphlib.TopologicalSorter({nid: node.get("dependencies", []) for nid, node in nodes.items()})
+    try:
+        return [nodes[nid] for nid in sorter.static_order()]
+    except graphlib.CycleError as e:
+        raise _error(path, f"dependency cycle: {' -> '.join(reversed(e.args[1]))}") from None
 
 
 def workflow_configs(path: Path, overrides: List[str], config_name: str = "config",
@@ -117,7 +108,7 @@ def workflow_configs(path: Path, overrides: List[str], config_name: str = "confi
             raise _error(path, f"node '{node['id']}': {key + ': ' if key else ''}{str(e).splitlines()[0]}") from None
         assert isinstance(cfg, RunConfig)
         try:
-            validate(cfg)
+            cfg = resolve_and_check(cfg)
         except UsageError as e:
             raise _error(path, f"node '{node['id']}': {str(e).removeprefix('config error: ')}") from None
         configs.append(cfg)

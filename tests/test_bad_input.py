@@ -143,7 +143,7 @@ def test_environment_errors(tmp_path, records_file):
 
 def test_trust_remote_code_stays_off_unless_set():
     from spmd_dp.config import load_config
-    from spmd_dp.devices import DeviceSlice
+    from spmd_dp.launch.devices import DeviceSlice
     from spmd_dp.engines.vllm_engine import engine_kwargs
 
     cpu = DeviceSlice("cpu", ("0",), 1)

@@ -5,8 +5,8 @@ import itertools
 import pytest
 import torch.distributed as dist
 
-from spmd_dp.batches import Claims, balanced_split, cut, dynamic_batches, make_batches, pending_spans, static_batches
-from spmd_dp.messages import RankState
+from spmd_dp.control.claims import Claims, balanced_split, cut, dynamic_batches, make_batches, pending_spans, static_batches
+from spmd_dp.control.messages import RankState
 
 
 def test_seed_split_33_over_4():
@@ -99,7 +99,7 @@ def test_static_queue_takes_own_share_then_failed_ranks_share():
 def test_the_claim_target_shrinks_with_the_work_left_and_waits_for_the_engines():
     """Requests a rank keeps in flight: an engine-full and a batch while much is unclaimed; about unclaimed /
     (TAIL_K x N) in the tail; (ranks reported / N) of the engine's capacity while engines still start."""
-    from spmd_dp.batches import TAIL_K
+    from spmd_dp.control.claims import TAIL_K
 
     store = _store()
     batches = dynamic_batches([(0, 4000)], 8)  # 500 batches

@@ -4,7 +4,9 @@ import pytest
 
 from spmd_dp.config import load_config
 from spmd_dp.errors import UsageError
-from spmd_dp.plan import OutputPaths
+from spmd_dp.config.schema import SAMPLE_INPUT
+from spmd_dp.inputs import locations
+from spmd_dp.output.paths import OutputPaths
 from tests.conftest import spmd
 
 
@@ -18,7 +20,8 @@ def test_defaults_are_the_seeds():
     assert (cfg.batch_size, cfg.batch_timeout, cfg.inference_engine) == (32, 600.0, "vllm_dp")
     assert (cfg.generation_options.temperature, cfg.generation_options.max_tokens) == (0.7, 512)
     assert cfg.schedule == "dynamic" and cfg.primary_key == "id"
-    assert cfg.input_path.is_file()  # the bundled sample dataset
+    assert cfg.input_data_path == str(SAMPLE_INPUT) and SAMPLE_INPUT.is_file()  # the bundled sample dataset
+    assert cfg.data_dir is None  # relative inputs: from the working directory
     assert OutputPaths.of(cfg).final.name == "generate_responses.jsonl"
 
 
@@ -31,13 +34,15 @@ def test_overrides():
     assert cfg.engine_options.vllm_kwargs == {"enforce_eager": True}
     assert cfg.generation_options.extra == {"include_stop_str_in_output": True}
     assert cfg.engine_options.echo_fail_ranks == [1]
-    assert str(cfg.input_path) == "/abs/in.jsonl"
+    assert locations(cfg.data_dir, cfg.input_data_path) == ["/abs/in.jsonl"]
 
 
 @pytest.mark.parametrize("override,expected", [
-    ("foo=1", "unknown key 'foo'; valid keys: name, data_dir"),
+    ("foo=1", "unknown key 'foo'; every key: python -m spmd_dp --cfg job"),
+    ("batch_sise=8", "unknown key 'batch_sise'; did you mean batch_size? every key: python -m spmd_dp --cfg job"),
     ("+foo=1", "unknown key 'foo'"),
-    ("engine_options.gpu=1", "unknown key 'engine_options.gpu'; valid keys under engine_options: data_parallel_size"),
+    ("engine_options.gpu=1", "unknown key 'engine_options.gpu'; every key: python -m spmd_dp --cfg job"),
+    ("engine_options.max_num_seq=8", "did you mean engine_options.max_num_seqs?"),
     ("batch_size=abc", "batch_size: Value 'abc' of type 'str' could not be converted to Integer"),
     ("batch_size=0", "batch_size=0 is not allowed; use an integer >= 1"),
     ("batch_timeout=-1", "batch_timeout=-1.0 is not allowed; use seconds > 0"),

@@ -10,12 +10,13 @@ import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from spmd_dp.board import Board
-from spmd_dp.comm import Group
-from spmd_dp.control import ControlPlane
+from spmd_dp.control.board import Board
+from spmd_dp.control.comm import Group
+from spmd_dp.control.plane import ControlPlane
 from spmd_dp.errors import RunFailure
-from spmd_dp.messages import BatchDone, RankState, RankStats
-from spmd_dp.outbox import Outbox
+from spmd_dp.control.messages import BatchDone, RankState, RankStats
+from spmd_dp.control.outbox import Outbox
+from spmd_dp.control.peers import Peers
 
 
 def _rank(rank, world, store_path, out_dir):
@@ -26,9 +27,11 @@ def _rank(rank, world, store_path, out_dir):
         got.extend(messages)
         return sum(isinstance(m, BatchDone) for m in messages)
 
-    outbox = Outbox(rank, world, board=Board(dist.PrefixStore("work", store), rank, world))
-    control = ControlPlane(Group(dist.PrefixStore("control", store), rank, world, timedelta(seconds=60), lazy=True),
-                           outbox, handle if rank == 0 else None, tick_s=0.05)
+    outbox = Outbox(Board(dist.PrefixStore("work", store), rank, world, is_rank0=rank == 0))
+    peers = Peers(rank, world, outbox)
+    control = ControlPlane(Group(dist.PrefixStore("control", store), rank, world, timedelta(seconds=60),
+                                 is_rank0=rank == 0, lazy=True),
+                           outbox, peers, handle if rank == 0 else None, tick_s=0.05)
     control.start()
     outbox.state = RankState.READY
     for i in range(5):  # rank r finishes batches r, r+2, r+4, ...
@@ -37,10 +40,10 @@ def _rank(rank, world, store_path, out_dir):
     outbox.put(RankStats(rank, records=50, batches=5))
     outbox.finish()
     control.wait_done()
-    seen = [s.name for s in outbox.peer_states]
+    seen = [s.name for s in peers.peer_states]
     Path(out_dir, f"r{rank}.json").write_text(json.dumps({
         "peers": seen, "batches": sorted((m.index, m.rank) for m in got if isinstance(m, BatchDone)),
-        "stats": sorted(m.rank for m in got if isinstance(m, RankStats)), "committed": outbox.committed}))
+        "stats": sorted(m.rank for m in got if isinstance(m, RankStats)), "committed": peers.view.committed}))
     os._exit(0)  # as spmd_dp/__main__.py: gloo's pending receives (the ring watch) must not meet the finalizer
 
 
@@ -59,18 +62,20 @@ def test_the_watchdog_fails_the_rank_with_its_reason():
     """The engine's steps are bounded by the supervisor; a generation loop that has not gone round for
     batch_timeout + STUCK_GRACE_S is stuck elsewhere: the control thread fails the rank."""
     store = dist.HashStore()
-    outbox = Outbox(0, 1, board=Board(store, 0, 1))
-    control = ControlPlane(Group(store, 0, 1, timedelta(seconds=30)), outbox, lambda msgs: 0,
+    outbox = Outbox(Board(store, 0, 1, is_rank0=True))
+    peers = Peers(0, 1, outbox)
+    control = ControlPlane(Group(store, 0, 1, timedelta(seconds=30), is_rank0=True), outbox, peers, lambda msgs: 0,
                            batch_timeout=1.0, tick_s=0.02)
     outbox.heartbeat = time.monotonic() - 40  # more than 1.0 + STUCK_GRACE_S ago
     control.start()
     control.all_done.wait(30)
     with pytest.raises(RunFailure, match=r"rank 0: the generation loop has not gone round for 31s"):
-        outbox.check()
-    assert outbox.acknowledged.is_set()  # so the control thread does not end the process
+        peers.check()
+    assert peers.acknowledged.is_set()  # so the control thread does not end the process
 
 
 def test_only_rank0_may_handle_messages():
     store = dist.HashStore()
     with pytest.raises(AssertionError):
-        ControlPlane(Group(store, 0, 1, timedelta(seconds=5)), Outbox(0, 1, board=Board(store, 0, 1)), None)
+        outbox = Outbox(Board(store, 0, 1, is_rank0=True))
+        ControlPlane(Group(store, 0, 1, timedelta(seconds=5), is_rank0=True), outbox, Peers(0, 1, outbox), None)

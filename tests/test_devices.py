@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from spmd_dp.devices import cpu_slice, gpu_slice, plan_device_slice, vllm_port_base, VLLM_PORT_STRIDE
+from spmd_dp.launch.devices import cpu_slice, gpu_slice, plan_device_slice, vllm_port_base, VLLM_PORT_STRIDE
 from spmd_dp.errors import UsageError
 
 GPUS8 = tuple(str(i) for i in range(8))
@@ -86,7 +86,7 @@ def test_cpu_slices():
 
 def test_a_cpu_slice_pins_the_rank_process_and_its_children():
     core = min(os.sched_getaffinity(0))
-    code = (f"import os, subprocess, sys; from spmd_dp.devices import cpu_slice; "
+    code = (f"import os, subprocess, sys; from spmd_dp.launch.devices import cpu_slice; "
             f"cpu_slice(0, 1, 1, [{core}]).apply(); "
             f"print(os.environ['VLLM_CPU_OMP_THREADS_BIND'], sorted(os.sched_getaffinity(0)), subprocess.run("
             f"[sys.executable, '-c', 'import os; print(sorted(os.sched_getaffinity(0)))'], capture_output=True, "

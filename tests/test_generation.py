@@ -1,18 +1,21 @@
 """The generation loop with a stand-in engine: it keeps the engine full, but never claims more work
 than the engine's KV cache can hold (the rest stays claimable by other ranks)."""
 
+from dataclasses import replace
 from typing import List
 
 import torch.distributed as dist
 
-from spmd_dp.batches import Claims, dynamic_batches
+from spmd_dp.control.claims import Claims, dynamic_batches
 from spmd_dp.config import load_config
 from spmd_dp.engines import Completion, Request
 from spmd_dp.generation import GenerationLoop, token_demand
 from spmd_dp.inputs import RecordSpec, scan_input
-from spmd_dp.messages import BatchDone, RankState, RankStats
-from spmd_dp.outbox import Outbox
-from spmd_dp.prompts import PromptBuilder
+from spmd_dp.control.messages import BatchDone, RankState, RankStats
+from spmd_dp.control.outbox import Outbox
+from spmd_dp.control.peers import Peers
+from spmd_dp.output.sink import Sink
+from spmd_dp.prompting.prompts import PromptBuilder
 from tests.conftest import write_jsonl
 
 
@@ -37,12 +40,15 @@ class FakeEngine:
         pass
 
 
-class LoopbackOutbox(Outbox):
-    """No control thread here: a batch put in the outbox counts as committed by rank 0 at once."""
+class Loopback:
+    """No control thread here: a finished batch counts as committed by rank 0 at once."""
 
-    def put(self, message):
-        super().put(message)
-        self.committed += isinstance(message, BatchDone)
+    def __init__(self, peers):
+        self.peers, self.sent = peers, []
+
+    def __call__(self, message):
+        self.sent.append(message)
+        self.peers.view = replace(self.peers.view, committed=self.peers.view.committed + 1)
 
 
 def run_loop(tmp_path, records, batch_size, engine, *overrides):
@@ -53,13 +59,15 @@ def run_loop(tmp_path, records, batch_size, engine, *overrides):
     index, _ = scan_input(inp, RecordSpec("id", prompts.check), batch_size)
     batches = dynamic_batches([(0, len(records))], batch_size)
     claims = Claims(dist.HashStore(), batches, "dynamic", 0, 1)
-    outbox = LoopbackOutbox(0, 1)
-    outbox.state = outbox.peer_states[0] = RankState.READY
-    stats = GenerationLoop(cfg, engine, claims, index, prompts, outbox, 0, RankStats(0), len(batches)).run()
-    sent = []
-    while not outbox.queue.empty():
-        sent.append(outbox.queue.get())
-    return sent, stats
+    outbox = Outbox()
+    outbox.state = RankState.READY
+    peers = Peers(0, 1, outbox)
+    loopback = Loopback(peers)
+    stats = GenerationLoop(cfg, engine, claims, index, prompts, outbox, peers, Sink(loopback), 0, RankStats(0),
+                           len(batches)).run()
+    assert outbox.queue.empty()  # the sink took every batch, the loop put nothing else
+    assert all(isinstance(m, BatchDone) for m in loopback.sent)
+    return loopback.sent, stats
 
 
 def token_records(n):
@@ -113,7 +121,7 @@ def test_a_long_request_does_not_hold_back_new_claims(tmp_path):
     records = [{"id": i, "prompt": "a b", "generation_options": {"max_tokens": 40 if i % bs == 0 else 2}}
                for i in range(n)]
     engine = StepEngine(capacity)
-    _, stats = run_loop(tmp_path, records, bs, engine)
-    assert stats.records == n
+    sent, stats = run_loop(tmp_path, records, bs, engine)
+    assert stats.records == n and sorted(b.start for b in sent) == list(range(0, n, bs))
     busy = engine.running_per_step[: len(engine.running_per_step) * 3 // 4]  # before the tail
     assert sum(busy) / len(busy) > 0.9 * capacity, busy[:50]

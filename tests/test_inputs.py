@@ -9,7 +9,7 @@ from spmd_dp.config import load_config
 from spmd_dp.inputs import RecordSpec, read_batch, scan_input
 from tests.conftest import write_jsonl
 from spmd_dp.errors import UsageError
-from spmd_dp.prompts import PromptBuilder
+from spmd_dp.prompting.prompts import PromptBuilder
 
 SPEC = RecordSpec("id", PromptBuilder(load_config([])).check)
 
@@ -20,7 +20,7 @@ def test_scan_and_read_any_span(tmp_path):
     lines.insert(5, "")  # blank lines are not records
     lines.insert(12, "   ")
     p.write_text("\n".join(lines) + "\n")
-    idx, bad = scan_input(p, SPEC, stride=4)
+    idx, bad = scan_input(p, SPEC, offset_every=4)
     assert idx.n_records == 23 and bad == [] and len(idx.pieces[0].locator) == 6
     for start, stop in [(0, 23), (3, 9), (8, 12), (22, 23), (5, 6)]:
         assert [r["id"] for r in read_batch(idx, start, stop)] == list(range(start, stop))
@@ -42,7 +42,7 @@ def test_bad_input_names_file_and_line(tmp_path, content, expected):
     p = tmp_path / "in.jsonl"
     p.write_bytes(content)
     with pytest.raises(UsageError) as e:
-        scan_input(p, SPEC, stride=4)
+        scan_input(p, SPEC, offset_every=4)
     assert expected in str(e.value) and "\n" not in str(e.value)
 
 
@@ -55,7 +55,7 @@ def test_skip_mode_lists_bad_records_and_reads_around_them(tmp_path):
     p = tmp_path / "in.jsonl"
     p.write_bytes(b'{"id": 1, "prompt": "a"}\n{"id": 2, "prompt": \n\n{"id": 1, "prompt": "dup"}\n'
                   b'{"id": 3, "prompt": "c"}\n"str"\n{"id": 4, "prompt": "\xff"}\n{"id": 5, "prompt": "e"}\n')
-    idx, bad = scan_input(p, SPEC, stride=2, skip_bad=True)
+    idx, bad = scan_input(p, SPEC, offset_every=2, skip_bad=True)
     assert idx.n_records == 7
     assert [(b.position, b.line, b.key) for b in bad] == [(1, 2, None), (2, 4, 1), (4, 6, None), (5, 7, None)]
     assert "duplicate primary key 1 (first at line 1)" in bad[1].reason
@@ -70,7 +70,7 @@ def test_every_repeat_of_a_key_names_the_first_and_types_differ(tmp_path):
     rows = [{"id": 7, "prompt": "a"}, {"id": "7", "prompt": "b"}, {"id": 7, "prompt": "c"},
             {"id": 8, "prompt": "d"}, {"id": 7, "prompt": "e"}, {"id": "7", "prompt": "f"}]
     p.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    _, bad = scan_input(p, SPEC, stride=4, skip_bad=True)
+    _, bad = scan_input(p, SPEC, offset_every=4, skip_bad=True)
     assert [(b.position, b.key) for b in bad] == [(2, 7), (4, 7), (5, "7")]
     assert [b.reason.split(";")[0] for b in bad] == ["duplicate primary key 7 (first at line 1)",
                                                    "duplicate primary key 7 (first at line 1)",
@@ -101,7 +101,7 @@ def forms(tmp_path_factory):
                                        (["shards/part-0.jsonl", "parquet/b.parquet"], 2)])
 def test_every_form_reads_the_same_records(forms, loc, files):
     entries = loc if isinstance(loc, list) else [loc]
-    idx, bad = scan_input([forms / e for e in entries], TABLE_SPEC, stride=7)
+    idx, bad = scan_input([forms / e for e in entries], TABLE_SPEC, offset_every=7)
     expected = RECORDS if not isinstance(loc, list) else RECORDS[:234] + RECORDS[400:]
     assert bad == [] and idx.n_records == len(expected)
     if files:
@@ -126,11 +126,11 @@ def test_pieces_cut_anywhere_give_the_same_records_lines_and_checksum(tmp_path, 
         lines.insert(at, " ")
     lines.insert(100, '{"id": "bad", "prompt": ')
     p.write_text("\n".join(lines))  # no newline at the end
-    whole, bad_whole = scan_input(p, TABLE_SPEC, stride=5, skip_bad=True)
+    whole, bad_whole = scan_input(p, TABLE_SPEC, offset_every=5, skip_bad=True)
     assert len(whole.pieces) == 1 and whole.n_records == 201
     for size in (97, 200, 1000):
         monkeypatch.setattr(scan_module, "MIN_PIECE", size)
-        cut, bad_cut = scan_input(p, TABLE_SPEC, stride=5, skip_bad=True)
+        cut, bad_cut = scan_input(p, TABLE_SPEC, offset_every=5, skip_bad=True)
         assert len(cut.pieces) == -(-p.stat().st_size // size)
         assert cut.n_records == 201 and cut.read(0, 201) == whole.read(0, 201)
         assert [r["id"] if r else None for r in cut.read(90, 110)] == [r["id"] if r else None for r in whole.read(90, 110)]
@@ -205,7 +205,8 @@ def test_locations_expand_home_and_join_urls(monkeypatch):
     assert locations("s3://bkt/data", ["a.jsonl", "hf://datasets/o/n"]) == ["s3://bkt/data/a.jsonl",
                                                                           "hf://datasets/o/n"]
     cfg = load_config(["data_dir=~/data", "input_data_path=~/x.jsonl"])  # Hydra takes no unquoted '~': quoted for you
-    assert (cfg.data_dir, cfg.input_data_path, str(cfg.input_path)) == ("~/data", "~/x.jsonl", "/home/u/x.jsonl")
+    assert (cfg.data_dir, cfg.input_data_path) == ("~/data", "~/x.jsonl")
+    assert locations(cfg.data_dir, cfg.input_data_path) == ["/home/u/x.jsonl"]
     assert load_config(["input_data_path=[a.jsonl,b/*.parquet]"]).input_data_path == ["a.jsonl", "b/*.parquet"]
 
 

@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from spmd_dp.journal import Journal
-from spmd_dp.messages import BatchDone
-from spmd_dp.output import assemble
-from spmd_dp.plan import OutputPaths
+from spmd_dp.output.journal import Journal
+from spmd_dp.control.messages import BatchDone
+from spmd_dp.output.final import assemble
+from spmd_dp.output.paths import OutputPaths
 from spmd_dp.errors import UsageError
 
 FP = {"input_sha256": "abc", "n_records": 10}

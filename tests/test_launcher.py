@@ -2,7 +2,7 @@
 
 import pytest
 
-from spmd_dp.launcher import RankEnv, ranks_per_node, scrub_launcher_env
+from spmd_dp.launch.launcher import RankEnv, ranks_per_node, scrub_launcher_env
 from spmd_dp.errors import UsageError
 
 TORCHRUN = {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "node0",

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from spmd_dp.messages import BatchDone, RankState, RankStats, decode, encode
+from spmd_dp.control.messages import BatchDone, RankState, RankStats, decode, encode
 
 
 def test_round_trip_keeps_type_and_fields():

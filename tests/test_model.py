@@ -1,4 +1,4 @@
-"""Tests for spmd_dp.model: deterministic, atomic creation of the embedded models.
+"""Tests for spmd_dp.models.embedded: deterministic, atomic creation of the embedded models.
 
 No vLLM here: these tests only build and inspect the model folders.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 
-from spmd_dp import model as m  # noqa: E402
+from spmd_dp.models import embedded as m  # noqa: E402
 
 TINY = "spmd-dp/tiny-llama"
 EXPECTED_FILES = {

@@ -11,7 +11,8 @@ import pytest
 
 from spmd_dp.config import load_config
 from spmd_dp.errors import UsageError
-from spmd_dp.plan import OutputPaths, RankPlan
+from spmd_dp.output.paths import OutputPaths
+from spmd_dp.plan import RankPlan
 from tests.conftest import REPO, echo_args, make_records, read_jsonl, write_jsonl
 
 TORCHRUN = {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "node0",
@@ -62,7 +63,7 @@ def test_output_paths_resolve_home_and_relative_dirs_once(tmp_path, monkeypatch)
 
 
 def test_the_torch_free_modules_import_neither_torch_nor_vllm():
-    code = ("import sys; import spmd_dp.plan, spmd_dp.generation, spmd_dp.rank0, spmd_dp.outbox, spmd_dp.batches; "
+    code = ("import sys; import spmd_dp.plan, spmd_dp.generation, spmd_dp.rank0, spmd_dp.control.outbox, spmd_dp.control.claims; "
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'vllm'}))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

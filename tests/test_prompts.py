@@ -4,7 +4,7 @@ import pytest
 
 from spmd_dp.config import load_config
 from spmd_dp.errors import UsageError
-from spmd_dp.prompts import Chat, PromptBuilder
+from spmd_dp.prompting.prompts import Chat, PromptBuilder
 from tests.conftest import echo_args, read_jsonl, spmd, write_jsonl
 
 

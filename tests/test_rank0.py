@@ -4,12 +4,13 @@ import json
 
 from spmd_dp.config import load_config
 from spmd_dp.engines.base import Completion
-from spmd_dp.messages import BatchDone, RankStats
-from spmd_dp.output import output_row
-from spmd_dp.plan import OutputPaths
-from spmd_dp.prompts import PromptBuilder
+from spmd_dp.control.messages import BatchDone, RankStats
 from spmd_dp.inputs import LocalGroup
-from spmd_dp.rank0 import Rank0, open_node
+from spmd_dp.node import Node, open_node
+from spmd_dp.output.files import json_line
+from spmd_dp.output.rows import output_row
+from spmd_dp.plan import RankPlan
+from spmd_dp.rank0 import Rank0
 from tests.conftest import make_records, read_jsonl, write_jsonl
 
 
@@ -17,20 +18,21 @@ def rank0(tmp_path, records, *overrides, world=2):
     inp = write_jsonl(tmp_path / "data" / "in.jsonl", records)
     cfg = load_config([f"data_dir={inp.parent}", "input_data_path=in.jsonl", f"output_dir={tmp_path / 'out'}",
                        "name=t", "inference_engine=echo", "batch_size=4", *overrides])
-    prompts = PromptBuilder(cfg)
-    return Rank0(cfg, OutputPaths.of(cfg), prompts, world)
+    plan = RankPlan.build(cfg, {"RANK": "0", "WORLD_SIZE": str(world), "LOCAL_RANK": "0",
+                                "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"})
+    return Rank0(Node.build(cfg, plan))
 
 
 def open_(r0):
     """open_node on a world of one: the scan, then Rank0.open; returns the WorkOrder."""
-    index, order = open_node(r0.cfg, r0.prompts, LocalGroup(), r0, None)
+    index, order = open_node(r0.node, LocalGroup(), r0, None)
     if index is not None:
         index.close()
     return order
 
 
 def done(records, start, stop, rank=1):
-    lines = [output_row(r, "t", Completion("", [r["prompt"].split()[0]]), None) for r in records[start:stop]]
+    lines = [json_line(output_row(r, "t", Completion("", [r["prompt"].split()[0]]), None)) for r in records[start:stop]]
     return BatchDone(start // 4, start, stop, rank, lines, output_tokens=stop - start)
 
 
@@ -81,7 +83,7 @@ def test_a_drained_run_says_what_was_committed_and_a_gave_up_rank_when_and_why(t
 
     import pytest
 
-    from spmd_dp.drain import Drain
+    from spmd_dp.control.drain import Drain
     from spmd_dp.errors import Drained
 
     records = make_records(10)

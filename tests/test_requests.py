@@ -11,8 +11,9 @@ import pytest
 from spmd_dp.config import load_config
 from spmd_dp.errors import UsageError
 from spmd_dp.inputs import RecordSpec, scan_input
-from spmd_dp.prompts import PromptBuilder
-from spmd_dp.requests import fit_context
+from spmd_dp.prompting.prompts import PromptBuilder
+from spmd_dp.engines.context import fit_context
+from spmd_dp.prompting.options import record_seed
 from tests.conftest import REPO, echo_args, read_jsonl, spmd, write_jsonl
 from tests.test_bad_input import one_line
 
@@ -255,7 +256,8 @@ def test_openai_body_maps_onto_vllm_options():
             "type": "json_schema", "json_schema": {"name": "s", "strict": True, "schema": SCHEMA}}}}
     req = b.request("0:0", line, {"temperature": 0.7, "max_tokens": 512})
     assert req.key == "c1" and req.lora == "pirate" and req.task == "generate"
-    assert req.sampling == {"temperature": 0.2, "max_tokens": 20, "top_p": 0.9, "n": 2, "stop": ["\n"], "seed": 7,
+    assert req.sampling == {"temperature": 0.2, "max_tokens": 20, "top_p": 0.9, "n": 2, "stop": ["\n"],
+                            "seed": record_seed(7, "c1"),  # the line's seed, made the record's own
                             "logprobs": 4, "structured_outputs": {"json": SCHEMA}}
     emb = b.request("0:1", {"custom_id": "e", "method": "POST", "url": "/v1/embeddings",
                             "body": {"input": ["one text"], "dimensions": 4}}, {})

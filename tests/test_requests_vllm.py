@@ -28,7 +28,7 @@ def run_args(tmp_path, inp, name, *extra):
 def tokenizer(model="spmd-dp/tiny-llama"):
     from transformers import AutoTokenizer
 
-    from spmd_dp.model import resolve_model
+    from spmd_dp.models.embedded import resolve_model
 
     return AutoTokenizer.from_pretrained(resolve_model(model))
 

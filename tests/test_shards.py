@@ -6,6 +6,7 @@ import glob
 import json
 import os
 import random
+import re
 import signal
 import time
 import zlib
@@ -14,10 +15,13 @@ from pathlib import Path
 import pytest
 
 from spmd_dp.errors import RunFailure, UsageError
-from spmd_dp.journal import Journal
-from spmd_dp.messages import BatchDone
-from spmd_dp.plan import OutputPaths
-from spmd_dp.shards import ShardWriter, check_shared, finish_shards, mark_shared
+from spmd_dp.output.journal import Journal
+from spmd_dp.control.messages import BatchDone
+from spmd_dp.config import load_config
+from spmd_dp.inputs import LocalGroup
+from spmd_dp.output.paths import OutputPaths
+from spmd_dp.output.shards import ShardWriter, finish_shards
+from spmd_dp.output.sink import Output
 from tests.conftest import echo_args, journal_batches, make_records, read_jsonl, spmd, worker_pids, write_jsonl
 from tests.test_resilience import torchrun
 
@@ -36,13 +40,14 @@ def opened(tmp_path):
     return j
 
 
-def batch(start, stop, rank=0, rows=None):
-    lines = [json.dumps({"i": i, "v": None if rows == "null" else i * 0.5}) for i in range(start, stop)]
-    return BatchDone(start // 4, start, stop, rank, lines)
-
-
 def writer(j, rank, fmt="jsonl"):
-    return ShardWriter(j.paths.parts, fmt, rank, ["v"], mark_shared(j.paths.parts))
+    """A rank's ShardWriter, as its sink uses it: batch [start, stop) written as a part, its message for rank 0."""
+    w = ShardWriter(j.paths.parts, fmt, rank, ["v"])
+
+    def write(start, stop, rows=None):
+        data = [{"i": i, "v": None if rows == "null" else i * 0.5} for i in range(start, stop)]
+        return BatchDone(start // 4, start, stop, rank, [], part=w.write(start, stop, data))
+    return write
 
 
 def shard_rows(folder: Path, ext="jsonl"):
@@ -52,12 +57,12 @@ def shard_rows(folder: Path, ext="jsonl"):
 def test_a_batch_delivered_twice_is_journaled_once_and_its_second_shard_removed(tmp_path):
     j = opened(tmp_path)
     w0, w1 = writer(j, 0), writer(j, 1)
-    first, again = w0(batch(0, 4)), w1(batch(0, 4, rank=1))  # e.g. handed back, yet finished by both
+    first, again = w0(0, 4), w1(0, 4)  # e.g. handed back, yet finished by both
     assert first.lines == [] and first.part["rows"] == 4 and again.part["name"] != first.part["name"]
     data = (j.paths.parts / first.part["name"]).read_bytes()
     assert first.part["bytes"] == len(data) and first.part["crc32"] == zlib.crc32(data)
-    j.commit([first, w1(batch(4, 8, rank=1))])
-    j.commit([again, w0(batch(8, 12))])  # one round: the duplicate and a new batch
+    j.commit([first, w1(4, 8)])
+    j.commit([again, w0(8, 12)])  # one round: the duplicate and a new batch
     assert not (j.paths.parts / again.part["name"]).exists()
     assert j.committed_spans() == [(0, 4), (4, 8), (8, 12)]
     records, size = finish_shards(j, "jsonl")
@@ -77,15 +82,15 @@ def test_a_batch_delivered_twice_is_journaled_once_and_its_second_shard_removed(
 def test_a_part_not_in_the_journal_is_not_output(tmp_path):
     j = opened(tmp_path)
     w = writer(j, 1)
-    j.commit([w(batch(0, 4))])
-    orphan = w(batch(4, 8))  # written, but its message never reached rank 0 (a crash)
+    j.commit([w(0, 4)])
+    orphan = w(4, 8)  # written, but its message never reached rank 0 (a crash)
     j.close()
     assert (j.paths.parts / orphan.part["name"]).exists()
     j2 = opened(tmp_path)  # the resume
     assert not (j2.paths.parts / orphan.part["name"]).exists() and j2.missing(12) == [(4, 12)]
     w2 = writer(j2, 0)
-    j2.commit([w2(batch(4, 8)), w2(batch(8, 12))])
-    late = w(batch(8, 12))  # a part a rank wrote after rank 0 had committed the batch from another
+    j2.commit([w2(4, 8), w2(8, 12)])
+    late = w(8, 12)  # a part a rank wrote after rank 0 had committed the batch from another
     finish_shards(j2, "jsonl")
     assert not (j2.paths.shards / late.part["name"]).exists()
     assert [r["i"] for r in shard_rows(j2.paths.shards)] == list(range(12))
@@ -94,7 +99,7 @@ def test_a_part_not_in_the_journal_is_not_output(tmp_path):
 def test_a_crash_between_the_rename_and_the_journal_line_is_resumed(tmp_path):
     j = opened(tmp_path)
     w = writer(j, 0)
-    j.commit([w(batch(0, 4)), w(batch(4, 8)), w(batch(8, 12))])
+    j.commit([w(0, 4), w(4, 8), w(8, 12)])
     j.mark_complete = lambda *a: (_ for _ in ()).throw(OSError("crash"))  # dies right after the rename
     with pytest.raises(OSError):
         finish_shards(j, "jsonl")
@@ -108,7 +113,7 @@ def test_a_crash_between_the_rename_and_the_journal_line_is_resumed(tmp_path):
 
 def test_a_missing_committed_shard_is_one_clear_line(tmp_path):
     j = opened(tmp_path)
-    done = writer(j, 0)(batch(0, 12))
+    done = writer(j, 0)(0, 12)
     j.commit([done])
     (j.paths.parts / done.part["name"]).unlink()
     with pytest.raises(RunFailure, match="1 committed shards are missing from .*rerun with overwrite=true"):
@@ -116,11 +121,12 @@ def test_a_missing_committed_shard_is_one_clear_line(tmp_path):
 
 
 def test_a_rank_that_does_not_see_rank0s_folder_is_told_so(tmp_path):
-    (tmp_path / "parts").mkdir()
-    token = mark_shared(tmp_path / "parts")
-    check_shared(tmp_path / "parts", token, 3)
-    with pytest.raises(UsageError, match=r"rank 3 does not see .* a filesystem every rank shares"):
-        check_shared(tmp_path / "parts", "0123456789ab", 3)
+    output = Output(load_config([f"output_dir={tmp_path}", "name=t", "output_mode=sharded"]))
+    output.paths.parts.mkdir()
+    assert output.check_shared(LocalGroup(), output.share()) is None
+    assert output.check_shared(LocalGroup(), None) is None  # single mode: nothing to check
+    line = output.check_shared(LocalGroup(), "0123456789ab")  # a marker this rank does not see
+    assert re.match(r"output error: output_mode=sharded: ranks \[0\] do not see .* a filesystem every rank shares", line)
 
 
 def test_parquet_shards_are_brought_to_one_schema(tmp_path):
@@ -128,7 +134,7 @@ def test_parquet_shards_are_brought_to_one_schema(tmp_path):
 
     j = opened(tmp_path)
     w = writer(j, 0, "parquet")
-    parts = [w(batch(0, 4, rows="null")), w(batch(4, 8)), w(batch(8, 12))]  # batch 0's column v: all null
+    parts = [w(0, 4, "null"), w(4, 8), w(8, 12)]  # batch 0's column v: all null
     assert parts[0].part["schema"] != parts[1].part["schema"] == parts[2].part["schema"]
     j.commit(parts)
     finish_shards(j, "parquet")

@@ -23,7 +23,7 @@ from typing import Dict, List
 
 import pytest
 
-from spmd_dp.launcher import RankEnv, _expand_nodelist, _expand_tasks_per_node
+from spmd_dp.launch.launcher import RankEnv, _expand_nodelist, _expand_tasks_per_node
 from spmd_dp.errors import UsageError
 from tests.conftest import REPO, echo_args, journal_batches, make_records, read_jsonl, write_jsonl
 

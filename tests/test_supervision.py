@@ -12,11 +12,11 @@ import time
 import pytest
 import torch.distributed as dist
 
-from spmd_dp.batches import Claims, dynamic_batches, static_batches
-from spmd_dp.drain import Drain
+from spmd_dp.control.claims import Claims, dynamic_batches, static_batches
+from spmd_dp.control.drain import Drain
 from spmd_dp.engines import EngineFailure, EngineGaveUp, EngineStartError
 from spmd_dp.engines.supervisor import SupervisedEngine
-from spmd_dp.messages import RankState
+from spmd_dp.control.messages import RankState
 from tests.test_generation import FakeEngine, run_loop, token_records
 
 READY3 = [RankState.READY] * 3

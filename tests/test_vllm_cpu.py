@@ -38,7 +38,7 @@ def test_two_ranks_equal_one_rank_greedy(tmp_path):
 def test_chat_token_ids_n_and_per_record_options_on_real_vllm(tmp_path):
     from transformers import AutoTokenizer
 
-    from spmd_dp.model import resolve_model
+    from spmd_dp.models.embedded import resolve_model
 
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is rain?"}]
     records = [

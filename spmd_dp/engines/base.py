@@ -1,4 +1,6 @@
-"""The engine interface: what the generation loop needs from vLLM or the echo engine."""
+"""The engine interface (what the generation loop needs from vLLM or the echo engine) and the types the prompt side
+and the engines share: `Request`, `Completion`, `Chat`, `Pair`. They live here, below both: no engine imports from
+spmd_dp/prompting/."""
 
 from __future__ import annotations
 
@@ -26,17 +28,41 @@ class EngineGaveUp(Exception):
 
 
 @dataclass
+class Chat:
+    messages: List[Dict[str, Any]]  # content: a string, or a list of {"type": "text", "text"} parts
+
+    def last_user_text(self) -> str:
+        users = [text_of(m["content"]) for m in self.messages if m.get("role") == "user"]
+        return users[-1] if users else ""
+
+
+@dataclass
+class Pair:
+    """task=score: the two texts whose relevance vLLM scores (LLM.score's data_1, data_2)."""
+
+    query: str
+    document: str
+
+
+def text_of(content: Any) -> str:
+    """A message's text: its string, or its text parts joined by newlines."""
+    if isinstance(content, str):
+        return content
+    return "\n".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+
+
+@dataclass
 class Request:
-    """One record's request, as spmd_dp/requests.py builds it; each engine maps it onto its own API
+    """One record's request, as spmd_dp/prompting/options.py builds it; each engine maps it onto its own API
     (vLLM: SamplingParams / PoolingParams, LoRARequest, the renderer's truncation)."""
 
     request_id: str
-    prompt: Any  # str | token ids | prompts.Chat | prompts.Pair (task=score: query, document)
+    prompt: Any  # str | token ids | Chat | Pair (task=score: query, document)
     sampling: Dict[str, Any]  # SamplingParams keyword arguments (structured_outputs: StructuredOutputsParams')
     task: str = "generate"  # generate | embed | classify | score | reward
     pooling: Dict[str, Any] = field(default_factory=dict)  # PoolingParams keyword arguments
     lora: Optional[str] = None  # an adapter named in engine_options.lora_adapters; None: the base model
-    on_long_prompt: str = "fail"  # fail | skip | truncate_left | truncate_right (requests.fit_context)
+    on_long_prompt: str = "fail"  # fail | skip | truncate_left | truncate_right (engines/context.py)
     clamp_max_tokens: bool = False
     max_retries: int = 0
     key: Any = None  # the record's primary key (messages, fault injection)

@@ -7,7 +7,7 @@ returns, so its time grows with output length like a real engine's. Requests
 run one after another (with no delay, a step finishes everything queued). Words stand for tokens: a prompt of more words than
 `engine_options.max_model_len` is refused, as vLLM refuses one of more tokens,
 or skipped / truncated / its max_tokens clamped as `on_long_prompt` and
-`clamp_max_tokens` say (spmd_dp/requests.py, `fit_context`, as the vLLM engine does).
+`clamp_max_tokens` say (spmd_dp/engines/context.py, as the vLLM engine does).
 A word's token id is its crc32 modulo 1000; logprobs are 0 for the echoed word.
 Pooling tasks: `embed` gives an 8-float vector of the prompt's hash, `classify` the
 shares of short / long words, `score` the overlap (Jaccard) of the two texts' words,
@@ -33,9 +33,8 @@ import zlib
 from collections import deque
 from typing import Deque, Dict, List, Optional
 
-from spmd_dp.engines.base import FAILED, SKIPPED, Completion, EngineStartError, Logprobs, Request
-from spmd_dp.prompts import Chat, Pair
-from spmd_dp.requests import fit_context
+from spmd_dp.engines.base import FAILED, SKIPPED, Chat, Completion, EngineStartError, Logprobs, Pair, Request
+from spmd_dp.engines.context import fit_context
 
 
 class EchoEngine:

@@ -14,7 +14,7 @@ from typing import Optional
 
 from spmd_dp.engines.base import Engine
 from spmd_dp.log import logger
-from spmd_dp.procs import terminate_children
+from spmd_dp.launch.procs import terminate_children
 
 STOP_WAIT_S = 60.0
 

@@ -6,7 +6,7 @@ rank notices at once what vLLM's frontend does not always report: vLLM 0.32 rais
 EngineDeadError when its EngineCore fails with an error, but when that process is
 killed (kill -9, the OOM killer) its `step()` waits forever on a queue nobody fills.
 So the supervisor also watches the engine's processes, found by parent pid when the
-engine starts (spmd_dp/procs.py), and bounds every step by `batch_timeout`.
+engine starts (spmd_dp/launch/procs.py), and bounds every step by `batch_timeout`.
 
 A fault (the engine raised, its process is gone, or no step returned in time) is raised
 as `EngineFailure`: the requests in the engine are lost. The generation loop
@@ -28,7 +28,7 @@ from typing import Callable, List, Optional
 
 from spmd_dp.engines.base import Completion, Engine, EngineFailure, EngineGaveUp, EngineStartError, Request
 from spmd_dp.log import logger
-from spmd_dp.procs import descendants, gone, terminate, watch
+from spmd_dp.launch.procs import descendants, gone, terminate, watch
 
 POLL_S = 0.1  # how often a waiting step looks at the engine's processes
 CLOSE_S = 10.0  # how long a failed engine may take to close before its processes are killed

@@ -26,12 +26,11 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from spmd_dp.devices import cpu_kvcache_gib
-from spmd_dp.engines.base import FAILED, SKIPPED, Completion, EngineStartError, Logprobs, Request
+from spmd_dp.launch.devices import cpu_kvcache_gib
+from spmd_dp.engines.base import FAILED, SKIPPED, Chat, Completion, EngineStartError, Logprobs, Request
+from spmd_dp.engines.context import fit_context
 from spmd_dp.log import logger
-from spmd_dp.model import is_embedded, resolve_model
-from spmd_dp.prompts import Chat
-from spmd_dp.requests import fit_context
+from spmd_dp.models.embedded import is_embedded, resolve_model
 
 POOLING_RUNNER = {"embed": "embed", "classify": "classify", "reward": "classify", "score": "auto"}  # -> convert
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's MaxLoRARanks
@@ -71,7 +70,7 @@ def engine_kwargs(cfg, device_slice, task: str = "generate", share: int = 1) -> 
         "gpu_memory_utilization": eo.gpu_memory_utilization / share,
         "disable_log_stats": True,
         # on SIGTERM/SIGINT the engine process finishes its requests for this long instead of aborting
-        # them (a drain, spmd_dp/drain.py): under torchrun and Slurm it gets the rank's signal
+        # them (a drain, spmd_dp/control/drain.py): under torchrun and Slurm it gets the rank's signal
         "shutdown_timeout": math.ceil(cfg.drain_timeout),
     }
     if task != "generate":

@@ -1,7 +1,7 @@
 """The merged index every rank holds, and reading the records of a batch through it.
 
 It is small: the files, and per piece its first record (position in the whole input),
-its record count and its locator (JSONL: a byte offset per `stride` records; tables:
+its record count and its locator (JSONL: a byte offset per `offset_every` records; tables:
 one entry per row group or record batch); plus the positions of bad records skipped
 (on_bad_record=skip). No record, no key. `read(start, stop)` reads records [start,
 stop) of the input (None for a skipped one), crossing pieces and files as needed,
@@ -33,7 +33,7 @@ class IndexedPiece:
     file: int  # index into InputIndex.files
     first: int  # its first record's position in the input
     records: int
-    locator: Any  # JSONL: np.uint64 byte offsets, one per stride records; tables: [[unit, rows], ...]
+    locator: Any  # JSONL: np.uint64 byte offsets, one per offset_every records; tables: [[unit, rows], ...]
     crc: int = 0  # CRC-32 of its content (JSONL: its lines; Parquet: the footer; Arrow: the messages)
     nbytes: int = 0  # JSONL: the bytes of its lines (to combine the pieces' CRCs into the file's)
 
@@ -86,9 +86,9 @@ def locator_from_json(value: Any) -> Any:
 
 
 class InputIndex:
-    def __init__(self, files: List[InputFile], pieces: List[IndexedPiece], stride: int,
+    def __init__(self, files: List[InputFile], pieces: List[IndexedPiece], offset_every: int,
                  bad: FrozenSet[int] = frozenset(), storage_options: Optional[Dict[str, Any]] = None) -> None:
-        self.files, self.pieces, self.stride, self.bad = files, pieces, stride, bad
+        self.files, self.pieces, self.offset_every, self.bad = files, pieces, offset_every, bad
         self.storage_options = storage_options
         self.n_records = sum(p.records for p in pieces)
         self._nonempty = [p for p in pieces if p.records]
@@ -121,7 +121,7 @@ class InputIndex:
 
     def digest(self) -> str:
         """Everything a rank reads by: equal on every rank of a run, and equal to a one-rank scan's."""
-        h = hashlib.sha256(json.dumps([[f.to_json() for f in self.files], self.stride, sorted(self.bad)]).encode())
+        h = hashlib.sha256(json.dumps([[f.to_json() for f in self.files], self.offset_every, sorted(self.bad)]).encode())
         for p in self.pieces:
             h.update(json.dumps([p.file, p.first, p.records, p.crc, p.nbytes, p.locator_json()]).encode())
         return h.hexdigest()
@@ -148,7 +148,7 @@ class InputIndex:
             count = min(stop, p.first + p.records) - pos
             reader = self._reader(p.file)
             if self.files[p.file].kind == "jsonl":
-                out += reader.read(p.locator, self.stride, pos - p.first, count)
+                out += reader.read(p.locator, self.offset_every, pos - p.first, count)
             else:
                 out += read_rows(reader, p.locator, pos - p.first, count)
             pos += count

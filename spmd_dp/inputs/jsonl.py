@@ -5,8 +5,8 @@ A piece of a JSONL file is a byte range; its records are the lines that start in
 newline at or after start - 1), so pieces cut anywhere and every line falls in exactly
 one. Blank lines are not records; every other line is one, valid or not, so a position
 never depends on validation. The locator of a piece is the byte offset of every
-`stride`-th record of it: a batch is read by seeking to the nearest and skipping at most
-stride - 1 lines. A compressed file (gzip, zstd: fsspec decompresses) is one piece, and
+`offset_every`-th record of it (offset_every = batch_size): a batch is read by seeking to the nearest and skipping at most
+offset_every - 1 lines. A compressed file (gzip, zstd: fsspec decompresses) is one piece, and
 is read by decompressing forward from where the last read stopped (it cannot seek back
 cheaply: reading it again from the start when a batch lies behind).
 """
@@ -23,7 +23,7 @@ from spmd_dp.inputs.sources import InputFile, open_file
 READ_BLOCK = 1 << 20  # object stores: bytes fetched per request when reading batches
 
 
-def scan_piece(f: InputFile, start: int, stop: int, spec, stride: int, keys, bad: list,
+def scan_piece(f: InputFile, start: int, stop: int, spec, offset_every: int, keys, bad: list,
                storage_options=None) -> Dict[str, Any]:
     """Validate the records of the lines that start in [start, stop). keys.add(key bytes, record, line) for each
     valid record; bad gets (record, line, key, reason) for the others; lines count from 1 in the piece."""
@@ -48,7 +48,7 @@ def scan_piece(f: InputFile, start: int, stop: int, spec, stride: int, keys, bad
             lines += 1
             if raw.isspace():
                 continue
-            if n % stride == 0:
+            if n % offset_every == 0:
                 offsets.append(here)
             record, err = parse_line(raw)
             if err is None:
@@ -89,10 +89,10 @@ class JsonlReader:
                 break
             self.pos += len(chunk)
 
-    def read(self, offsets, stride: int, first: int, count: int) -> List[Optional[Dict[str, Any]]]:
+    def read(self, offsets, offset_every: int, first: int, count: int) -> List[Optional[Dict[str, Any]]]:
         """Records first..first+count-1 of a piece (numbered from 0 in the piece) whose locator is offsets."""
-        self._seek(int(offsets[first // stride]))
-        skip = first % stride
+        self._seek(int(offsets[first // offset_every]))
+        skip = first % offset_every
         out: List[Any] = []
         readline = self.fh.readline
         while len(out) < count:

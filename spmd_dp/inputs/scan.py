@@ -63,7 +63,7 @@ class ScanResult:
 class LocalGroup:
     """The collectives of a world of one."""
 
-    rank, world = 0, 1
+    rank, world, is_rank0 = 0, 1, True
 
     def broadcast_json(self, obj: Any, src: int = 0) -> Any:
         return obj
@@ -116,11 +116,11 @@ def assign(pieces: Sequence[Piece], files: Sequence[InputFile], world: int) -> L
     return fill(lo)
 
 
-def _scan_piece(piece: Piece, f: InputFile, spec: RecordSpec, stride: int, keys: KeyList, bad: list,
+def _scan_piece(piece: Piece, f: InputFile, spec: RecordSpec, offset_every: int, keys: KeyList, bad: list,
                 storage_options) -> Dict[str, Any]:
     if f.kind == "jsonl":
         stop = (1 << 62) if piece.whole else piece.stop
-        return jsonl.scan_piece(f, piece.start, stop, spec, stride, keys, bad, storage_options)
+        return jsonl.scan_piece(f, piece.start, stop, spec, offset_every, keys, bad, storage_options)
     return tables.scan_piece(f, piece.start, piece.stop, spec, keys, bad, storage_options)
 
 
@@ -160,17 +160,17 @@ def _check_schemas(files: Sequence[InputFile], schemas: Dict[int, Dict[str, str]
                                  f"(or run them separately)")
 
 
-def shared_scan(locs: Sequence[str], input_format: str, spec: RecordSpec, stride: int, skip_bad: bool = False,
+def shared_scan(locs: Sequence[str], input_format: str, spec: RecordSpec, offset_every: int, skip_bad: bool = False,
                 group: Any = None, storage_options: Optional[Dict[str, Any]] = None, scanners: Any = None
                 ) -> ScanResult:
-    """The shared scan (see the module's docstring). group: spmd_dp.comm.Group, or LocalGroup() for one rank;
+    """The shared scan (see the module's docstring). group: spmd_dp.control.comm.Group, or LocalGroup() for one rank;
     scanners: workers.Scanners that scan this rank's pieces (else this thread does)."""
     group = group or LocalGroup()
-    rank, world = group.rank, group.world
+    rank, world, root = group.rank, group.world, group.is_rank0
     t0, cpu0 = time.monotonic(), time.thread_time()
     # 1. the file list, from rank 0
     listing: Optional[Dict[str, Any]] = None
-    if rank == 0:
+    if root:
         try:
             files, notes = resolve(locs, input_format, storage_options)
             listing = {"files": [f.to_json() for f in files], "notes": notes}
@@ -182,7 +182,7 @@ def shared_scan(locs: Sequence[str], input_format: str, spec: RecordSpec, stride
     _raise_first([listing.get("error")])
     files = [InputFile.from_json(d) for d in listing["files"]]
     notes = listing["notes"]
-    if rank == 0:
+    if root:
         for note in notes:
             logger.info("input: %s", note)
         kinds = sorted({f.kind + (f"+{f.compression}" if f.compression else "") for f in files})
@@ -207,7 +207,7 @@ def shared_scan(locs: Sequence[str], input_format: str, spec: RecordSpec, stride
             done = []
             for i in mine:
                 keys, bad = KeyList(), []
-                r = _scan_piece(pieces[i], files[pieces[i].file], spec, stride, keys, bad, storage_options)
+                r = _scan_piece(pieces[i], files[pieces[i].file], spec, offset_every, keys, bad, storage_options)
                 done.append((i, {**r, "locator": locator_to_json(r["locator"])}, keys, bad))
         for i, r, keys, bad in done:
             keylists[i], bads[i] = keys, bad
@@ -235,7 +235,7 @@ def shared_scan(locs: Sequence[str], input_format: str, spec: RecordSpec, stride
         what = files[0].url if len(files) == 1 else f"the {len(files)} input files"
         raise UsageError(f"input error: {what} holds no records; give a JSONL file with one JSON object per line "
                          f"(or Parquet, or a Hugging Face dataset folder)")
-    index = InputIndex(files, indexed, stride, storage_options=storage_options)
+    index = InputIndex(files, indexed, offset_every, storage_options=storage_options)
 
     # 4. duplicate keys, partitioned by hash
     received = group.alltoall_bytes(outgoing(keylists, first, line_base, world))
@@ -266,7 +266,7 @@ def shared_scan(locs: Sequence[str], input_format: str, spec: RecordSpec, stride
         positions = group.all_gather_bytes(np.array([b.position for b in mine_bad], dtype=np.uint64).tobytes())
         index.bad = frozenset(int(x) for data in positions for x in np.frombuffer(data, dtype=np.uint64))
         details = group.gather_bytes(json.dumps([b.to_json() for b in mine_bad]).encode())
-        if rank == 0:
+        if root:
             bad = sorted((BadRecord.from_json(d) for data in details for d in json.loads(data)),
                          key=lambda b: b.position)
         n_bad = len(index.bad)
@@ -286,9 +286,9 @@ def shared_scan(locs: Sequence[str], input_format: str, spec: RecordSpec, stride
     return ScanResult(index, bad, n_bad, seconds, notes)
 
 
-def scan_input(path, spec: RecordSpec, stride: int, skip_bad: bool = False, input_format: str = "auto",
+def scan_input(path, spec: RecordSpec, offset_every: int, skip_bad: bool = False, input_format: str = "auto",
                storage_options: Optional[Dict[str, Any]] = None) -> Tuple[InputIndex, List[BadRecord]]:
     """The scan in one process: a file, folder, glob or URL (or a list of them). (index, bad records)."""
     locs = [str(p) for p in path] if isinstance(path, (list, tuple)) else [str(path)]
-    result = shared_scan(locations("", locs), input_format, spec, stride, skip_bad, LocalGroup(), storage_options)
+    result = shared_scan(locations("", locs), input_format, spec, offset_every, skip_bad, LocalGroup(), storage_options)
     return result.index, result.bad

@@ -55,8 +55,10 @@ def is_url(path: str) -> bool:
     return "://" in path
 
 
-def locations(data_dir: str, input_data_path: Any) -> List[str]:
-    """Each entry of input_data_path as a URL or an absolute local path."""
+def locations(data_dir: Optional[str], input_data_path: Any) -> List[str]:
+    """Each entry of input_data_path as a URL or an absolute local path: relative to data_dir if given, else to the
+    working directory."""
+    data_dir = data_dir or ""
     entries = list(input_data_path) if isinstance(input_data_path, (list, tuple)) else [input_data_path]
     out = []
     for entry in entries:

@@ -4,13 +4,13 @@ spmd_dp never calls `init_process_group`: it talks to its peers through
 `ProcessGroupGloo` objects of its own, made on the rendezvous store. So
 `torch.distributed` stays uninitialised in a rank, and vLLM's engine and
 tensor-parallel workers, whether forked or spawned, start a world of their own
-instead of taking ours (the failure DESIGN.md describes: "shape '[-1, 1, 1, 1, 2]'
-is invalid"). That is what lets vLLM fork its engine process (its default) instead of
+instead of taking ours (otherwise tensor parallelism inside a rank fails: "shape '[-1, 1, 1, 1, 2]'
+is invalid", docs/architecture.md). That is what lets vLLM fork its engine process (its default) instead of
 spawning it, which re-imports torch and vLLM: measured ~17 s of every engine start on
 an H200 host. Every operation is bounded by the group's timeout.
 
 The store is also where ranks claim work: `store.add(key, 1)` is atomic across
-the world (spmd_dp/batches.py uses it through that one method). What travels is
+the world (spmd_dp/control/claims.py uses it through that one method). What travels is
 JSON or integers: nothing received is ever unpickled.
 """
 
@@ -24,18 +24,18 @@ from typing import Any, List, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from spmd_dp.launcher import RankEnv
+from spmd_dp.plan import RankPlan
 
 
-def rendezvous(env: RankEnv, timeout: timedelta):
+def rendezvous(plan: RankPlan, timeout: timedelta):
     """The rendezvous store, its keys namespaced by run and restart (it outlives a torchrun restart)."""
+    env = plan.env
     raise_open_files_limit(env.world_size)
     if env.launcher == "single":
         store = dist.HashStore()
     else:
         store = dist.TCPStore(env.master_addr, env.master_port, world_size=env.world_size,
-                              is_master=env.rank == 0 and not env.agent_store, timeout=timeout,
-                              wait_for_workers=False)
+                              is_master=plan.hosts_store, timeout=timeout, wait_for_workers=False)
     return dist.PrefixStore(env.store_prefix, store)
 
 
@@ -52,7 +52,7 @@ def substore(store, prefix: str):
     return dist.PrefixStore(prefix, store)
 
 
-# tags of the point-to-point messages of the control group (spmd_dp/control.py)
+# tags of the point-to-point messages of the control group (spmd_dp/control/plane.py)
 HEADER, PAYLOAD, WATCH = 1, 2, 3
 LONG_WAIT = timedelta(days=30)  # a wait that ends when the peer speaks or its process is gone, not on a clock
 
@@ -64,8 +64,9 @@ class Group:
     rank, N^2 / 2 in all, each exchanged through the store): the control group's messages go to rank 0 and
     along a ring, so there a rank connects to two or three peers and rank 0 to each rank once."""
 
-    def __init__(self, store, rank: int, world: int, timeout: timedelta, lazy: bool = False) -> None:
-        self.rank, self.world = rank, world
+    def __init__(self, store, rank: int, world: int, timeout: timedelta, is_rank0: bool, lazy: bool = False) -> None:
+        """is_rank0: the plan's answer (spmd_dp/plan.py), for the modules that act on it (the scan, the control plane)."""
+        self.rank, self.world, self.is_rank0 = rank, world, is_rank0
         if lazy:
             opts = dist.ProcessGroupGloo._Options()
             opts._devices = [dist.ProcessGroupGloo.create_default_device(lazy_init=True)]

@@ -9,53 +9,28 @@ In order of precedence, per record:
   - the `prompt_field` (default `prompt`): text, or a list of token ids.
 With `chat=true` a text prompt becomes a one-turn conversation (after `system_prompt`).
 With `task=score` the prompt is a `Pair`: the text above and the record's `document_field`.
-A record may carry its own options (`generation_options`, ...: spmd_dp/requests.py); with
-`input_format=openai_batch` a record is an OpenAI request line, mapped first (spmd_dp/openai_batch.py).
+A record may carry its own options (`generation_options`, ...: spmd_dp/prompting/options.py); with
+`input_format=openai_batch` a record is an OpenAI request line, mapped first (spmd_dp/prompting/openai_batch.py).
 `PromptBuilder.check` validates a record (used by the input scan, before any model
 loads); `PromptBuilder.request` makes the engine request.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
 import jinja2
 from jinja2.sandbox import SandboxedEnvironment
 
-from spmd_dp import openai_batch
+from spmd_dp.prompting import openai_batch
 from spmd_dp.config import RunConfig
-from spmd_dp.engines.base import Request
+from spmd_dp.engines.base import Chat, Pair, Request
 from spmd_dp.errors import UsageError
-from spmd_dp.requests import RequestOptions
+from spmd_dp.prompting.options import RequestOptions
 
 Messages = List[Dict[str, Any]]
 Prompt = Union[str, List[int], "Chat", "Pair"]
-
-
-@dataclass
-class Chat:
-    messages: Messages  # content: a string, or a list of {"type": "text", "text"} parts
-
-    def last_user_text(self) -> str:
-        users = [text_of(m["content"]) for m in self.messages if m.get("role") == "user"]
-        return users[-1] if users else ""
-
-
-@dataclass
-class Pair:
-    """task=score: the two texts whose relevance vLLM scores (LLM.score's data_1, data_2)."""
-
-    query: str
-    document: str
-
-
-def text_of(content: Any) -> str:
-    """A message's text: its string, or its text parts joined by newlines."""
-    if isinstance(content, str):
-        return content
-    return "\n".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
 
 
 def find_template(cfg: RunConfig) -> Optional[Path]:

@@ -4,7 +4,7 @@ Under `${output_dir}` (the paths are `OutputPaths`, spmd_dp/plan.py):
   `${name}.parts/part-NNNNNNNN.jsonl`  output_mode=single: the batches received in one
                                         round, written atomically (temp file, fsync, rename);
                                         sharded: each rank's parts, one per batch
-                                        (spmd_dp/shards.py), written by the rank itself;
+                                        (spmd_dp/output/shards.py), written by the rank itself;
   `${name}.journal.jsonl`              a header with the run's fingerprint, then one
                                         fsync'ed line per round naming its batches
                                         (record span, part, byte offset and length; for a
@@ -14,7 +14,7 @@ A batch is committed once its journal line is on disk. Exactly-once is decided h
 a batch delivered twice is journaled once, and the second delivery's shard removed. A rerun with the same
 output_dir reads the journal, skips the committed spans and finishes the rest; a
 part with no journal line (a crash in between) is removed and its batches redone.
-When the final file is written (spmd_dp/output.py) the journal says so, and a
+When the final file is written (spmd_dp/output/files.py) the journal says so, and a
 rerun finds the run complete. A changed input or generation config is refused
 unless `overwrite=true`.
 """
@@ -29,11 +29,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-from spmd_dp.batches import Span, pending_spans
+from spmd_dp.control.claims import Span, pending_spans
 from spmd_dp.errors import UsageError
 from spmd_dp.log import logger
-from spmd_dp.messages import BatchDone
-from spmd_dp.output import atomic_write
+from spmd_dp.control.messages import BatchDone
+from spmd_dp.output.files import atomic_write
 
 JOURNAL_VERSION = 1
 
@@ -235,7 +235,7 @@ def fingerprint(cfg, input_sha256: str, n_records: int, template: Optional[Path]
         "primary_key": cfg.primary_key,
         "output_format": cfg.output_format,
         "output_mode": cfg.output_mode,  # rank 0's parts (several batches each) are no shards
-        # per-record requests (spmd_dp/requests.py): what changes the results
+        # per-record requests (spmd_dp/prompting/options.py): what changes the results
         "task": cfg.task,
         "input_format": cfg.input_format,
         "return_token_ids": cfg.return_token_ids,

@@ -7,7 +7,7 @@ nothing (one process, world size 1). `RankEnv.from_environ` returns one frozen,
 validated object; a bad value raises a `UsageError` naming the variable.
 `scrub_launcher_env` removes torchrun's variables before vLLM starts (vLLM's
 workers must not take our gloo world for theirs). `ranks_per_node` is the launch
-scripts' rule for how many ranks a node runs (`python -m spmd_dp.launcher
+scripts' rule for how many ranks a node runs (`python -m spmd_dp.launch.launcher
 ranks-per-node G` prints it), so the three scripts share one copy of it.
 """
 
@@ -20,7 +20,7 @@ import sys
 from dataclasses import dataclass
 from typing import Mapping, MutableMapping, Optional
 
-from spmd_dp.devices import physical_gpus_on_node
+from spmd_dp.launch.devices import physical_gpus_on_node
 from spmd_dp.errors import UsageError
 
 TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -203,7 +203,7 @@ def scrub_launcher_env(environ: MutableMapping[str, str] | None = None) -> list[
     """Remove torchrun's variables so that vLLM's own workers start a world of their own.
 
     With the launcher's variables gone and no default process group in the rank (spmd_dp's
-    groups are its own: spmd_dp/comm.py), vLLM may fork its engine and workers (its default, and
+    groups are its own: spmd_dp/control/comm.py), vLLM may fork its engine and workers (its default, and
     ~17 s faster a start than spawn); VLLM_WORKER_MULTIPROC_METHOD=spawn, when set, is kept."""
     env = os.environ if environ is None else environ
     removed = [k for k in list(env) if k in _SCRUB_NAMES or k.startswith(_SCRUB_PREFIXES)]
@@ -237,9 +237,9 @@ def ranks_per_node(environ: Mapping[str, str], gpus_per_rank: int, physical: Opt
 
 
 def _cli(argv: list[str]) -> int:
-    """`python -m spmd_dp.launcher ranks-per-node GPUS_PER_DP_RANK`: for scripts/*.sh and slurm.sbatch."""
+    """`python -m spmd_dp.launch.launcher ranks-per-node GPUS_PER_DP_RANK`: for scripts/*.sh and slurm.sbatch."""
     if len(argv) != 2 or argv[0] != "ranks-per-node" or not argv[1].isdigit():
-        print("usage: python -m spmd_dp.launcher ranks-per-node GPUS_PER_DP_RANK", file=sys.stderr)
+        print("usage: python -m spmd_dp.launch.launcher ranks-per-node GPUS_PER_DP_RANK", file=sys.stderr)
         return 2
     try:
         print(ranks_per_node(os.environ, int(argv[1])))

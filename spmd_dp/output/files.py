@@ -1,30 +1,20 @@
-"""The output: the shape of an output row, atomic writes, and the final file assembled in input order.
-
-A row is the input record plus the result under `${name}`: the generated text (a list
-when `generation_options.n` > 1), or for pooling tasks the embedding / class
-probabilities (float32 lists) or the score / reward (a float). Beside it, when asked:
-`${name}_token_ids` (output token ids), `${name}_logprobs` and `${name}_prompt_logprobs`
-(column-wise: the chosen token's logprob and the top-k ids and logprobs per position;
-lists in JSONL, list columns of float32 in Parquet), `${name}_metadata`. With
-`input_format=openai_batch` a row is the OpenAI output line instead (spmd_dp/openai_batch.py).
-`assemble` writes `${name}.jsonl` (or `.parquet`) from the committed parts in
-input order, atomically, and removes the parts; `write_errors` writes
-`${name}.errors.jsonl`. What is committed, and where, is the journal's business
-(spmd_dp/journal.py).
-"""
+"""Writing files safely: atomic writes (temp file, fsync, rename), and rows as Parquet (pyarrow: one schema for
+rows whose fields vary, float32 where spmd_dp writes floats, shards brought to one schema)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import shutil
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List
 
-from spmd_dp.engines.base import Completion, Logprobs
 from spmd_dp.errors import RunFailure
-from spmd_dp.log import logger
+
+
+def json_line(row: Dict[str, Any]) -> str:
+    """A row as one line of JSON (non-ASCII kept as is)."""
+    return json.dumps(row, ensure_ascii=False)
 
 
 def fsync_dir(path: Path) -> None:
@@ -48,77 +38,6 @@ def atomic_write(path: Path, chunks: Iterable[bytes]) -> int:
     os.replace(tmp, path)
     fsync_dir(path.parent)
     return n
-
-
-def output_row(record: Dict[str, Any], name: str, c: Completion, metadata: Optional[Dict[str, Any]],
-               token_ids: bool = False) -> str:
-    """One output line: the record, its result under `name` (a list when n > 1), token ids and logprobs
-    when asked (`token_ids`: return_token_ids), its metadata when asked."""
-    out = dict(record)
-
-    def one_or_all(items: List[Any]) -> Any:
-        return items[0] if len(items) == 1 else items
-
-    out[name] = c.value if c.value is not None else one_or_all(c.texts)
-    if c.token_ids is not None and (token_ids or c.logprobs is not None):
-        out[f"{name}_token_ids"] = one_or_all(c.token_ids)
-    if c.logprobs is not None:
-        out[f"{name}_logprobs"] = one_or_all([_columns(lp) for lp in c.logprobs])
-    if c.prompt_logprobs is not None:
-        out[f"{name}_prompt_logprobs"] = {"token_ids": c.prompt_logprobs.token_ids, **_columns(c.prompt_logprobs)}
-    if metadata is not None:
-        out[f"{name}_metadata"] = metadata
-    return json.dumps(out, ensure_ascii=False)
-
-
-def _columns(lp: Logprobs) -> Dict[str, Any]:
-    return {"logprobs": lp.logprobs, "top_ids": lp.top_ids, "top_logprobs": lp.top_logprobs}
-
-
-def float32_columns(name: str) -> List[str]:
-    """The output's columns of floats spmd_dp writes (vectors, scores, logprobs): float32 in Parquet."""
-    return [name, f"{name}_logprobs", f"{name}_prompt_logprobs"]
-
-
-def assemble(journal, n_records: int, float32: Iterable[str] = ()) -> int:
-    """Write the final output in input order (atomically) from the journal's parts; returns its size in bytes.
-    float32: columns whose floats are float32 in Parquet (JSONL keeps the digits written). The parts are rank 0's
-    (JSONL, several batches each) or, with output_mode=sharded merge=true, the ranks' shards (JSONL or Parquet)."""
-    paths = journal.paths
-    missing = journal.missing(n_records)
-    if missing:
-        raise RuntimeError(f"cannot assemble {paths.final}: records {missing[:3]} are not committed")
-    lines = 0
-    committed = [c for c in journal.committed() if c[2] is not None]  # (an empty batch has no part)
-
-    def chunks():
-        nonlocal lines
-        for _, _, part, offset, length in committed:
-            with open(paths.parts / part, "rb") as f:
-                f.seek(offset)
-                data = f.read(length)
-            lines += data.count(b"\n")
-            yield data
-
-    if any(part.endswith(".parquet") for _, _, part, _, _ in committed):
-        size, lines = merge_parquet([paths.parts / part for _, _, part, _, _ in committed], paths.final)
-    elif paths.final.suffix == ".parquet":
-        jsonl = paths.parts / "final.jsonl"
-        atomic_write(jsonl, chunks())
-        size = jsonl_to_parquet(jsonl, paths.final, float32=float32)
-    else:
-        size = atomic_write(paths.final, chunks())
-    journal.mark_complete(lines, size)
-    shutil.rmtree(paths.parts, ignore_errors=True)
-    logger.info("wrote %s (%d records, %.1f MB)", paths.final, lines, size / 1e6)
-    return size
-
-
-def write_errors(path: Path, rows: List[Dict[str, Any]]) -> int:
-    """`${name}.errors.jsonl`: the bad records of the scan and those the engine refused, in input order."""
-    rows = sorted(rows, key=lambda e: e["position"])
-    atomic_write(path, [json.dumps(r, ensure_ascii=False).encode() + b"\n" for r in rows])
-    return len(rows)
 
 
 def jsonl_to_parquet(src: Path, dst: Path, rows_per_group: int = 8192, float32: Iterable[str] = ()) -> int:
@@ -164,12 +83,11 @@ def rows_schema(groups: Iterable[List[Dict[str, Any]]], float32: Iterable[str] =
     return pa.schema([f.with_type(_float32(f.type)) if f.name in narrow else f for f in schema])
 
 
-def parquet_bytes(lines: List[str], float32: Iterable[str] = ()):
-    """One batch's output lines as a Parquet file in memory: (its bytes, its schema)."""
+def parquet_bytes(rows: List[Dict[str, Any]], float32: Iterable[str] = ()):
+    """One batch's output rows as a Parquet file in memory: (its bytes, its schema)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    rows = [json.loads(line) for line in lines]
     schema = rows_schema([rows], float32)
     sink = pa.BufferOutputStream()
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), sink)

@@ -12,18 +12,18 @@ Each option has a config key (all records) and a record field of the same name (
   max_retries         requests the engine failed are tried again this many times
 
 `RequestOptions.check` validates a record's options during the input scan (a schema that does not compile
-is found there: spmd_dp/structured.py); `RequestOptions.request` makes the engine `Request`.
-`fit_context` is the one place that decides what a prompt too long for the context becomes (both engines).
+is found there: spmd_dp/prompting/structured.py); `RequestOptions.request` makes the engine `Request`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import hashlib
+from dataclasses import fields
 from typing import Any, Dict, Optional
 
-from spmd_dp import structured
-from spmd_dp.config import (LORA_PROMPT_LOGPROBS, ON_LONG_PROMPT, POOLING_OPTIONS, GenerationOptions, RunConfig,
-                            task_list)
+from spmd_dp.prompting import structured
+from spmd_dp.config import LORA_PROMPT_LOGPROBS, GenerationOptions, RunConfig, task_list
+from spmd_dp.config.schema import ON_LONG_PROMPT, POOLING_OPTIONS
 from spmd_dp.engines.base import Request
 from spmd_dp.errors import UsageError
 
@@ -89,9 +89,13 @@ class RequestOptions:
         sampling = {**base, **opts} if opts else dict(base)
         if not sampling.get("structured_outputs"):
             sampling.pop("structured_outputs", None)
+        task = self.task(record)
+        seed = sampling.pop("seed", None)
+        if seed is not None and task == "generate":
+            sampling["seed"] = record_seed(seed, record[cfg.primary_key])
         lora = record.get("lora_adapter", cfg.lora_adapter) if self.adapters else None
         return Request(
-            request_id, prompt, sampling, task=self.task(record),
+            request_id, prompt, sampling, task=task,
             pooling={**cfg.pooling_options, **(record.get("pooling_options") or {})},
             lora=lora,
             on_long_prompt=record.get("on_long_prompt", cfg.on_long_prompt),
@@ -104,43 +108,16 @@ def _is_int(v: Any, low: int) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= low
 
 
-@dataclass(frozen=True)
-class Fit:
-    """What a request becomes in a context of `max_model_len` tokens."""
+def sampling_kwargs(cfg: RunConfig, rank: int) -> Dict[str, Any]:
+    """A rank's SamplingParams keyword arguments (null fields left out; `seed` becomes each record's own)."""
+    go = cfg.generation_options
+    out = {k: v for k, v in vars(go).items() if k != "extra" and v is not None and v != {}}
+    out.update(go.extra)
+    out.update(cfg.generation_options_per_rank.get(str(rank), {}))
+    return out
 
-    action: str  # "run" | "refuse" (vLLM refuses it: on_long_prompt=fail) | "skip" | "truncate"
-    keep: int = 0  # truncate: prompt tokens kept
-    max_tokens: Optional[int] = None  # lowered max_tokens (clamp_max_tokens), or None: unchanged
-    reason: str = ""
 
-
-def fit_context(prompt_tokens: int, max_tokens: int, max_model_len: Optional[int], policy: str,
-                clamp: bool, generate: bool = True) -> Fit:
-    """A prompt is too long when it leaves no room for an output token (what vLLM refuses; for pooling
-    tasks, when it is longer than the context). on_long_prompt decides then: fail (vLLM refuses it),
-    skip, or truncate_left / truncate_right (keep the last / first max_model_len - max_tokens tokens,
-    room for the output asked). A prompt that fits but leaves fewer than max_tokens: with
-    clamp_max_tokens, max_tokens is lowered to what is left (as vLLM's OpenAI server does); without,
-    vLLM stops the output at the end of the context (finish_reason length); truncate_* cut the prompt instead."""
-    if max_model_len is None:
-        return Fit("run")
-    room = max_model_len - prompt_tokens  # output tokens the context leaves
-    too_long = room < 1 if generate else room < 0
-    if not generate:
-        max_tokens = 0
-    reason = (f"the prompt ({prompt_tokens} tokens) is longer than the context leaves room for "
-              f"(max_model_len={max_model_len})")
-    if too_long or (generate and room < max_tokens and policy.startswith("truncate") and not clamp):
-        if policy == "skip":
-            return Fit("skip", reason=reason + "; on_long_prompt=skip")
-        if policy.startswith("truncate"):
-            keep = max_model_len - max_tokens if generate else max_model_len
-            if keep < 1:
-                return Fit("refuse", reason=f"max_tokens={max_tokens} leaves no prompt token in max_model_len="
-                                            f"{max_model_len}; lower max_tokens")
-            return Fit("truncate", keep=keep)
-        if too_long:
-            return Fit("refuse", reason=reason + "; set on_long_prompt=truncate_left (or skip)")
-    if generate and clamp and 1 <= room < max_tokens:
-        return Fit("run", max_tokens=room)
-    return Fit("run")
+def record_seed(seed: int, key: Any) -> int:
+    """A per-record sampling seed that depends only on the run's seed and the record's key."""
+    digest = hashlib.blake2b(f"{seed}\x00{key}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little") & 0x7FFFFFFF

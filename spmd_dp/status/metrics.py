@@ -13,7 +13,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List
 
-from spmd_dp.messages import RankStats
+from spmd_dp.control.messages import RankStats
 
 
 @dataclass

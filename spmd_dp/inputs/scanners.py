@@ -34,7 +34,7 @@ def scan_processes(device_kind: str, local_world_size: int) -> int:
     return max(1, min(MAX_PROCESSES, cores // max(local_world_size, 1) - 1))
 
 
-def _serve(conn, spec, stride: int, storage_options) -> None:
+def _serve(conn, spec, offset_every: int, storage_options) -> None:
     """A scanner: one request (the files, its pieces), one answer, then gone (no exit handlers of the parent's)."""
     from spmd_dp.inputs.scan import _error_of, _scan_piece
 
@@ -45,7 +45,7 @@ def _serve(conn, spec, stride: int, storage_options) -> None:
             out = []
             for i, piece in pieces:
                 keys, bad = KeyList(), []
-                r = _scan_piece(piece, files[piece.file], spec, stride, keys, bad, storage_options)
+                r = _scan_piece(piece, files[piece.file], spec, offset_every, keys, bad, storage_options)
                 r["locator"] = locator_to_json(r["locator"])
                 out.append((i, r, (bytes(keys.blob), keys.ends.tobytes(), keys.records.tobytes(),
                                    keys.lines.tobytes()), bad))
@@ -63,13 +63,13 @@ def _serve(conn, spec, stride: int, storage_options) -> None:
 class Scanners:
     """Processes forked now that scan pieces later (`scan`); `close` ends any left."""
 
-    def __init__(self, spec, stride: int, storage_options: Optional[Dict[str, Any]], processes: int) -> None:
+    def __init__(self, spec, offset_every: int, storage_options: Optional[Dict[str, Any]], processes: int) -> None:
         ctx = multiprocessing.get_context("fork")
         self.conns, self.procs = [], []
         self.cpu_s = 0.0  # the scanners' CPU seconds
         for _ in range(max(1, processes)):
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_serve, args=(child, spec, stride, storage_options), name="spmd_dp-scan",
+            proc = ctx.Process(target=_serve, args=(child, spec, offset_every, storage_options), name="spmd_dp-scan",
                                daemon=True)
             proc.start()
             child.close()

@@ -1,17 +1,21 @@
 """The control plane: a thread per rank that streams finished batches to rank 0 and agrees on the end.
 
+It reads the rank's outbox (spmd_dp/control/outbox.py) and writes what it learns for the generation loop into
+the rank's `Peers` (spmd_dp/control/peers.py); on rank 0 a receive thread fills rank 0's inbox with every
+other rank's messages. One direction per queue.
+
 Nothing here goes round all ranks in lockstep: what a rank sends, it sends when it has it, and
-what it must know about the others it reads from the board (spmd_dp/board.py), so the cost per
+what it must know about the others it reads from the board (spmd_dp/control/board.py), so the cost per
 batch does not grow with the number of ranks (docs/scale.md: it did, with a per-round all-gather).
 
 - Messages (messages.py, JSON) go from a rank to rank 0 over the control group (gloo), point to
   point: what the rank's outbox holds, once every `flush_s` (at once for its last message, or when
   MAX_MESSAGE_BYTES wait; a message's header says its size and whether it is the rank's last). So
   rank 0 gets at most world / flush_s = MESSAGES_PER_S messages a second, however many ranks there are.
-  Under output_mode=sharded the rank first writes each batch's rows itself (the writer,
-  spmd_dp/shards.py) and only the metadata goes. Rank 0 receives from any rank in a thread of its
-  own, and every `poll_s` commits what arrived with its own finished batches in one call of its
-  handler (spmd_dp/rank0.py: one journal line, one fsync, one add to the board for all of them).
+  (Under output_mode=sharded the rank's sink wrote the batch's part already: only its metadata goes.)
+  Rank 0 receives from any rank in a thread of its own, into its inbox, and every `poll_s` commits what
+  arrived with its own finished batches in one call of its handler (spmd_dp/rank0.py: one journal line,
+  one fsync, one add to the board for all of them).
 - The board: every rank reads it every `poll_s` (world / READS_PER_S, at least a tick) and writes its
   own changes: its engine's state and idle flag (through the outbox), a drain (a signal on one rank
   drains every rank at their next read), the batches rank 0 committed.
@@ -40,13 +44,14 @@ import time
 from datetime import timedelta
 from typing import Callable, List, Optional, Set
 
-from spmd_dp.board import View
-from spmd_dp.comm import Group
+from spmd_dp.control.board import View
+from spmd_dp.control.comm import Group
 from spmd_dp.errors import Drained, PeerLost, RunFailure, UsageError
 from spmd_dp.log import logger
-from spmd_dp.messages import BatchDone, Message, RankStats, decode, encode
-from spmd_dp.outbox import Outbox
-from spmd_dp.procs import terminate_children
+from spmd_dp.control.messages import Message, RankStats, decode, encode
+from spmd_dp.control.outbox import Outbox
+from spmd_dp.control.peers import Peers
+from spmd_dp.launch.procs import terminate_children
 
 MAX_MESSAGE_BYTES = 8 << 20  # a rank sends at most this much in one message (more goes in the next)
 STUCK_GRACE_S = 30.0  # a rank whose generation loop does not react to its own failure exits after this
@@ -62,19 +67,20 @@ Handler = Callable[[List[Message]], int]
 class ControlPlane(threading.Thread):
     """Streams each rank's outbox to rank 0's handler; keeps the outbox's view of the peers; ends when all are done."""
 
-    def __init__(self, group: Group, outbox: Outbox, handler: Optional[Handler], batch_timeout: float = 600.0,
-                 tick_s: float = 0.2, writer: Optional[Callable[[BatchDone], BatchDone]] = None) -> None:
+    def __init__(self, group: Group, outbox: Outbox, peers: Peers, handler: Optional[Handler],
+                 batch_timeout: float = 600.0, tick_s: float = 0.2) -> None:
         """handler: rank 0's (it receives every rank's messages, returns how many batches it newly committed);
-        None on the other ranks. The board is the outbox's. writer: output_mode=sharded, this rank's ShardWriter
-        (spmd_dp/shards.py): a batch's rows become a part, and only its metadata leaves."""
+        None on the other ranks. The board is the outbox's."""
         super().__init__(name="spmd_dp-control", daemon=True)
-        assert (handler is not None) == (group.rank == 0), "rank 0, and only rank 0, handles the messages"
+        self.root = group.is_rank0
+        assert (handler is not None) == self.root, "rank 0, and only rank 0, handles the messages"
         assert outbox.board is not None, "the control plane reads and writes the board"
-        self.group, self.outbox, self.handler, self.board = group, outbox, handler, outbox.board
-        self.tick_s, self.writer = tick_s, writer
+        self.group, self.outbox, self.peers, self.handler, self.board = group, outbox, peers, handler, outbox.board
+        self.tick_s = tick_s
+        self.inbox: "queue.Queue[Message]" = queue.Queue()  # rank 0: the other ranks' messages
         self.poll_s = max(tick_s, group.world / READS_PER_S)
         # how long a rank holds finished batches before it sends them (rank 0: before it commits what it holds)
-        self.flush_s = self.poll_s if group.rank == 0 else max(tick_s, group.world / MESSAGES_PER_S)
+        self.flush_s = self.poll_s if self.root else max(tick_s, group.world / MESSAGES_PER_S)
         self.stuck_s = batch_timeout + STUCK_GRACE_S
         self.all_done = threading.Event()
         self.peers_done: Set[int] = set()  # rank 0: the ranks whose last message came
@@ -87,11 +93,11 @@ class ControlPlane(threading.Thread):
 
     # -- the thread ------------------------------------------------------------------------------------
     def run(self) -> None:
-        box, me, world = self.outbox, self.group.rank, self.group.world
+        box, me, world, root = self.outbox, self.group.rank, self.group.world, self.root
         try:
             if world > 1:
                 threading.Thread(target=self._watch_peer, name="spmd_dp-watch", daemon=True).start()
-                if me == 0:
+                if root:
                     threading.Thread(target=self._receive, name="spmd_dp-receive", daemon=True).start()
             sent_done, next_read, next_flush = False, 0.0, 0.0
             pending: List[Message] = []  # held until the next flush: one message (one journal line) for many batches
@@ -103,14 +109,12 @@ class ControlPlane(threading.Thread):
                     if isinstance(m, RankStats) and m.rank == me:  # its last message: what this thread cost
                         m.control_cpu_s = round(time.thread_time(), 4)
                         m.peak_rss_mb = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-                if self.writer is not None:
-                    items = [self.writer(m) if isinstance(m, BatchDone) else m for m in items]
                 done = finished and box.queue.empty()
                 pending += items
                 now = time.monotonic()
                 if done or now >= next_flush or sum(m.nbytes for m in pending) >= MAX_MESSAGE_BYTES:
                     next_flush = now + self.flush_s
-                    if me == 0:
+                    if root:
                         self._commit(pending)
                     elif pending or (done and not sent_done):
                         self.group.send_message(encode(pending) if pending else b"", DONE if done else 0)
@@ -121,10 +125,10 @@ class ControlPlane(threading.Thread):
                 if now >= next_read:
                     view = self._read()
                     next_read = now + self.poll_s
-                    if me == 0 and done and peers_done == world - 1 and box.queue.empty():
+                    if root and done and peers_done == world - 1 and self.inbox.empty():
                         self.board.end()
                         break
-                    if me != 0 and sent_done and view.end:
+                    if not root and sent_done and view.end:
                         self.board.left()
                         break
                 self._watch()
@@ -132,8 +136,8 @@ class ControlPlane(threading.Thread):
             if world > 1:
                 self._goodbye()
         except BaseException as e:  # handed to the generation loop, which fails the rank
-            if box.error is None:
-                box.error = e if isinstance(e, RunFailure) else self._failed(e)
+            if self.peers.error is None:
+                self.peers.error = e if isinstance(e, RunFailure) else self._failed(e)
         finally:
             self.stats["control_cpu_s"] = time.thread_time()
             self.all_done.set()
@@ -141,23 +145,27 @@ class ControlPlane(threading.Thread):
 
     def _failed(self, error: BaseException) -> RunFailure:
         """An error in this thread: a send to rank 0 that failed (rank 0 is gone), the store gone, ..."""
-        if self.group.rank != 0:
+        if not self.root:
             return PeerLost(f"rank {self.group.rank} stops: {self._lost_line(error, 0)}; {RESUME}")
         text = str(error).strip()
         return RunFailure(f"rank 0's control plane failed: {type(error).__name__}: "
                           f"{text.splitlines()[0][:300] if text else ''}; what was committed is kept: {RESUME}")
 
     def _drain(self) -> List[Message]:
+        """What waits in the outbox (rank 0: and in its inbox), up to MAX_MESSAGE_BYTES; waits a tick for the first."""
         items: List[Message] = []
         size = 0
-        try:
-            items.append(self.outbox.queue.get(timeout=self.tick_s))
-            size += items[-1].nbytes
-            while size < MAX_MESSAGE_BYTES:
-                items.append(self.outbox.queue.get_nowait())
-                size += items[-1].nbytes
-        except queue.Empty:
-            pass
+        first = self.inbox if self.root else self.outbox.queue  # rank 0 mostly hears from the others
+        for q, wait in ((first, self.tick_s), (self.outbox.queue, 0.0)) if self.root else ((first, self.tick_s),):
+            try:
+                if wait:
+                    items.append(q.get(timeout=wait))
+                    size += items[-1].nbytes
+                while size < MAX_MESSAGE_BYTES:
+                    items.append(q.get_nowait())
+                    size += items[-1].nbytes
+            except queue.Empty:
+                pass
         return items
 
     def _commit(self, items: List[Message]) -> None:
@@ -171,38 +179,37 @@ class ControlPlane(threading.Thread):
         self.board.committed(committed)
 
     def _receive(self) -> None:
-        """Rank 0's receiving thread: every rank's messages into rank 0's own outbox queue, in arrival order."""
+        """Rank 0's receiving thread: every other rank's messages into rank 0's inbox, in arrival order."""
         src = None
         try:
             while len(self.peers_done) < self.group.world - 1:
                 src, data, flags = self.group.recv_message()
                 for m in decode(data) if data else []:
-                    self.outbox.queue.put(m)
+                    self.inbox.put(m)
                 self.stats["messages"] += 1
                 if flags & DONE:
                     self.peers_done.add(src)
         except BaseException as e:
-            if self.outbox.error is None and not self.ending:
-                self.outbox.error = PeerLost(f"rank 0 stops: {self._lost_line(e, src)}; {RESUME}")
+            if self.peers.error is None and not self.ending:
+                self.peers.error = PeerLost(f"rank 0 stops: {self._lost_line(e, src)}; {RESUME}")
         finally:
             self.stats["receive_cpu_s"] = time.thread_time()
 
     def _read(self) -> View:
         view = self.board.read()
         self.stats["board_reads"] += 1
-        box = self.outbox
-        box.out, box.n_reported, box.n_idle = dict(view.out), view.reported, view.idle
-        box.committed, box.returned, box.rounds = view.committed, view.returned, view.reads
+        self.peers.view = view
         if view.lost:
             raise PeerLost(f"rank {self.group.rank} stops: {view.lost[0]}; {RESUME}")
-        if view.drains and not box.drain.requested:
+        drain = self.peers.drain
+        if view.drains and not drain.requested:
             signum, rank = view.drains[0]
-            box.drain.request(signum, f"{signal.Signals(signum).name} on rank {rank}")
+            drain.request(signum, f"{signal.Signals(signum).name} on rank {rank}")
         return view
 
     def _say_drain(self) -> None:
         """This rank got a signal: every rank drains, at its next read of the board."""
-        drain = self.outbox.drain
+        drain = self.peers.drain
         if drain.requested and not self.drain_said:
             self.drain_said = True
             if " on rank " not in (drain.why or ""):
@@ -221,8 +228,8 @@ class ControlPlane(threading.Thread):
                 self.board.lost(line)
             except Exception as store_error:  # without torchrun the store lives in rank 0's process
                 logger.debug("could not name rank %d on the board: %s", self.peer, store_error)
-            if self.outbox.error is None:
-                self.outbox.error = PeerLost(f"rank {self.group.rank} stops: {line}; {RESUME}")
+            if self.peers.error is None:
+                self.peers.error = PeerLost(f"rank {self.group.rank} stops: {line}; {RESUME}")
 
     def _lost_line(self, error: BaseException, peer: Optional[int]) -> str:
         """'rank P exited: <its reason>' from its note in the store, or 'rank P left without a word'."""
@@ -268,19 +275,19 @@ class ControlPlane(threading.Thread):
     # -- this rank stuck -------------------------------------------------------------------------------
     def _watch(self) -> None:
         beat = self.outbox.heartbeat
-        if beat is not None and time.monotonic() - beat > self.stuck_s and self.outbox.error is None:
-            self.outbox.error = RunFailure(
+        if beat is not None and time.monotonic() - beat > self.stuck_s and self.peers.error is None:
+            self.peers.error = RunFailure(
                 f"rank {self.group.rank}: the generation loop has not gone round for {self.stuck_s:g}s (engine steps "
                 f"are bounded by batch_timeout: something else is stuck); what was committed is kept: rerun with "
                 f"the same output_dir to resume")
-            raise self.outbox.error
+            raise self.peers.error
 
     def _exit_if_stuck(self) -> None:
         """The generation loop picks up the error at its next step; if it is stuck, end the process."""
-        error = self.outbox.error
+        error = self.peers.error
         if not isinstance(error, RunFailure) or self.outbox.finished:
             return
-        if not self.outbox.acknowledged.wait(STUCK_GRACE_S) and threading.main_thread().is_alive():
+        if not self.peers.acknowledged.wait(STUCK_GRACE_S) and threading.main_thread().is_alive():
             self.leaving(error)
             print(f"spmd_dp: error: {error} (the generation loop did not return; exiting)", file=sys.stderr,
                   flush=True)
@@ -292,4 +299,4 @@ class ControlPlane(threading.Thread):
         while not self.all_done.wait(1.0):
             if not self.is_alive():
                 break
-        self.outbox.check()
+        self.peers.check()

@@ -4,7 +4,7 @@ Draining: the rank claims no new batch, lets the requests in its engine finish f
 to `drain_timeout` seconds, sends what finished to rank 0 (which commits it), and the
 run exits with 128 + the signal's number; a rerun with the same output_dir (a Slurm
 requeue, torchrun --max-restarts) resumes from what was committed. A drain on one rank
-drains them all: the control plane tells every rank (spmd_dp/control.py).
+drains them all: the control plane tells every rank (spmd_dp/control/plane.py).
 
 vLLM's engine process gets the same signal under torchrun (it kills each worker's
 process group) and Slurm (every process of the step): it is started with

@@ -1,14 +1,14 @@
 """The run's status board: a few counters in the rendezvous store, read by every rank in one round trip.
 
 What the ranks must know about each other, kept where no collective over all ranks is needed
-(its cost grew with their number: spmd_dp/control.py, docs/scale.md):
+(its cost grew with their number: spmd_dp/control/plane.py, docs/scale.md):
 
   reported    ranks whose engines have started or failed    Claims.target: the start-up cap
   out/n       ranks that take no work (their engine failed to start, or they gave up mid-run);
               out/<i> = "<rank> <state>"                       static shares to take over; all out
   idle        ranks with no batch (idle, or out)               GenerationLoop: nothing left anywhere
   committed   batches rank 0 has committed                     GenerationLoop: the end of the work
-  returned/n  batches handed back (spmd_dp/batches.py)         idle ranks look for them when it grows
+  returned/n  batches handed back (spmd_dp/control/claims.py)         idle ranks look for them when it grows
   drain/n     drain/<i> = "<signal> <rank>"                    a drain reaches every rank
   lost/n      lost/<i> = the line naming a rank that left      every rank stops with that line
   end         1 once rank 0 has every rank's last message      the end agreement
@@ -22,10 +22,10 @@ No torch here: the store is duck-typed (`add`, `set`, `get`, `multi_get`, `wait`
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Tuple
 
-from spmd_dp.messages import RankState
+from spmd_dp.control.messages import RankState
 
 KEYS = ("reported", "out/n", "idle", "committed", "returned/n", "drain/n", "lost/n", "end", "left")
 
@@ -47,10 +47,10 @@ class View:
 
 
 class Board:
-    def __init__(self, store, rank: int, world: int) -> None:
+    def __init__(self, store, rank: int, world: int, is_rank0: bool) -> None:
         """Rank 0 creates the counters; the others wait for them (bounded by the store's timeout)."""
         self.store, self.rank, self.world = store, rank, world
-        if rank == 0:
+        if is_rank0:
             for key in KEYS:
                 store.add(key, 0)
         else:
@@ -71,7 +71,7 @@ class Board:
         v.reported, v.idle, v.committed = counts["reported"], counts["idle"], counts["committed"]
         v.returned, v.end, v.left = counts["returned/n"], counts["end"] > 0, counts["left"]
         v.reads += 1
-        return v
+        return replace(v, out=dict(v.out), drains=list(v.drains), lost=list(v.lost))  # a copy others may keep
 
     # -- this rank's changes ----------------------------------------------------------------------
     def report(self, state: RankState) -> None:

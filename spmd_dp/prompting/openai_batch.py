@@ -15,7 +15,6 @@ refused or failed is a line with status_code 400 / 500, no body and an `error` {
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from typing import Any, Dict, List, Optional
 
@@ -121,16 +120,14 @@ def _id(prefix: str, custom_id: str, salt: str = "") -> str:
     return prefix + hashlib.blake2b(f"{salt}\x00{custom_id}".encode(), digest_size=12).hexdigest()
 
 
-def output_line(line: Dict[str, Any], c: Completion, model: str) -> str:
-    """The output line of a request line (`line`: the input line as read) and its completion."""
+def output_record(line: Dict[str, Any], c: Completion, model: str) -> Dict[str, Any]:
+    """The output line (as an object) of a request line (`line`: the input line as read) and its completion."""
     cid = line.get("custom_id")
     if c.error is not None:
         failed = c.error_kind == FAILED
-        return json.dumps({
-            "id": _id("batch_req_", cid), "custom_id": cid,
-            "response": {"status_code": 500 if failed else 400, "request_id": _id("req_", cid), "body": None},
-            "error": {"code": "server_error" if failed else "invalid_request", "message": c.error}},
-            ensure_ascii=False)
+        return {"id": _id("batch_req_", cid), "custom_id": cid,
+                "response": {"status_code": 500 if failed else 400, "request_id": _id("req_", cid), "body": None},
+                "error": {"code": "server_error" if failed else "invalid_request", "message": c.error}}
     url = line["url"]
     usage = {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.output_tokens,
              "total_tokens": c.prompt_tokens + c.output_tokens}
@@ -157,9 +154,8 @@ def output_line(line: Dict[str, Any], c: Completion, model: str) -> str:
             choices.append(choice)
         body = {"id": _id("chatcmpl-" if chat else "cmpl-", cid), "object": "chat.completion" if chat
                 else "text_completion", "created": created, "model": model, "choices": choices, "usage": usage}
-    return json.dumps({"id": _id("batch_req_", cid), "custom_id": cid,
-                       "response": {"status_code": 200, "request_id": _id("req_", cid), "body": body},
-                       "error": None}, ensure_ascii=False)
+    return {"id": _id("batch_req_", cid), "custom_id": cid,
+            "response": {"status_code": 200, "request_id": _id("req_", cid), "body": body}, "error": None}
 
 
 def _tok(t: str) -> Dict[str, Any]:

@@ -38,7 +38,7 @@ logger = logging.getLogger("spmd_dp")
 BUILDER_VERSION = 1
 """Bump whenever the files written for an unchanged spec would change."""
 
-CORPUS_PATH = Path(__file__).resolve().parent / "assets" / "tokenizer_corpus.txt"
+CORPUS_PATH = Path(__file__).resolve().parents[1] / "assets" / "tokenizer_corpus.txt"
 
 BOS_TOKEN = "<|begin_of_text|>"
 EOS_TOKEN = "<|end_of_text|>"

@@ -34,7 +34,7 @@ from itertools import accumulate
 from typing import Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from spmd_dp.log import logger
-from spmd_dp.messages import RankState
+from spmd_dp.control.messages import RankState
 
 Span = Tuple[int, int]  # [start, stop) of record positions
 TAIL_K = 2  # guided self-scheduling: in the tail a rank holds about (unclaimed records) / (TAIL_K x ranks)

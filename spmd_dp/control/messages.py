@@ -41,7 +41,7 @@ class BatchDone:
     prompt_tokens: int = 0
     output_tokens: int = 0
     elapsed_s: float = 0.0  # claim to last finished request
-    # output_mode=sharded: the part its rank wrote (spmd_dp/shards.py) instead of the lines: name (None: no rows),
+    # output_mode=sharded: the part its rank wrote (spmd_dp/output/shards.py) instead of the lines: name (None: no rows),
     # bytes, crc32, rows, schema (Parquet: its digest)
     part: Optional[Dict[str, Any]] = None
 
