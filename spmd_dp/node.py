@@ -52,7 +52,7 @@ class WorkOrder:
     pending: List[Span] = field(default_factory=list)  # record spans not committed yet
     complete: bool = False  # the journal says the output is written already
     error: Optional[str] = None  # a UsageError's line: every rank exits 2
-    shared: Optional[str] = None  # output_mode=sharded: the marker rank 0 left in the parts' folder
+    shared: Optional[str] = None  # sharded output: the marker rank 0 left in the parts' folder
 
 
 def fork_scanners(node: Node) -> Scanners:

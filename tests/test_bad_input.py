@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.conftest import echo_args, make_records, read_jsonl, spmd, write_jsonl
+from spmd_dp.testing import echo_args, make_records, read_jsonl, spmd, write_jsonl
 
 
 def one_line(p):

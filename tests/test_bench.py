@@ -4,7 +4,7 @@ import json
 import subprocess
 import sys
 
-from tests.conftest import REPO
+from spmd_dp.testing import REPO
 
 
 def test_echo_phase_and_report(tmp_path):

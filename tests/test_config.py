@@ -7,7 +7,7 @@ from spmd_dp.errors import UsageError
 from spmd_dp.config.schema import SAMPLE_INPUT
 from spmd_dp.inputs import locations
 from spmd_dp.output.paths import OutputPaths
-from tests.conftest import spmd
+from spmd_dp.testing import spmd
 
 
 def test_defaults_are_the_seeds():
@@ -78,7 +78,7 @@ def test_cli_prints_resolved_config(tmp_path):
 
 
 def test_data_parallel_size_must_equal_world_size(tmp_path, records_file):
-    from tests.conftest import echo_args
+    from spmd_dp.testing import echo_args
     p = spmd(echo_args(tmp_path, records_file, "engine_options.data_parallel_size=3"), cwd=tmp_path)
     assert p.returncode == 2
     assert "engine_options.data_parallel_size=3 but WORLD_SIZE=1" in p.stderr

@@ -16,7 +16,7 @@ from spmd_dp.control.outbox import Outbox
 from spmd_dp.control.peers import Peers
 from spmd_dp.output.sink import Sink
 from spmd_dp.prompting.prompts import PromptBuilder
-from tests.conftest import write_jsonl
+from spmd_dp.testing import write_jsonl
 
 
 class FakeEngine:

@@ -7,7 +7,7 @@ import pytest
 
 from spmd_dp.config import load_config
 from spmd_dp.inputs import RecordSpec, read_batch, scan_input
-from tests.conftest import write_jsonl
+from spmd_dp.testing import write_jsonl
 from spmd_dp.errors import UsageError
 from spmd_dp.prompting.prompts import PromptBuilder
 

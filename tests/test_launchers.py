@@ -6,7 +6,7 @@ import socket
 import subprocess
 import sys
 
-from tests.conftest import REPO, echo_args, make_records, read_jsonl, spmd, write_jsonl
+from spmd_dp.testing import REPO, echo_args, make_records, read_jsonl, spmd, write_jsonl
 
 
 def free_port() -> int:

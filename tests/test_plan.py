@@ -13,7 +13,7 @@ from spmd_dp.config import load_config
 from spmd_dp.errors import UsageError
 from spmd_dp.output.paths import OutputPaths
 from spmd_dp.plan import RankPlan
-from tests.conftest import REPO, echo_args, make_records, read_jsonl, write_jsonl
+from spmd_dp.testing import REPO, echo_args, make_records, read_jsonl, write_jsonl
 
 TORCHRUN = {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "node0",
             "MASTER_PORT": "29400"}

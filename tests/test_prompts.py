@@ -5,7 +5,7 @@ import pytest
 from spmd_dp.config import load_config
 from spmd_dp.errors import UsageError
 from spmd_dp.prompting.prompts import Chat, PromptBuilder
-from tests.conftest import echo_args, read_jsonl, spmd, write_jsonl
+from spmd_dp.testing import echo_args, read_jsonl, spmd, write_jsonl
 
 
 def builder(tmp_path, template=None, *overrides):

@@ -11,7 +11,7 @@ from spmd_dp.output.files import json_line
 from spmd_dp.output.rows import output_row
 from spmd_dp.plan import RankPlan
 from spmd_dp.rank0 import Rank0
-from tests.conftest import make_records, read_jsonl, write_jsonl
+from spmd_dp.testing import make_records, read_jsonl, write_jsonl
 
 
 def rank0(tmp_path, records, *overrides, world=2):

@@ -14,7 +14,7 @@ from spmd_dp.inputs import RecordSpec, scan_input
 from spmd_dp.prompting.prompts import PromptBuilder
 from spmd_dp.engines.context import fit_context
 from spmd_dp.prompting.options import record_seed
-from tests.conftest import REPO, echo_args, read_jsonl, spmd, write_jsonl
+from spmd_dp.testing import REPO, echo_args, read_jsonl, spmd, write_jsonl
 from tests.test_bad_input import one_line
 
 SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}

@@ -9,7 +9,7 @@ import re
 import jsonschema
 import pytest
 
-from tests.conftest import REPO, read_jsonl, spmd, write_jsonl
+from spmd_dp.testing import REPO, read_jsonl, spmd, write_jsonl
 
 pytestmark = pytest.mark.vllm
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import (REPO, echo_args, journal_batches, make_records, read_jsonl, spmd, worker_pids,
+from spmd_dp.testing import (REPO, echo_args, journal_batches, make_records, read_jsonl, spmd, worker_pids,
                             write_jsonl)
 
 

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from tests.conftest import make_records, spmd
+from spmd_dp.testing import make_records, spmd
 from tests.test_bad_input import one_line
 
 pytest.importorskip("s3fs")

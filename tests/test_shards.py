@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from spmd_dp.errors import RunFailure, UsageError
+from spmd_dp.errors import RunFailure
 from spmd_dp.output.journal import Journal
 from spmd_dp.control.messages import BatchDone
 from spmd_dp.config import load_config
@@ -22,7 +22,7 @@ from spmd_dp.inputs import LocalGroup
 from spmd_dp.output.paths import OutputPaths
 from spmd_dp.output.shards import ShardWriter, finish_shards
 from spmd_dp.output.sink import Output
-from tests.conftest import echo_args, journal_batches, make_records, read_jsonl, spmd, worker_pids, write_jsonl
+from spmd_dp.testing import echo_args, journal_batches, make_records, read_jsonl, spmd, worker_pids, write_jsonl
 from tests.test_resilience import torchrun
 
 FP = {"input_sha256": "abc", "n_records": 12}

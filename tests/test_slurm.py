@@ -25,7 +25,7 @@ import pytest
 
 from spmd_dp.launch.launcher import RankEnv, _expand_nodelist, _expand_tasks_per_node
 from spmd_dp.errors import UsageError
-from tests.conftest import REPO, echo_args, journal_batches, make_records, read_jsonl, write_jsonl
+from spmd_dp.testing import REPO, echo_args, journal_batches, make_records, read_jsonl, write_jsonl
 
 SBATCH = REPO / "scripts" / "slurm.sbatch"
 START = REPO / "scripts" / "slurm" / "start_test_cluster.sh"

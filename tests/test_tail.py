@@ -9,7 +9,7 @@ import json
 import math
 import random
 
-from tests.conftest import spmd, write_jsonl
+from spmd_dp.testing import spmd, write_jsonl
 
 
 def run(tmp_path, records, *extra):

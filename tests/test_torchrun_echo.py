@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from tests.conftest import echo_args, make_records, read_jsonl, spmd, write_jsonl
+from spmd_dp.testing import echo_args, make_records, read_jsonl, spmd, write_jsonl
 
 
 def check_output(out_path, records, name="out", words=4):

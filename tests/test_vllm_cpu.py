@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from tests.conftest import REPO, make_records, read_jsonl, spmd, write_jsonl
+from spmd_dp.testing import REPO, make_records, read_jsonl, spmd, write_jsonl
 
 pytestmark = pytest.mark.vllm
 

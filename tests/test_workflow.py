@@ -7,7 +7,7 @@ import pytest
 from spmd_dp.config import load_config
 from spmd_dp.errors import UsageError
 from spmd_dp.workflow import workflow_configs
-from tests.conftest import REPO, echo_args, make_records, read_jsonl, spmd, write_jsonl
+from spmd_dp.testing import REPO, echo_args, make_records, read_jsonl, spmd, write_jsonl
 
 SEED_SINGLE = REPO / "examples" / "workflows" / "seed_single_node.json"
 SEED_WORKFLOW = REPO / "examples" / "workflows" / "seed_data_parallel_workflow.json"

@@ -1,7 +1,7 @@
 """What ranks tell each other: the control-plane states and the messages ranks send rank 0.
 
 Typed dataclasses, sent as JSON (nothing received is unpickled): `BatchDone` is a
-finished batch with its output lines (output_mode=single) or the metadata of the part
+finished batch with its output lines (one output file) or the metadata of the part
 its rank wrote (sharded), `RankStats` a rank's totals at its end.
 `encode`/`decode` turn a list of them into bytes and back, each tagged with its type.
 """

@@ -12,7 +12,7 @@ batch does not grow with the number of ranks (docs/scale.md: it did, with a per-
   point: what the rank's outbox holds, once every `flush_s` (at once for its last message, or when
   MAX_MESSAGE_BYTES wait; a message's header says its size and whether it is the rank's last). So
   rank 0 gets at most world / flush_s = MESSAGES_PER_S messages a second, however many ranks there are.
-  (Under output_mode=sharded the rank's sink wrote the batch's part already: only its metadata goes.)
+  (With sharded output the rank's sink wrote the batch's part already: only its metadata goes.)
   Rank 0 receives from any rank in a thread of its own, into its inbox, and every `poll_s` commits what
   arrived with its own finished batches in one call of its handler (spmd_dp/rank0.py: one journal line,
   one fsync, one add to the board for all of them).

@@ -1,0 +1,121 @@
+"""The harness that tests, benchmarks and scripts share: run spmd_dp for real (python -m, or under torchrun) and read
+what it wrote. No mocks: a run here is the real program in its own processes.
+
+  torchrun_command / spmd / launch   the command line, its clean environment, run it (or start it in the background)
+  write_jsonl / read_jsonl / make_records / echo_args / expected_rows   inputs, and what the echo engine writes
+  journal_batches / wait_for_batches / worker_pids                     a run's progress, and its ranks' processes
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Sequence
+
+from spmd_dp.launch.launcher import TORCHRUN_VARS
+
+REPO = Path(__file__).resolve().parents[1]  # a source checkout: the repository; installed: site-packages
+
+
+def clean_env(extra: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
+    """This process's environment without a launcher's rank variables (a test may itself run under one)."""
+    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARS}
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra or {})
+    return env
+
+
+def torchrun_command(args: Sequence[str], nproc: Optional[int] = None, torchrun_args: Sequence[str] = (),
+                     python: str = sys.executable) -> List[str]:
+    """`python -m spmd_dp ARGS` (nproc None: one process, no launcher) or `torchrun --nproc-per-node=N ... -m spmd_dp
+    ARGS` with a c10d rendezvous on a free local port (as the Makefile and scripts/run_local.sh)."""
+    if nproc is None:
+        return [python, "-m", "spmd_dp", *args]
+    return [python, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--rdzv-backend=c10d",
+            "--rdzv-endpoint=localhost:0", *torchrun_args, "-m", "spmd_dp", *args]
+
+
+def spmd(args: Sequence[str], nproc: Optional[int] = None, cwd: Optional[Path] = None,
+         env: Optional[Mapping[str, str]] = None, timeout: float = 300, torchrun_args: Sequence[str] = ()
+         ) -> subprocess.CompletedProcess:
+    """Run spmd_dp to its end; stdout and stderr captured (text)."""
+    return subprocess.run(torchrun_command(args, nproc, torchrun_args), cwd=cwd or REPO, env=clean_env(env),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def launch(args: Sequence[str], nproc: Optional[int] = None, cwd: Optional[Path] = None,
+           env: Optional[Mapping[str, str]] = None, torchrun_args: Sequence[str] = (), log: Optional[Path] = None
+           ) -> subprocess.Popen:
+    """Start spmd_dp in the background (to signal or kill it mid-run): stderr into stdout, into `log` if given
+    (else a pipe: read it with communicate())."""
+    out = open(log, "w") if log is not None else subprocess.PIPE
+    try:
+        return subprocess.Popen(torchrun_command(args, nproc, torchrun_args), cwd=cwd or REPO, env=clean_env(env),
+                                stdout=out, stderr=subprocess.STDOUT, text=True)
+    finally:
+        if log is not None:
+            out.close()
+
+
+def write_jsonl(path: Path, records: Sequence[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    return path
+
+
+def read_jsonl(path: Path) -> List[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def make_records(n: int, words: int = 6, prefix: str = "r") -> List[dict]:
+    """n records {id, prompt} whose prompts are `words` distinct words each."""
+    return [{"id": f"{prefix}{i:05d}", "prompt": " ".join(f"w{i}_{j}" for j in range(words))} for i in range(n)]
+
+
+def echo_args(tmp_path: Path, input_path: Path, *extra: str, name: str = "out") -> List[str]:
+    """The overrides of an echo run over `input_path`, writing `${tmp_path}/out/${name}.*`, 4 words a record."""
+    return [f"data_dir={input_path.parent}", f"input_data_path={input_path.name}", f"output_dir={tmp_path / 'out'}",
+            f"name={name}", "inference_engine=echo", "generation_options.max_tokens=4", *extra]
+
+
+def expected_rows(records: Sequence[dict], name: str = "out", words: int = 4) -> List[dict]:
+    """What the echo engine writes for text records: each record plus its prompt's first `words` words."""
+    return [{**r, name: " ".join(r["prompt"].split()[:words])} for r in records]
+
+
+def journal_batches(path: Path) -> int:
+    """Batches a run has committed so far (its journal's lines, the last one possibly torn; single or sharded)."""
+    if not path.exists():
+        return 0
+    with open(path) as f:
+        entries = [json.loads(line) for line in f if line.strip().endswith("}")]
+    return sum(len(e.get("batches", [])) + len(e.get("shards", [])) for e in entries)
+
+
+def wait_for_batches(journal: Path, n: int, proc: subprocess.Popen, timeout: float = 120.0) -> int:
+    """Wait (bounded) until the run has committed `n` batches or ended; the batches committed."""
+    deadline = time.monotonic() + timeout
+    while journal_batches(journal) < n and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    return journal_batches(journal)
+
+
+def worker_pids(torchrun_pid: int) -> Dict[int, int]:
+    """torchrun's worker processes by the RANK each was given."""
+    pids = {}
+    for pid in subprocess.run(["pgrep", "-P", str(torchrun_pid)], capture_output=True, text=True).stdout.split():
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        ranks = [e.split(b"=", 1)[1] for e in env if e.startswith(b"RANK=")]
+        if ranks:
+            pids[int(ranks[0])] = int(pid)
+    return pids
