@@ -39,7 +39,8 @@ def read_workflow(path: Path) -> Dict[str, Any]:
     try:
         wf = json.loads(path.read_text())
     except OSError as e:
-        raise _error(path, f"cannot read it ({e.strerror}); give workflow=<path to a JSON file>") from None
+        raise _error(path, f"cannot read it ({e.strerror}); give workflow=<path to a JSON file> (a relative "
+                           f"path is read from the working directory)") from None
     except json.JSONDecodeError as e:
         raise _error(path, f"not JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
     if isinstance(wf, dict) and "type" in wf and "nodes" not in wf:  # a single node, as in seed 000's first example
