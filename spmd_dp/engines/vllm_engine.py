@@ -28,7 +28,8 @@ import numpy as np
 
 from spmd_dp.launch.devices import cpu_kvcache_gib
 from spmd_dp.engines.base import FAILED, SKIPPED, Chat, Completion, EngineStartError, Logprobs, Request
-from spmd_dp.engines.context import fit_context
+from spmd_dp.engines.context import LONG_PROMPT_HINT, fit_context
+from spmd_dp.engines.quiet import keep_known_harmless_out
 from spmd_dp.log import logger
 from spmd_dp.models.embedded import is_embedded, resolve_model
 
@@ -107,6 +108,7 @@ class VllmEngine:
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(space)
         if cfg.engine_options.disable_progress_bars:
             os.environ["TQDM_DISABLE"] = "1"  # vLLM's own bars, in its engine processes too (ours pass disable=)
+        keep_known_harmless_out(cfg.log_level, cpu=device_slice.kind == "cpu")  # before vLLM's first import
         try:
             from vllm import LLM, PoolingParams, SamplingParams
             from vllm.lora.request import LoRARequest
@@ -145,7 +147,8 @@ class VllmEngine:
         except Exception as e:  # vLLM validates a request with several exception types (VLLMValidationError, ...)
             if type(e).__name__.startswith("EngineDead") or isinstance(e, (MemoryError, RuntimeError)):
                 raise  # the engine itself is gone: not this record's fault
-            return Completion(request.request_id, error=_first_line(e))
+            too_long = getattr(e, "parameter", None) == "input_tokens"  # vLLM's renderer: longer than the context
+            return Completion(request.request_id, error=_first_line(e) + (f"; {LONG_PROMPT_HINT}" if too_long else ""))
 
     def _add(self, r: Request) -> Optional[Completion]:
         lora = self.loras.get(r.lora) if r.lora else None
