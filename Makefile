@@ -9,8 +9,10 @@ setup:
 	bash scripts/setup_cpu.sh $(VENV)
 
 # The main job: 2 ranks over the bundled sample dataset with the embedded tiny model (real vLLM on CPU).
+# OMP_NUM_THREADS=1 is what torchrun sets for its ranks anyway; set here, torchrun prints no banner about it.
 run: setup
-	$(VENV)/bin/torchrun --nproc-per-node=$(NPROC) --rdzv-endpoint=localhost:0 --rdzv-backend=c10d -m spmd_dp $(ARGS)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(VENV)/bin/torchrun --nproc-per-node=$(NPROC) --rdzv-endpoint=localhost:0 \
+	    --rdzv-backend=c10d -m spmd_dp $(ARGS)
 
 # Every test: pure logic, config, real torchrun over gloo, real vLLM on CPU.
 test: setup
