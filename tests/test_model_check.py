@@ -134,3 +134,14 @@ def test_score_with_the_embedded_classifier_is_exit_2_with_the_fix(tmp_path, rec
     line = vllm_run(tmp_path, records_file, "model_name=spmd-dp/tiny-llama-classifier", "task=score")
     assert "task=score: model_name='spmd-dp/tiny-llama-classifier' is a sequence classifier with 3 labels" in line
     assert "use a 1-label model (spmd-dp/tiny-llama-reward" in line and "or task=classify" in line
+
+
+def test_hf_overrides_are_the_config_vllm_sees(tmp_path, records_file):
+    """A causal LM made a reranker through vLLM's hf_overrides is not refused for score or classify."""
+    from spmd_dp.config import load_config
+    from spmd_dp.models.check import check_model
+
+    overrides = '+engine_options.vllm_kwargs.hf_overrides={classifier_from_token: [no, yes], method: from_2_way_softmax}'
+    check_model(load_config(["task=classify", overrides]))
+    with pytest.raises(UsageError, match="no classification head"):
+        check_model(load_config(["task=classify"]))

@@ -9,7 +9,8 @@ fails after a long start or after the Hub's retries.
                                   the error; else the Hub is asked once (no retries): unknown, gated, unreachable;
   the task                        from the model's config.json (or the embedded model's spec): a sequence classifier
                                   cannot generate, and scores (as a cross-encoder) only with one label; a causal LM
-                                  has no classification head for classify or reward.
+                                  has no trained classification head for classify or reward (vLLM 0.32 runs it
+                                  with an untrained one: measured, 2 records gave [1.0, 0.0] and [0.0, 1.0]).
 
 What a reader would get wrong: nothing here starts vLLM or downloads weights, and what cannot be known (a hub
 model's config when the Hub answers without it, a Hub error other than unknown/gated/unreachable) is left to vLLM.
@@ -39,8 +40,9 @@ def check_model(cfg: RunConfig) -> None:
     config = model_config(cfg.model_name, "model_name", revision=revision)
     for name, where in cfg.engine_options.lora_adapters.items():
         model_config(where, f"engine_options.lora_adapters.{name}", adapter=True)
-    if config is not None:
-        check_tasks(cfg.model_name, config, task_list(cfg.task))
+    overrides = cfg.engine_options.vllm_kwargs.get("hf_overrides")  # vLLM changes the config with these
+    if config is not None and isinstance(overrides or {}, dict):
+        check_tasks(cfg.model_name, {**config, **(overrides or {})}, task_list(cfg.task))
 
 
 def model_config(name: str, key: str, adapter: bool = False, revision: Optional[str] = None
@@ -145,7 +147,8 @@ def check_tasks(name: str, config: Dict[str, Any], tasks: List[str]) -> None:
     for task in ("classify", "reward"):
         if task in tasks and causal_lm and not head:
             raise UsageError(f"config error: task={task}: model_name={name!r} is a causal LM ({arch}) with no "
-                             f"classification head; use a sequence classifier (...ForSequenceClassification, e.g. "
+                             f"classification head (vLLM would add an untrained one: its scores would mean nothing); "
+                             f"use a sequence classifier (...ForSequenceClassification, e.g. "
                              f"spmd-dp/tiny-llama-classifier), or task=embed with this model")
     if "score" in tasks and head and num_labels(config) != 1:
         n = num_labels(config)
