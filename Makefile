@@ -18,9 +18,10 @@ run: setup
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-# The same without the real-vLLM tests (a minute instead of several).
+# The same without the real-vLLM and Slurm tests: pure logic, config, and the echo engine under real torchrun.
+# Still ~400 tests, most of which start real processes: many minutes, not one (~10 on 2 free cores).
 test-fast: setup
-	$(PY) -m pytest -q -m "not vllm" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not vllm and not slurm" $(PYTEST_ARGS)
 
 clean:
 	rm -rf outputs .pytest_cache
