@@ -167,7 +167,7 @@ def test_long_prompt_policies_and_clamp_with_echo(tmp_path):
     assert rows["cut"]["out"] == "b c d" and rows["cut"]["out_metadata"]["truncated_from"] == 8
     assert rows["clamp"]["out"] == "a b" and "truncated_from" not in rows["clamp"]["out_metadata"]
     errors = {e["key"]: e["error"] for e in read_jsonl(tmp_path / "out" / "out.errors.jsonl")}
-    assert set(errors) == {"fail", "skip"} and "skipped: the prompt (14 tokens)" in errors["skip"]
+    assert set(errors) == {"fail", "skip"} and "skipped: the prompt (14 words)" in errors["skip"]
     assert errors["fail"].startswith("rejected by the engine")
     # on_long_prompt=skip goes to the errors file even when on_bad_record=fail: the run goes on
     p = spmd(echo_args(tmp_path, inp, "generation_options.max_tokens=3", "engine_options.max_model_len=10",

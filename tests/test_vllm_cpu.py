@@ -75,6 +75,7 @@ def test_chat_token_ids_n_and_per_record_options_on_real_vllm(tmp_path):
     errors = read_jsonl(tmp_path / "out" / "mixed.errors.jsonl")
     assert [e["key"] for e in errors] == ["too_long"] and "rejected by the engine" in errors[0]["error"]
     assert "512" in errors[0]["error"]  # vLLM's own message names the limit
+    assert "on_long_prompt=fail: set on_long_prompt=truncate_left, truncate_right or skip" in errors[0]["error"]
 
 
 SEED_DIR = REPO / "examples" / "workflows"
