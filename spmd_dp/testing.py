@@ -30,13 +30,17 @@ def clean_env(extra: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
 
 
 def torchrun_command(args: Sequence[str], nproc: Optional[int] = None, torchrun_args: Sequence[str] = (),
-                     python: str = sys.executable) -> List[str]:
+                     python: str = sys.executable, master_port: Optional[int] = None) -> List[str]:
     """`python -m spmd_dp ARGS` (nproc None: one process, no launcher) or `torchrun --nproc-per-node=N ... -m spmd_dp
-    ARGS` with a c10d rendezvous on a free local port (as the Makefile and scripts/run_local.sh)."""
+    ARGS` with a c10d rendezvous on a free local port (as the Makefile and scripts/run_local.sh), or with
+    `master_port` torchrun's static rendezvous on that port (jobs side by side then get disjoint vLLM port
+    ranges, which derive from it)."""
     if nproc is None:
         return [python, "-m", "spmd_dp", *args]
-    return [python, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--rdzv-backend=c10d",
-            "--rdzv-endpoint=localhost:0", *torchrun_args, "-m", "spmd_dp", *args]
+    rdzv = [f"--master-port={master_port}"] if master_port is not None else ["--rdzv-backend=c10d",
+                                                                            "--rdzv-endpoint=localhost:0"]
+    return [python, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", *rdzv, *torchrun_args,
+            "-m", "spmd_dp", *args]
 
 
 def spmd(args: Sequence[str], nproc: Optional[int] = None, cwd: Optional[Path] = None,

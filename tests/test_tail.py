@@ -2,7 +2,7 @@
 a share of the work instead of nothing, and a sorted skewed workload (longest first) spreads its work evenly.
 Under the fixed claim target of before, the three early ranks claimed everything before the late one came up
 (it got 0 records), and each rank claimed its fair share of records at once, the longest ones on the first ranks
-(work max / mean 1.98; scripts/bench.py tail). The assertions count records and words (the echo engine's work),
+(work max / mean 1.98; python -m scripts.bench tail). The assertions count records and words (the echo engine's work),
 not seconds; the times are printed."""
 
 import json
