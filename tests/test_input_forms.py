@@ -12,8 +12,7 @@ from spmd_dp.config import load_config
 from spmd_dp.inputs import RecordSpec, scan_input
 from spmd_dp.prompting.prompts import PromptBuilder
 from spmd_dp.testing import echo_args, make_records, read_jsonl, spmd, write_jsonl
-from tests.input_forms import RECORDS, write_forms
-from tests.test_bad_input import one_line
+from tests.helpers import RECORDS, one_line, write_forms
 
 
 def run_args(tmp_path, data_dir, input_path, *extra, name="out"):

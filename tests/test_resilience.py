@@ -5,26 +5,13 @@ import json
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from spmd_dp.testing import (REPO, echo_args, journal_batches, make_records, read_jsonl, spmd, worker_pids,
-                            write_jsonl)
-
-
-def expected_rows(records, name="out", words=4):
-    return [{**r, name: " ".join(r["prompt"].split()[:words])} for r in records]
-
-
-def torchrun(args, nproc, max_restarts=1):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--rdzv-backend=c10d",
-           "--rdzv-endpoint=localhost:0", f"--max-restarts={max_restarts}", "-m", "spmd_dp", *args]
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+from spmd_dp.testing import (echo_args, expected_rows, journal_batches, launch, make_records, read_jsonl, spmd,
+                             wait_for_batches, worker_pids, write_jsonl)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, "rank0"])
@@ -33,12 +20,9 @@ def test_kill_9_a_rank_mid_run_and_torchrun_restarts_it(tmp_path, seed):
     records = make_records(240, words=6)
     inp = write_jsonl(tmp_path / "data" / "in.jsonl", records)
     args = echo_args(tmp_path, inp, "batch_size=6", "engine_options.echo_delay_s=0.01")
-    proc = torchrun(args, nproc=3)
-    journal = tmp_path / "out" / "out.journal.jsonl"
+    proc = launch(args, nproc=3, torchrun_args=["--max-restarts=1"])
     kill_after = rng.randint(2, 12)  # committed batches before the kill: lands mid-run
-    deadline = time.monotonic() + 120
-    while journal_batches(journal) < kill_after and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.05)
+    wait_for_batches(tmp_path / "out" / "out.journal.jsonl", kill_after, proc)
     victim_rank = 0 if seed == "rank0" else rng.randrange(3)
     pids = worker_pids(proc.pid)
     assert victim_rank in pids, f"workers: {pids}"
@@ -98,10 +82,9 @@ def test_resume_after_interruption_and_refusal_of_a_changed_input(tmp_path):
     records = make_records(120)
     inp = write_jsonl(tmp_path / "data" / "in.jsonl", records)
     args = echo_args(tmp_path, inp, "batch_size=4", "engine_options.echo_delay_s=0.01")
-    proc = torchrun(args, nproc=2, max_restarts=0)
+    proc = launch(args, nproc=2)
     journal = tmp_path / "out" / "out.journal.jsonl"
-    while journal_batches(journal) < 5 and proc.poll() is None:
-        time.sleep(0.05)
+    wait_for_batches(journal, 5, proc)
     os.killpg(os.getpgid(proc.pid), 0)  # still there
     proc.send_signal(signal.SIGKILL)
     for pid in worker_pids(proc.pid).values():

@@ -9,7 +9,7 @@ import os
 import pytest
 
 from spmd_dp.testing import make_records, spmd
-from tests.test_bad_input import one_line
+from tests.helpers import one_line
 
 pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
