@@ -73,6 +73,7 @@ def test_an_engine_that_keeps_dying_hands_its_work_to_the_others(tmp_path, sched
     assert "ranks [1] stopped generating mid-run (rank 1 at +" in log
 
 
+@pytest.mark.timing
 def test_every_rank_failing_is_one_line_and_a_bounded_exit(tmp_path, records_file):
     t0 = time.monotonic()
     p = spmd(echo_args(tmp_path, records_file, "batch_size=5", "batch_timeout=20", "engine_options.echo_delay_s=0.01",
@@ -85,6 +86,7 @@ def test_every_rank_failing_is_one_line_and_a_bounded_exit(tmp_path, records_fil
     assert "lost the other ranks" not in p.stderr and "gloo" not in p.stderr.lower()
 
 
+@pytest.mark.timing
 def test_a_stalled_engine_hands_its_work_back(tmp_path):
     records = make_records(120)
     inp = write_jsonl(tmp_path / "data" / "in.jsonl", records)
@@ -107,6 +109,7 @@ def test_a_stalled_engine_hands_its_work_back(tmp_path):
     assert metrics(tmp_path)["ranks"][1]["engine_restarts"] == 1  # the new engine ran on
 
 
+@pytest.mark.timing
 def test_a_peer_that_exits_is_named_with_its_reason(tmp_path):
     """Rank 1 stops on a record its engine refuses (on_bad_record=fail): rank 0 names it and its reason,
     not gloo's 'Connection closed by peer'. Then kill -9 of rank 1: rank 0 says it left without a word."""
@@ -135,6 +138,8 @@ def test_a_peer_that_exits_is_named_with_its_reason(tmp_path):
 
 # --- drain: SIGTERM, Ctrl-C ---------------------------------------------------------------------------------
 
+@pytest.mark.slow
+@pytest.mark.timing
 @pytest.mark.parametrize("seed", [3])
 def test_sigterm_drains_in_flight_batches_and_the_rerun_resumes(tmp_path, seed):
     rng = random.Random(seed)
@@ -166,6 +171,8 @@ def test_sigterm_drains_in_flight_batches_and_the_rerun_resumes(tmp_path, seed):
     assert read_jsonl(tmp_path / "out" / "out.jsonl") == expected_rows(records)  # none twice, none missing
 
 
+@pytest.mark.slow
+@pytest.mark.timing
 def test_ctrl_c_drains_and_a_second_ctrl_c_stops_at_once(tmp_path):
     records = make_records(100, words=8)
     inp = write_jsonl(tmp_path / "data" / "in.jsonl", records)

@@ -48,6 +48,7 @@ def test_each_form_under_two_ranks_gives_the_single_jsonl_output(forms, referenc
     assert len(digests) == 1  # both ranks built the same index
 
 
+@pytest.mark.timing
 def test_the_scan_is_shared_by_four_ranks_while_the_engines_start(tmp_path):
     """24000 records (3.3 MB: 4 pieces): each of 4 ranks indexes one piece (the log says which); every rank's
     merged index is the index of a scan by one rank alone; the scan ran while the engines were starting."""

@@ -14,6 +14,8 @@ from spmd_dp.testing import (echo_args, expected_rows, journal_batches, launch, 
                              wait_for_batches, worker_pids, write_jsonl)
 
 
+@pytest.mark.slow
+@pytest.mark.timing
 @pytest.mark.parametrize("seed", [0, 1, 2, "rank0"])
 def test_kill_9_a_rank_mid_run_and_torchrun_restarts_it(tmp_path, seed):
     rng = random.Random(seed)
@@ -33,6 +35,7 @@ def test_kill_9_a_rank_mid_run_and_torchrun_restarts_it(tmp_path, seed):
     assert read_jsonl(tmp_path / "out" / "out.jsonl") == expected_rows(records)
 
 
+@pytest.mark.slow
 def test_an_engine_that_fails_to_start_leaves_its_share_to_the_others(tmp_path):
     records = make_records(47)
     inp = write_jsonl(tmp_path / "data" / "in.jsonl", records)
@@ -47,6 +50,7 @@ def test_an_engine_that_fails_to_start_leaves_its_share_to_the_others(tmp_path):
         assert metrics["ranks"][1]["records"] == 0 and metrics["total"]["failed_ranks"] == [1]
 
 
+@pytest.mark.timing
 def test_no_engine_starts_is_one_line_and_exit_1(tmp_path, records_file):
     t0 = time.monotonic()
     p = spmd(echo_args(tmp_path, records_file, "engine_options.echo_fail_ranks=[0,1,2]"), nproc=3, timeout=120)
@@ -59,6 +63,8 @@ def test_no_engine_starts_is_one_line_and_exit_1(tmp_path, records_file):
     assert single.stderr.strip().splitlines()[-1].startswith("spmd_dp: error: no rank could start its engine")
 
 
+@pytest.mark.slow
+@pytest.mark.timing
 @pytest.mark.parametrize("nproc", [None, 2])
 def test_batch_timeout_names_rank_and_batch_and_keeps_committed_work(tmp_path, nproc):
     records = make_records(40)
@@ -78,6 +84,8 @@ def test_batch_timeout_names_rank_and_batch_and_keeps_committed_work(tmp_path, n
     assert journal_batches(journal) >= 1  # what was committed stays committed
 
 
+@pytest.mark.slow
+@pytest.mark.timing
 def test_resume_after_interruption_and_refusal_of_a_changed_input(tmp_path):
     records = make_records(120)
     inp = write_jsonl(tmp_path / "data" / "in.jsonl", records)
@@ -108,6 +116,8 @@ def test_resume_after_interruption_and_refusal_of_a_changed_input(tmp_path):
     assert over.returncode == 0 and read_jsonl(tmp_path / "out" / "out.jsonl") == expected_rows(records[:-1])
 
 
+@pytest.mark.slow
+@pytest.mark.timing
 def test_dynamic_beats_static_on_a_skewed_input(tmp_path):
     # the long records sit together at the start: static gives them all to rank 0
     records = [{"id": i, "prompt": ("x " * (30 if i < 16 else 3)).strip()} for i in range(64)]
@@ -123,6 +133,8 @@ def test_dynamic_beats_static_on_a_skewed_input(tmp_path):
     assert busy["dynamic"] < 0.8 * busy["static"], busy
 
 
+@pytest.mark.slow
+@pytest.mark.timing
 def test_rank0_memory_stays_flat_when_records_grow_10x(tmp_path):
     rss = {}
     for n in (10_000, 100_000):

@@ -145,6 +145,7 @@ def test_parquet_shards_are_brought_to_one_schema(tmp_path):
 
 # --- real torchrun ------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["sharded", "single"])
 def test_sixteen_ranks(tmp_path, mode):
     records = make_records(400)
@@ -171,6 +172,8 @@ def unjournaled_parts(out: Path):
     return [p for p in (out / "out.parts").glob("part-*") if p.name not in named]
 
 
+@pytest.mark.slow
+@pytest.mark.timing
 @pytest.mark.parametrize("victim", ["a rank", "rank 0, frozen first"])
 def test_kill_9_of_a_rank_in_sharded_mode_gives_every_key_once(tmp_path, victim):
     """A rank killed mid-run under --max-restarts=1; the group restarts and resumes from the journal. Parts written
@@ -209,6 +212,7 @@ def manifest_paths(manifest):
     return {s["path"] for s in manifest["shards"]}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
 def test_the_shard_set_reads_back_as_the_single_file(tmp_path, fmt):
     """pyarrow.dataset, datasets and pandas read the folder of shards as one dataset, equal to the single-file

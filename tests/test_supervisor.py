@@ -77,6 +77,7 @@ def test_supervisor_restarts_a_dead_engine_then_gives_up(caplog):
     assert len(sup.faults) == 4
 
 
+@pytest.mark.timing
 def test_supervisor_bounds_a_stuck_step_and_closes_the_engine():
     hung = HangingEngine()
     sup = supervised([hung, FakeEngine(4, None)], stall_s=0.5)
@@ -89,6 +90,7 @@ def test_supervisor_bounds_a_stuck_step_and_closes_the_engine():
     assert hung.closed.is_set()  # the old engine was closed, which released its stuck step
 
 
+@pytest.mark.timing
 def test_supervisor_sees_its_engine_process_vanish():
     """An engine whose process is killed (kill -9) without its frontend noticing: its step would wait
     forever (vLLM 0.32's get_output); the supervisor sees the process gone, by parent pid, in a poll."""

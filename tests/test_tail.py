@@ -9,6 +9,8 @@ import json
 import math
 import random
 
+import pytest
+
 from spmd_dp.testing import spmd, write_jsonl
 
 
@@ -27,6 +29,7 @@ def run(tmp_path, records, *extra):
     return ranks
 
 
+@pytest.mark.timing
 def test_an_engine_that_starts_late_gets_its_share(tmp_path):
     records = [{"id": i, "prompt": "w x y z"} for i in range(512)]  # one engine-full (128) per rank
     ranks = run(tmp_path, records, "engine_options.max_num_seqs=128", "engine_options.echo_delay_s=0.0025",
@@ -36,6 +39,7 @@ def test_an_engine_that_starts_late_gets_its_share(tmp_path):
     assert ranks[3]["records"] < min(r["records"] for r in ranks[:3])  # it came up last: it does the least
 
 
+@pytest.mark.timing
 def test_a_sorted_skewed_workload_spreads_its_work(tmp_path):
     rng = random.Random(0)
     lengths = sorted((int(min(96, max(1, rng.lognormvariate(math.log(8), 1.0)))) for _ in range(2048)), reverse=True)
