@@ -7,7 +7,7 @@ import time
 
 import psutil
 
-from spmd_dp.launch.procs import descendants, gone, terminate, watch
+from spmd_dp.launch.procs import descendants, engine_processes, gone, terminate
 
 SLEEP = [sys.executable, "-c", "import time; time.sleep(600)"]
 STUBBORN = [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
@@ -18,32 +18,32 @@ def test_a_child_that_exits_is_named():
     child = subprocess.Popen(SLEEP)
     try:
         assert child.pid in {p.pid for p in descendants()}
-        watched = watch([psutil.Process(child.pid)])
-        assert watched[0].child and watched[0].name.startswith("python")
-        assert gone(watched) is None
+        known = engine_processes([psutil.Process(child.pid)])
+        assert known[0].child and known[0].name.startswith("python")
+        assert gone(known) is None
         child.kill()
         child.wait()
-        assert gone(watched) == f"its process {child.pid} ({watched[0].name}) exited"
+        assert gone(known) == f"its process {child.pid} ({known[0].name}) exited"
     finally:
         child.kill()
 
 
 def test_a_workers_exit_is_left_to_its_engine():
-    """Only the rank's own children are watched: a grandchild (vLLM's worker under its EngineCore) is the engine
-    process's to watch."""
+    """Only the rank's own children are known: a grandchild (vLLM's worker under its EngineCore) is the engine
+    process's to see."""
     parent = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; "
                                "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); "
                                "print(p.pid, flush=True); time.sleep(600)"], stdout=subprocess.PIPE, text=True)
     try:
         grandchild = int(parent.stdout.readline())
-        watched = watch([psutil.Process(parent.pid), psutil.Process(grandchild)])
-        assert [w.child for w in watched] == [True, False]
+        known = engine_processes([psutil.Process(parent.pid), psutil.Process(grandchild)])
+        assert [w.child for w in known] == [True, False]
         worker = psutil.Process(grandchild)
         worker.kill()  # a zombie until its parent reaps it
         deadline = time.monotonic() + 10
         while worker.status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert worker.status() == psutil.STATUS_ZOMBIE and gone(watched) is None
+        assert worker.status() == psutil.STATUS_ZOMBIE and gone(known) is None
     finally:
         terminate([psutil.Process(parent.pid)], grace_s=5)
 
