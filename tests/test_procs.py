@@ -29,8 +29,8 @@ def test_a_child_that_exits_is_named():
 
 
 def test_a_workers_exit_is_left_to_its_engine():
-    """Only the rank's own children are known: a grandchild (vLLM's worker under its EngineCore) is the engine
-    process's to see."""
+    """Only the rank's own children are checked: a grandchild (vLLM's worker under its EngineCore) is its engine
+    process's to check."""
     parent = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; "
                                "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); "
                                "print(p.pid, flush=True); time.sleep(600)"], stdout=subprocess.PIPE, text=True)
