@@ -9,10 +9,13 @@ import sys
 import pytest
 
 from scripts.bench.__main__ import parser
-from scripts.bench.report import report
-from scripts.bench.scale import per_batch
+from scripts.bench.report import markdown, report
+from scripts.bench.scale import per_batch, scale_markdown
+from scripts.bench.scan import scan_markdown
 from scripts.bench.tail import tail_figures, tail_markdown
 from spmd_dp.testing import REPO, clean_env
+
+BENCH = REPO / "docs" / "bench"
 
 
 def bench(*args, timeout=600):
@@ -25,6 +28,29 @@ def test_one_cli_with_a_subcommand_per_benchmark():
     assert set(sub.choices) == {"suite", "raw", "report", "scan", "tail", "scale", "gpu-session", "gpu-verify"}
     p = bench("suite", "tpu", "--out", "x", timeout=60)
     assert p.returncode == 2 and "invalid choice: 'tpu'" in p.stderr  # argparse's one line, no run started
+
+
+@pytest.mark.parametrize("results,table,make", [
+    ("cpu-run1/results.json", "cpu-run1/results.md", markdown), ("cpu-scan/scan-1m.json", "cpu-scan/scan-1m.md",
+                                                                 scan_markdown),
+    ("cpu-scan/scan-10m.json", "cpu-scan/scan-10m.md", scan_markdown), ("cpu-tail/tail.json", "cpu-tail/tail.md",
+                                                                       tail_markdown),
+    ("cpu-scale/scale.json", "cpu-scale/scale.md", scale_markdown)])
+def test_the_tables_in_docs_are_made_from_their_results(results, table, make):
+    """The committed raw results make the committed tables, byte for byte: the report formats docs/ cites."""
+    assert make(json.loads((BENCH / results).read_text())) == (BENCH / table).read_text()
+
+
+def test_the_report_and_the_gpu_verification_table_from_committed_results(tmp_path):
+    p = bench("report", "--out", str(tmp_path / "r"), str(BENCH / "cpu-run1"), timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert json.loads((tmp_path / "r" / "results.json").read_text()) == \
+        json.loads((BENCH / "cpu-run1" / "results.json").read_text())
+    p = bench("gpu-verify", "--out", str(tmp_path / "v.md"), "docs/bench/gpu-4xh200", "docs/bench/gpu-4xh200-fork",
+              timeout=120)  # the folders as the doc names them (relative to the repository)
+    assert p.returncode == 0, p.stderr[-2000:]
+    made = (tmp_path / "v.md").read_text()
+    assert (REPO / "docs" / "gpu-verification.md").read_text().startswith(made)  # its first two sections
 
 
 @pytest.mark.slow

@@ -22,21 +22,21 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--phases", help="comma-separated phases (default: all, then echo); see suite.phases()")
     s.add_argument("--prompts", type=int, help="records per workload (default: the suite's)")
     s.add_argument("--echo-records", type=int, default=1_000_000, help="records of the echo memory run")
-    s.set_defaults(run=suite.run_suite)
+    s.set_defaults(handler=suite.run_suite)
 
     s = sub.add_parser("raw", help="(internal) one raw vLLM process over a share of a workload")
     for a in ("--workload", "--result", "--engine-kwargs"):
         s.add_argument(a, required=True)
     for a in ("--start", "--stop", "--max-tokens"):
         s.add_argument(a, type=int, required=True)
-    s.set_defaults(run=suite.raw_main)
+    s.set_defaults(handler=suite.raw_main)
 
     from scripts.bench import report
     s = sub.add_parser("report", help="merge phase results (DIR/phase-*.json) into one report",
                        description=report.__doc__)
     s.add_argument("--out", required=True)
     s.add_argument("inputs", nargs="+", help="folders of phase-*.json")
-    s.set_defaults(run=lambda a: report.report(Path(a.out), [Path(x) for x in a.inputs]))
+    s.set_defaults(handler=lambda a: report.report(Path(a.out), [Path(x) for x in a.inputs]))
 
     from scripts.bench import scan
     s = sub.add_parser("scan", help="the input scan: shared by the ranks vs today's (rank 0 alone)",
@@ -62,7 +62,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--vllm-kwargs", default="{}", help="JSON: more engine arguments (raw vLLM)")
     s.add_argument("--vllm-overrides", default="engine_options.device=cpu engine_options.cpu_cores_per_dp_rank=1 "
                    "engine_options.max_model_len=512", help="spmd_dp overrides of the vLLM arms")
-    s.set_defaults(run=scan.scan_suite)
+    s.set_defaults(handler=scan.scan_suite)
 
     from scripts.bench import tail
     s = sub.add_parser("tail", help="the tail: shrinking claims against today's fixed claim target",
@@ -76,7 +76,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--arms", help="a regular expression: run only the arms it finds")
     s.add_argument("--vllm", action="store_true", help="also real vLLM CPU at N=2 (the sorted workload)")
     s.add_argument("--vllm-repeat", type=int, default=1)
-    s.set_defaults(run=tail.tail_suite)
+    s.set_defaults(handler=tail.tail_suite)
 
     from scripts.bench import scale
     s = sub.add_parser("scale", help="the control plane at scale: many echo ranks, the cost per batch",
@@ -94,7 +94,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--timeout", type=float, default=1200)
     s.add_argument("--store-clients", default="1,4,16", help="also the store's add()s a second with these clients "
                    "('' for none)")
-    s.set_defaults(run=scale.scale_suite)
+    s.set_defaults(handler=scale.scale_suite)
 
     from scripts.bench import gpu_session
     s = sub.add_parser("gpu-session", help="issue 18's checks on real GPUs, jobs side by side, one per GPU",
@@ -103,7 +103,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--phases", default="kill,structured,extras,first")
     s.add_argument("--prompts", type=int)
     s.add_argument("--rehearsal", action="store_true", help="on this machine's CPUs, the tiny model: the script's check")
-    s.set_defaults(run=gpu_session.gpu_session)
+    s.set_defaults(handler=gpu_session.gpu_session)
 
     from scripts.bench import gpu_verify
     s = sub.add_parser("gpu-verify", help="the GPU verification table: each rank's GPUs, its engine's, the output",
@@ -111,15 +111,15 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--run", action="store_true", help="run the layouts first (needs 4 GPUs)")
     s.add_argument("--out", required=True, help="with --run: the bench folder; else the markdown file to write")
     s.add_argument("inputs", nargs="*")
-    s.set_defaults(run=gpu_verify.gpu_verify)
+    s.set_defaults(handler=gpu_verify.gpu_verify)
     return p
 
 
 def main(argv=None) -> None:
     args = parser().parse_args(argv)
-    run = args.run
-    del args.run, args.command  # the subcommand's own arguments only (scale records them with its results)
-    run(args)
+    handler = args.handler
+    del args.handler, args.command  # the subcommand's own arguments only (scale records them with its results)
+    handler(args)
 
 
 if __name__ == "__main__":
