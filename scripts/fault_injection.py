@@ -14,7 +14,8 @@ Kinds (3 ranks of the echo engine unless said):
 A run completes when it exits 0 (echo-sigterm: when its rerun does) with the output file written; keys
 are counted in that file against the input (lost: absent; duplicated: present more than once), and
 batches in the log (rank 0 received one twice in a run: the journal commits it once, but it was
-generated twice).
+generated twice). A run that has not ended after 10 minutes (vLLM: 15) is a hang: it is ended, counted
+(`hung`), and not completed; the other runs go on.
 """
 
 from __future__ import annotations
@@ -25,14 +26,15 @@ import os
 import random
 import re
 import signal
+import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 
-from spmd_dp.testing import (echo_args, engine_core_pid, keys_report, launch, make_records, wait_for_batches,
-                             wait_until, worker_pids, write_jsonl)
+from spmd_dp.testing import (echo_args, engine_core_pid, keys_report, launch, make_records, running,
+                             wait_for_batches, wait_until, worker_pids, write_jsonl)
 
 STARTED = []  # every torchrun this script started: ended when it ends, however it ends
 
@@ -40,6 +42,17 @@ STARTED = []  # every torchrun this script started: ended when it ends, however 
 def torchrun(args, nproc, log: Path):
     STARTED.append(launch(args, nproc, log=log))
     return STARTED[-1]
+
+
+def ended(proc, timeout: float, hung: list):
+    """The run's exit code; a run still going after `timeout` is a hang: it is ended (SIGTERM, then SIGKILL), noted
+    in `hung`, and its code is None (the campaign goes on)."""
+    with running(proc):
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            hung.append(proc.args)
+            return None
 
 
 def received_twice(log_text: str) -> int:
@@ -56,6 +69,7 @@ def echo_run(kind: str, seed: int, work: Path) -> dict:
     log = work / "run.log"
     victim = rng.randrange(3)
     faults = 0
+    hung: list = []
     if kind in ("echo-die", "echo-hang"):
         times = rng.randint(1, 3) if kind == "echo-die" else 1
         extra = [f"engine_options.echo_fault_ranks=[{victim}]",
@@ -63,7 +77,7 @@ def echo_run(kind: str, seed: int, work: Path) -> dict:
         if kind == "echo-hang":
             extra += ["engine_options.echo_fault=hang", "batch_timeout=4"]
         proc = torchrun(base + extra, 3, log)
-        rc = proc.wait(timeout=600)
+        rc = ended(proc, 600, hung)
         text = log.read_text()
         faults = text.count(": engine died: ") + text.count(": engine stalled: ")
         twice = received_twice(text)
@@ -75,12 +89,12 @@ def echo_run(kind: str, seed: int, work: Path) -> dict:
             if pid is not None:
                 os.kill(pid, signal.SIGTERM)
                 faults = 1
-        proc.wait(timeout=600)
+        ended(proc, 600, hung)
         twice = received_twice(log.read_text())
-        rc = torchrun(base, 3, work / "rerun.log").wait(timeout=600)
+        rc = ended(torchrun(base, 3, work / "rerun.log"), 600, hung)
     keys = keys_report(work / "out" / "out.jsonl", [r["id"] for r in records])
     return {"kind": kind, "seed": seed, "faults": faults, "completed": rc == 0 and (work / "out" / "out.jsonl").exists(),
-            **keys, "received_twice": twice, "rc": rc}
+            **keys, "received_twice": twice, "rc": rc, "hung": len(hung)}
 
 
 def vllm_run(seed: int, work: Path) -> dict:
@@ -102,12 +116,13 @@ def vllm_run(seed: int, work: Path) -> dict:
         if core is not None:
             os.kill(core, signal.SIGKILL)
             faults = 1
-    rc = proc.wait(timeout=900)
+    hung: list = []
+    rc = ended(proc, 900, hung)
     text = log.read_text()
     readd = re.search(r"re-added (\d+) requests", text)
     keys = keys_report(work / "out" / "out.jsonl", [r["id"] for r in records])
     return {"kind": "vllm-kill9", "seed": seed, "faults": faults, "completed": rc == 0, **keys,
-            "received_twice": received_twice(text), "rc": rc, "victim": victim,
+            "received_twice": received_twice(text), "rc": rc, "hung": len(hung), "victim": victim,
             "re_added": int(readd.group(1)) if readd else 0}
 
 
