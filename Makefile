@@ -18,10 +18,9 @@ run: setup
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-# The same without the real-vLLM and Slurm tests: pure logic, config, and the echo engine under real torchrun.
-# Still ~400 tests, most of which start real processes: many minutes, not one (~10 on 2 free cores).
+# The quick tests: no real vLLM, no Slurm, none marked slow (over ~10 s) or timing-dependent (pyproject.toml's markers).
 test-fast: setup
-	$(PY) -m pytest -q -m "not vllm and not slurm" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not vllm and not slurm and not slow and not timing" $(PYTEST_ARGS)
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -6,6 +6,8 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
 from spmd_dp.testing import REPO, clean_env, echo_args, make_records, read_jsonl, spmd, wait_for_batches, write_jsonl
 
 
@@ -59,6 +61,8 @@ def test_run_local_script(tmp_path):
     assert [r["id"] for r in read_jsonl(tmp_path / "out" / "out.jsonl")] == [r["id"] for r in records]
 
 
+@pytest.mark.slow
+@pytest.mark.timing
 def test_launch_scripts_exit_with_the_ranks_code(tmp_path):
     """torchrun exits 1 whatever its ranks did; the launch scripts pass the ranks' code on (issue 25)."""
     records = make_records(200)

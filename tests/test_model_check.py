@@ -10,7 +10,7 @@ import pytest
 from spmd_dp.errors import UsageError
 from spmd_dp.models.check import check_tasks, model_config
 from spmd_dp.testing import echo_args, spmd
-from tests.test_bad_input import one_line
+from tests.helpers import one_line
 
 
 def vllm_run(tmp_path, records_file, *extra, **kw):
@@ -28,6 +28,7 @@ def test_a_misspelt_embedded_model_names_the_nearest(tmp_path, records_file):
                            "mean spmd-dp/tiny-llama? the embedded ones: spmd-dp/tiny-llama, spmd-dp/small-llama"), line
 
 
+@pytest.mark.slow
 def test_a_missing_local_folder_names_the_directory_looked_in(tmp_path, records_file):
     line = vllm_run(tmp_path, records_file, "model_name=./models/my-llama", cwd=tmp_path)
     assert f"model_name='{tmp_path}/models/my-llama' does not exist (a relative path is read from the working " \
@@ -38,6 +39,7 @@ def test_a_missing_local_folder_names_the_directory_looked_in(tmp_path, records_
     assert "is not an embedded adapter; did you mean spmd-dp/tiny-llama-lora-" in line, line
 
 
+@pytest.mark.slow
 def test_a_hub_id_offline_is_looked_up_in_the_local_cache_at_once(tmp_path, records_file):
     env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hf")}
     line = vllm_run(tmp_path, records_file, "model_name=some-org/some-model", env=env)

@@ -80,6 +80,7 @@ def test_lora_adapter_and_task_fields_per_record(tmp_path):
         none_set[1] and "'lora_adapter' is 'a' but no adapter is configured" in none_set[0]
 
 
+@pytest.mark.slow
 def test_an_unknown_adapter_with_none_configured_is_a_bad_record(tmp_path):
     records = [{"id": 0, "prompt": "x y"}, {"id": 3, "prompt": "z", "lora_adapter": "nope"}]
     inp = write_jsonl(tmp_path / "data" / "in.jsonl", records)

@@ -3,6 +3,8 @@ first run that committed nothing does not bind the folder; a changed run is stil
 
 import json
 
+import pytest
+
 from spmd_dp.testing import echo_args, expected_rows, make_records, read_jsonl, spmd, write_jsonl
 
 
@@ -11,6 +13,7 @@ def folder(out):
     return {p.name: (p.read_bytes() if p.is_file() else None, p.stat().st_mtime_ns) for p in sorted(out.iterdir())}
 
 
+@pytest.mark.slow
 def test_a_complete_output_starts_no_engine_and_leaves_the_folder_as_it_is(tmp_path):
     records = make_records(40)
     inp = write_jsonl(tmp_path / "data" / "in.jsonl", records)
@@ -28,6 +31,7 @@ def test_a_complete_output_starts_no_engine_and_leaves_the_folder_as_it_is(tmp_p
     assert read_jsonl(tmp_path / "out" / "out.jsonl") == expected_rows(records)
 
 
+@pytest.mark.slow
 def test_a_complete_output_of_another_run_is_refused_and_overwrite_still_works(tmp_path):
     records = make_records(20)
     inp = write_jsonl(tmp_path / "data" / "in.jsonl", records)
@@ -44,6 +48,7 @@ def test_a_complete_output_of_another_run_is_refused_and_overwrite_still_works(t
     assert read_jsonl(tmp_path / "out" / "out.jsonl") == expected_rows(more)
 
 
+@pytest.mark.slow
 def test_a_first_run_that_committed_nothing_does_not_block_the_corrected_rerun(tmp_path):
     records = make_records(12)
     inp = write_jsonl(tmp_path / "data" / "in.jsonl", records)
