@@ -149,7 +149,9 @@ class VllmEngine:
         except Exception as e:  # vLLM validates a request with several exception types (VLLMValidationError, ...)
             if type(e).__name__.startswith("EngineDead") or isinstance(e, (MemoryError, RuntimeError)):
                 raise  # the engine itself is gone: not this record's fault
-            return Completion(request.request_id, error=_first_line(e))
+            hint = (" (a text prompt's images need the model's image placeholders in its text, e.g. <image>; or "
+                    "set chat=true and let the chat template place them)" if request.images else "")
+            return Completion(request.request_id, error=_first_line(e) + hint)
 
     def _add(self, r: Request) -> Optional[Completion]:
         lora = self.loras.get(r.lora) if r.lora else None

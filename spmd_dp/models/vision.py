@@ -1,13 +1,15 @@
-"""Weight-less Qwen2-VL-shaped model folders, for vLLM's `load_format=dummy`: the vision-language model of the tests
-(shape `tiny`, on vLLM CPU) and of the GPU benchmark (`2b`, `7b`: Qwen2-VL-2B/7B-Instruct's shapes).
+"""Weight-less vision-language model folders, for vLLM's `load_format=dummy`: the GPU benchmark's Qwen2-VL
+(`qwen2vl-2b`, `qwen2vl-7b`: Qwen2-VL-2B/7B-Instruct's shapes) and the CPU tests' tiny Idefics3 (`idefics3-tiny`,
+SmolVLM's architecture: the one vision family of vLLM 0.32 CPU here whose modules import no torchvision;
+Qwen2-VL's and LLaVA's import transformers modules that do).
 
 What a reader would get wrong: the folder has no weights at all, and nothing here is downloaded. It holds what
-vLLM needs besides weights, written locally: config.json (text and vision towers), the image processor's
-preprocessor_config.json (Qwen2-VL's, run by transformers' PIL backend where torchvision is missing), a
-byte-level BPE tokenizer padded to the model's vocabulary with Qwen2-VL's special tokens at their ids, and
-Qwen2-VL's chat template (an image part becomes `<|vision_start|><|image_pad|><|vision_end|>`).
+vLLM needs besides weights, written locally: config.json (text and vision towers), the image processor's config
+(run by transformers' PIL backend where torchvision is missing), a byte-level BPE tokenizer padded to the model's
+vocabulary with the family's special tokens, and the family's chat template (an image part becomes its image
+placeholder: Qwen2-VL's `<|vision_start|><|image_pad|><|vision_end|>`, Idefics3's `<image>`).
 
-    python -m spmd_dp.models.vision --shape 7b --out /tmp/dummy-qwen2vl-7b
+    python -m spmd_dp.models.vision --shape qwen2vl-7b --out /tmp/dummy-qwen2vl-7b
     LLM(model="/tmp/dummy-qwen2vl-7b", load_format="dummy", ...)
 """
 
@@ -65,22 +67,34 @@ class Shape:
 
 
 SHAPES: Dict[str, Shape] = {
-    # vLLM CPU: head dims of 64 (its attention backend's least), 2 + 2 layers; images up to 448x448 (256 tokens)
-    "tiny": Shape(hidden=128, layers=2, heads=2, kv_heads=2, intermediate=256, vocab=2048, vision_depth=2,
-                  vision_dim=128, vision_heads=2, max_position=4096, dtype="float32", max_pixels=448 * 448),
-    "2b": Shape(hidden=1536, layers=28, heads=12, kv_heads=2, intermediate=8960, vocab=151936, vision_depth=32,
-                vision_dim=1280, vision_heads=16, tie=True),
-    "7b": Shape(hidden=3584, layers=28, heads=28, kv_heads=4, intermediate=18944, vocab=152064, vision_depth=32,
-                vision_dim=1280, vision_heads=16),
+    "qwen2vl-2b": Shape(hidden=1536, layers=28, heads=12, kv_heads=2, intermediate=8960, vocab=151936,
+                        vision_depth=32, vision_dim=1280, vision_heads=16, tie=True),
+    "qwen2vl-7b": Shape(hidden=3584, layers=28, heads=28, kv_heads=4, intermediate=18944, vocab=152064,
+                        vision_depth=32, vision_dim=1280, vision_heads=16),
+    # vLLM CPU: head dims of 64 (its attention backend's least), 2 + 2 layers; 56x56 tiles of 4 image tokens
+    "idefics3-tiny": Shape(hidden=128, layers=2, heads=2, kv_heads=2, intermediate=256, vocab=1024, vision_depth=2,
+                           vision_dim=128, vision_heads=2, max_position=4096, dtype="float32"),
 }
+TILE = 56  # idefics3-tiny: its images are resized to a longest edge of 2 tiles, cut into tiles, plus a global one
+
+IDEFICS3_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>", "<image>",
+                     "<global-img>", *(f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)))
+IDEFICS3_TEMPLATE = (  # SmolVLM's
+    "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}"
+    "{% if message['content'] is string %}: {{ message['content'] }}{% else %}"
+    "{% if message['content'][0]['type'] == 'image' %}{{ ':' }}{% else %}{{ ': ' }}{% endif %}"
+    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{ line['text'] }}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}{% endif %}<end_of_utterance>\n"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
 
 
-def _tokenizer(vocab: int, bpe_vocab: int = 8000):
+def _tokenizer(vocab: int, specials=SPECIALS, bpe_vocab: int = 8000):
     """A byte-level BPE on the bundled corpus, padded with filler tokens so that every id below the specials
-    decodes (random weights may sample any id), then Qwen2-VL's specials, then reserved ones up to `vocab`."""
+    decodes (random weights may sample any id), then the family's specials, then reserved ones up to `vocab`."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    n_regular = 151643 if vocab > 151643 + len(SPECIALS) else vocab - len(SPECIALS) - 2
+    n_regular = 151643 if vocab > 151643 + len(specials) else vocab - len(specials)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -89,15 +103,52 @@ def _tokenizer(vocab: int, bpe_vocab: int = 8000):
     tok.train_from_iterator(CORPUS_PATH.read_text(encoding="utf-8").split("\n\n"), trainer=trainer)
     fillers = n_regular - tok.get_vocab_size()
     tok.add_tokens([AddedToken(f"<|filler_{i}|>", special=False, normalized=False) for i in range(fillers)])
-    reserved = [f"<|reserved_{i}|>" for i in range(vocab - n_regular - len(SPECIALS))]
-    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in (*SPECIALS, *reserved)])
+    reserved = [f"<|reserved_{i}|>" for i in range(vocab - n_regular - len(specials))]
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in (*specials, *reserved)])
     assert tok.get_vocab_size() == vocab, (tok.get_vocab_size(), vocab)
     return tok
 
 
-def write_folder(shape: Shape, out: Path) -> Dict[str, Any]:
-    """Write the model folder (no weights); returns its config."""
-    out = Path(out)
+def write_folder(name: str, out: Path) -> Dict[str, Any]:
+    """Write the model folder of shape `name` (no weights); returns its config."""
+    return (write_idefics3 if name.startswith("idefics3") else write_qwen2_vl)(SHAPES[name], Path(out))
+
+
+def write_idefics3(shape: Shape, out: Path) -> Dict[str, Any]:
+    out.mkdir(parents=True, exist_ok=True)
+    tok = _tokenizer(shape.vocab, IDEFICS3_SPECIALS)
+    tok.save(str(out / "tokenizer.json"))
+    ids = {s: tok.token_to_id(s) for s in IDEFICS3_SPECIALS}
+    bos, eos, pad = ids["<|im_start|>"], ids["<end_of_utterance>"], ids["<|endoftext|>"]
+    text = {"model_type": "llama", "vocab_size": shape.vocab, "hidden_size": shape.hidden,
+            "intermediate_size": shape.intermediate, "num_hidden_layers": shape.layers,
+            "num_attention_heads": shape.heads, "num_key_value_heads": shape.kv_heads,
+            "head_dim": shape.hidden // shape.heads, "max_position_embeddings": shape.max_position,
+            "rms_norm_eps": 1e-5, "bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad,
+            "tie_word_embeddings": False, "torch_dtype": shape.dtype}
+    config = {"architectures": ["Idefics3ForConditionalGeneration"], "model_type": "idefics3", "text_config": text,
+              "vision_config": {"model_type": "idefics3_vision", "hidden_size": shape.vision_dim,
+                                "intermediate_size": 2 * shape.vision_dim, "num_hidden_layers": shape.vision_depth,
+                                "num_attention_heads": shape.vision_heads, "image_size": TILE, "patch_size": 14},
+              "image_token_id": ids["<image>"], "scale_factor": 2, "vocab_size": shape.vocab, "pad_token_id": pad,
+              "bos_token_id": bos, "eos_token_id": eos, "tie_word_embeddings": False, "torch_dtype": shape.dtype}
+    _json(out / "config.json", config)
+    _json(out / "generation_config.json", {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad})
+    _json(out / "tokenizer_config.json", {
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|im_start|>", "eos_token": "<end_of_utterance>",
+        "pad_token": "<|endoftext|>", "model_max_length": shape.max_position, "chat_template": IDEFICS3_TEMPLATE})
+    _json(out / "chat_template.json", {"chat_template": IDEFICS3_TEMPLATE})
+    _json(out / "preprocessor_config.json", {
+        "image_processor_type": "Idefics3ImageProcessor", "size": {"longest_edge": 2 * TILE},
+        "max_image_size": {"longest_edge": TILE}, "do_image_splitting": True, "image_mean": [0.5] * 3,
+        "image_std": [0.5] * 3, "do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255,
+        "do_normalize": True, "resample": 1, "do_convert_rgb": True, "do_pad": True,
+        "processor_class": "Idefics3Processor"})
+    _json(out / "processor_config.json", {"processor_class": "Idefics3Processor", "image_seq_len": (TILE // 14) ** 2 // 4})
+    return config
+
+
+def write_qwen2_vl(shape: Shape, out: Path) -> Dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     tok = _tokenizer(shape.vocab)
     tok.save(str(out / "tokenizer.json"))
@@ -137,39 +188,23 @@ def write_folder(shape: Shape, out: Path) -> Dict[str, Any]:
     return config
 
 
-def image_tokens(width: int, height: int, max_pixels: int = SHAPES["tiny"].max_pixels) -> int:
-    """Visual tokens Qwen2-VL's processor gives an image (its smart_resize to multiples of 28, then 2x2 merges)."""
-    import math
-
-    factor, min_pixels = 28, 3136
-    h, w = max(factor, round(height / factor) * factor), max(factor, round(width / factor) * factor)
-    if h * w > max_pixels:
-        beta = math.sqrt(height * width / max_pixels)
-        h, w = math.floor(height / beta / factor) * factor, math.floor(width / beta / factor) * factor
-    elif h * w < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
-    return (h // 14) * (w // 14) // 4
-
-
 def _json(path: Path, obj: Dict[str, Any]) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", choices=sorted(SHAPES), default="7b")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="qwen2vl-7b")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
-    config = write_folder(SHAPES[a.shape], Path(a.out))
+    config = write_folder(a.shape, Path(a.out))
     from transformers import AutoConfig, AutoTokenizer  # the folder loads as transformers reads it
 
     c = AutoConfig.from_pretrained(a.out)
     t = AutoTokenizer.from_pretrained(a.out)
-    assert len(t) == config["vocab_size"] and t.convert_tokens_to_ids("<|image_pad|>") == config["image_token_id"]
-    print(f"[ok] qwen2_vl {a.shape} -> {a.out}: {type(c).__name__}, vocab {len(t)}, image token "
-          f"{config['image_token_id']}, text {config['num_hidden_layers']}x{config['hidden_size']}, vision "
-          f"{config['vision_config']['depth']}x{config['vision_config']['embed_dim']}")
+    image = "<image>" if a.shape.startswith("idefics3") else "<|image_pad|>"
+    assert len(t) == config["vocab_size"] and t.convert_tokens_to_ids(image) == config["image_token_id"]
+    print(f"[ok] {a.shape} -> {a.out}: {type(c).__name__}, vocab {len(t)}, image token {config['image_token_id']}")
 
 
 if __name__ == "__main__":

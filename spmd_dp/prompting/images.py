@@ -103,7 +103,10 @@ def _data_url(ref: str, head_only: bool) -> bytes:
     if not sep or not meta.endswith(";base64"):
         raise ImageError("a data: URL must be base64 (data:image/png;base64,...)")
     try:
-        return _b64_head(payload) if head_only else base64.b64decode(payload, validate=True)
+        if head_only:
+            head = payload[:24]
+            return base64.b64decode(head + "=" * (-len(head) % 4), validate=True)
+        return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as e:
         raise ImageError(f"the data: URL's base64 is not valid ({e})") from None
 
