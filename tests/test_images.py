@@ -223,3 +223,22 @@ def test_an_image_broken_past_its_header_is_refused_by_the_engine(tmp_path):
     p = spmd(run_args(tmp_path, tmp_path, "in.jsonl", "on_bad_record=skip"))
     assert p.returncode == 0 and len(read_jsonl(tmp_path / "out" / "out.jsonl")) == 6
     assert read_jsonl(tmp_path / "out" / "out.errors.jsonl")[0]["key"] == 6
+
+
+def test_the_weight_less_qwen2_vl_folder_loads_as_transformers_reads_it(tmp_path):
+    """The GPU benchmark's model (load_format=dummy): Qwen2-VL-7B's config, its special tokens at Qwen2-VL's ids,
+    its chat template placing one image placeholder per image part."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from spmd_dp.models.vision import write_folder
+
+    write_folder("qwen2vl-7b", tmp_path / "m")
+    c, t = AutoConfig.from_pretrained(tmp_path / "m"), AutoTokenizer.from_pretrained(tmp_path / "m")
+    assert c.architectures == ["Qwen2VLForConditionalGeneration"] and c.text_config.hidden_size == 3584
+    assert c.vision_config.depth == 32 and c.text_config.rope_parameters["mrope_section"] == [16, 24, 24]
+    assert len(t) == 152064 and t.convert_tokens_to_ids("<|image_pad|>") == c.image_token_id == 151655
+    text = t.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "image"},
+                                                               {"type": "text", "text": "Compare."}]}],
+                                 tokenize=False, add_generation_prompt=True)
+    assert text.count("<|vision_start|><|image_pad|><|vision_end|>") == 2 and text.endswith("<|im_start|>assistant\n")
+    assert t.decode(t.encode("the quick brown fox")) == "the quick brown fox"

@@ -10,7 +10,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 SHARED="${SHARED_GPU:-../shared/gpu}"
 PY="${PYTHON:-python3}"
-grep -qx "/.gpu/" .git/info/exclude 2>/dev/null || { mkdir -p .git/info; echo "/.gpu/" >> .git/info/exclude; }
+EXCLUDE="$(git rev-parse --git-common-dir)/info/exclude"   # a worktree's .git is a file: its exclude is the common one
+grep -qx "/.gpu/" "$EXCLUDE" 2>/dev/null || { mkdir -p "$(dirname "$EXCLUDE")"; echo "/.gpu/" >> "$EXCLUDE"; }
 [ -f .gpu/bundle/SHA256SUMS ] || bash "$SHARED/build_bundle.sh" .gpu/bundle
 mkdir -p .gpu/wheels .gpu/models
 "$PY" -m pip download --quiet --no-deps -d .gpu/wheels hydra-core==1.3.2 omegaconf==2.3.0

@@ -58,7 +58,9 @@ class Shape:
     max_position: int = 32768
     tie: bool = False
     dtype: str = "bfloat16"
-    max_pixels: int = 12845056  # the image processor's (Qwen2-VL's default: up to 16384 visual tokens)
+    # the image processor's pixel cap: 1280 visual tokens, the value Qwen2-VL's model card suggests (its default,
+    # 12845056, lets vLLM profile memory for a 16384-token image); the benchmark's images stay below it
+    max_pixels: int = 1280 * 28 * 28
 
     @property
     def mrope_section(self):
