@@ -92,8 +92,8 @@ def _env(a: argparse.Namespace) -> Dict[str, str]:
     env = clean_env({"VLLM_NO_USAGE_STATS": "1"})
     if a.device == "cuda":
         env["CUDA_VISIBLE_DEVICES"] = env.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
-    else:  # as spmd_dp sets it for a CPU engine (else vLLM CPU reserves 92% of the node's memory)
-        env["VLLM_CPU_KVCACHE_SPACE"] = env.get("VLLM_CPU_KVCACHE_SPACE", "1")
+    else:  # as spmd_dp sets it for a CPU engine (else vLLM CPU reserves 92% of the node's memory); one core each
+        env.update(VLLM_CPU_KVCACHE_SPACE=env.get("VLLM_CPU_KVCACHE_SPACE", "1"), VLLM_CPU_OMP_THREADS_BIND="0")
     return env
 
 
@@ -118,8 +118,8 @@ def spmd_job(a: argparse.Namespace, form: str, wl: Path, out: Path) -> Dict[str,
                  f"generation_options.max_tokens={a.max_tokens}", f"engine_options.max_model_len={a.max_model_len}",
                  "engine_options.limit_mm_per_prompt=1", "+engine_options.vllm_kwargs.load_format=dummy",
                  f"inference_engine={'echo' if a.engine == 'echo' else 'vllm_dp'}", "log_level=INFO"]
-    if a.device == "cpu":
-        overrides.append("engine_options.device=cpu")
+    if a.device == "cpu":  # the engine's threads on core 0, as raw's (VLLM_CPU_OMP_THREADS_BIND=0)
+        overrides += ["engine_options.device=cpu", "engine_options.cpu_cores_per_dp_rank=1"]
     t0 = time.time()
     with open(out / f"{label}.log", "w") as f:
         code = subprocess.run(torchrun_command(overrides, nproc=1), cwd=REPO, env=_env(a), stdout=f,
