@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 SHARED="${SHARED_GPU:-../shared/gpu}"
-PY="${PYTHON:-python3}"
+PY="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}"  # the dummy models need tokenizers
 EXCLUDE="$(git rev-parse --git-common-dir)/info/exclude"   # a worktree's .git is a file: its exclude is the common one
 grep -qx "/.gpu/" "$EXCLUDE" 2>/dev/null || { mkdir -p "$(dirname "$EXCLUDE")"; echo "/.gpu/" >> "$EXCLUDE"; }
 [ -f .gpu/bundle/SHA256SUMS ] || bash "$SHARED/build_bundle.sh" .gpu/bundle
