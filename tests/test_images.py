@@ -242,3 +242,39 @@ def test_the_weight_less_qwen2_vl_folder_loads_as_transformers_reads_it(tmp_path
                                  tokenize=False, add_generation_prompt=True)
     assert text.count("<|vision_start|><|image_pad|><|vision_end|>") == 2 and text.endswith("<|im_start|>assistant\n")
     assert t.decode(t.encode("the quick brown fox")) == "the quick brown fox"
+
+
+def test_images_in_a_bucket_are_read_by_the_generating_ranks(data, tmp_path):
+    """s3:// references (a real S3-protocol server on localhost, read through fsspec/s3fs with storage_options): the
+    scan does not read them; each rank reads its records' images when it generates them; a missing object is then
+    a record the engine rejected, named in the errors file."""
+    pytest.importorskip("s3fs")
+    moto_server = pytest.importorskip("moto.server")
+    import s3fs
+
+    from tests.test_s3 import CREDENTIALS, NO_METADATA
+
+    d, recs = data
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        fs = s3fs.S3FileSystem(endpoint_url=endpoint, key="testing", secret="testing")
+        fs.mkdir("pictures")
+        for r in recs[:12]:
+            fs.pipe(f"pictures/{r['image']}", (d / r["image"]).read_bytes())
+        remote = [{**r, "image": f"s3://pictures/{r['image']}"} for r in recs[:12]]
+        remote[9]["image"] = "s3://pictures/images/not-there.png"
+        write_jsonl(tmp_path / "d" / "in.jsonl", remote)
+        p = spmd(run_args(tmp_path, tmp_path / "d", "in.jsonl", "on_bad_record=skip", "schedule=static",
+                          f"+storage_options.endpoint_url={endpoint}"), nproc=2, env={**CREDENTIALS, **NO_METADATA})
+    finally:
+        server.stop()
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = read_jsonl(tmp_path / "out" / "out.jsonl")
+    assert [r["id"] for r in rows] == [r["id"] for i, r in enumerate(recs[:12]) if i != 9]
+    assert sizes_of(rows) == [[[r["width"], r["height"]]] for i, r in enumerate(recs[:12]) if i != 9]
+    assert {row["out_metadata"]["rank"] for row in rows} == {0, 1}
+    (error,) = read_jsonl(tmp_path / "out" / "out.errors.jsonl")
+    assert error["key"] == recs[9]["id"] and "image: cannot read s3://pictures/images/not-there.png" in error["error"]
