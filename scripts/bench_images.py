@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Images in prompts: spmd_dp N=1 against raw vLLM on the same device, one after the other (issue 23).
 
-  python scripts/bench_images.py --out DIR [--model DIR] [--records 1536] [--forms chat,generate]
+  python scripts/bench_images.py --out DIR [--data DIR] [--model DIR] [--records 1536] [--forms chat,generate]
   python scripts/bench_images.py --out DIR --rehearsal      (CPU: a tiny Idefics3 on vLLM CPU, 48 records)
   python scripts/bench_images.py --out DIR --rehearsal --engine echo   (spmd_dp's side only, the echo engine)
 
@@ -144,6 +144,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("cmd", nargs="?", default="bench", choices=["bench", "raw"])
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--data", type=Path, help="where the image records are written (default: OUT/data); kept for reruns")
     ap.add_argument("--model", default=os.environ.get("BENCH_VLM", "/tmp/dummy-qwen2vl-7b"))
     ap.add_argument("--records", type=int, default=1536)
     ap.add_argument("--sizes", default="448x336,640x480,1024x768")
@@ -165,7 +166,7 @@ def main() -> None:
         a.model = str(a.out / "idefics3-tiny")
         if not (a.out / "idefics3-tiny" / "config.json").exists():
             write_folder("idefics3-tiny", Path(a.model))
-    wl = workload(a, a.out / "data")
+    wl = workload(a, a.data or a.out / "data")
     results: List[Dict[str, Any]] = []
     for form in a.forms.split(","):
         jobs = [spmd_job] if a.engine == "echo" else [raw_job, spmd_job]  # raw first, then spmd_dp: same device
