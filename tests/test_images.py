@@ -13,8 +13,8 @@ import pytest
 from spmd_dp.config import load_config
 from spmd_dp.inputs import RecordSpec, scan_input
 from spmd_dp.prompting.prompts import PromptBuilder
-from spmd_dp.testing import (image_bytes, launch, read_jsonl, spmd, wait_for_batches, write_image_records,
-                             write_jsonl)
+from spmd_dp.testing import (image_bytes, launch, read_jsonl, running, spmd, wait_for_batches,
+                             write_image_records, write_jsonl)
 from tests.test_bad_input import one_line
 
 SIZES = ((64, 48), (20, 30), (96, 96))
@@ -124,14 +124,10 @@ def test_sharded_output_retries_and_per_record_options(data, tmp_path):
 def test_an_interrupted_run_resumes_with_its_images(data, tmp_path):
     d, recs = data
     args = run_args(tmp_path, d, "paths.jsonl", "engine_options.echo_delay_s=0.02", "batch_size=2")
-    proc = launch(args, nproc=2, log=tmp_path / "first.log")
-    try:
+    with running(launch(args, nproc=2, log=tmp_path / "first.log")) as proc:
         committed = wait_for_batches(tmp_path / "out" / "out.journal.jsonl", 5, proc)
         proc.send_signal(signal.SIGTERM)  # torchrun passes it on: the ranks drain and stop
         proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     assert proc.returncode != 0 and 5 <= committed < 20, (tmp_path / "first.log").read_text()[-3000:]
     again = spmd(args, nproc=2)
     assert again.returncode == 0, again.stderr[-3000:]
