@@ -7,6 +7,7 @@ what it wrote. No mocks: a run here is the real program in its own processes.
                                                             writes, keys lost or written twice
   journal_batches / wait_until / wait_for_batches           a run's progress, waited for (every wait bounded)
   worker_pids / engine_core_pid                             its ranks' processes, a rank's vLLM EngineCore
+  image_bytes / write_image_records                         images (PIL), and image records of several sizes
 """
 
 from __future__ import annotations
@@ -170,3 +171,34 @@ def engine_core_pid(rank_pid: int) -> Optional[int]:
         except OSError:
             continue
     return None
+
+
+def image_bytes(width: int, height: int, fmt: str = "PNG", seed: int = 0) -> bytes:
+    """An image of that size (a seeded colour gradient with noise, so that no two compress alike), encoded."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([x * 255 // max(width, 1), y * 255 // max(height, 1), np.full_like(x, seed % 256)], axis=-1)
+    pixels = (base + rng.integers(0, 32, size=base.shape)).clip(0, 255).astype("uint8")
+    out = io.BytesIO()
+    Image.fromarray(pixels, "RGB").save(out, fmt)
+    return out.getvalue()
+
+
+def write_image_records(d: Path, n: int, sizes: Sequence[tuple] = ((224, 224), (448, 336), (640, 480)),
+                        fmt: str = "JPEG", prompt: str = "Describe this image in one sentence.") -> List[dict]:
+    """n records {id, prompt, image, width, height}: image i of sizes[i % len(sizes)] written to d/images/ (its path
+    relative to d, the run's data_dir)."""
+    (d / "images").mkdir(parents=True, exist_ok=True)
+    ext = {"JPEG": "jpg", "PNG": "png"}.get(fmt, fmt.lower())
+    records = []
+    for i in range(n):
+        w, h = sizes[i % len(sizes)]
+        name = f"images/img{i:05d}.{ext}"
+        (d / name).write_bytes(image_bytes(w, h, fmt, seed=i))
+        records.append({"id": f"img{i:05d}", "prompt": prompt, "image": name, "width": w, "height": h})
+    return records

@@ -44,7 +44,7 @@ BAD_RECORDS = [
     ({"clamp_max_tokens": "yes"}, "'clamp_max_tokens' must be true or false"),
     ({"pooling_options": {"normalize": True}}, "'pooling_options' must be an object with fields among"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x.png"}}]}]},
-     "images in chat messages are not supported"),
+     "image 1 (x.png): cannot read"),
 ]
 
 
