@@ -6,7 +6,7 @@ jobs the selected tests name in their marker (`@pytest.mark.vllm("two_ranks")`),
 
 What a reader would get wrong: a node's test does not need the whole run to succeed, only its node (the run
 went past it): the last node of `two_ranks` is the kill -9 of an EngineCore, and only its own test fails if that
-run then fails. One-rank jobs are pinned to a core of their own, like a rank of a two-rank run.
+run then fails. Each job is pinned to cores of its own (taskset): a rank takes a core of its job's cores.
 """
 
 from __future__ import annotations
@@ -57,7 +57,8 @@ def structured_records() -> List[dict]:
     records = []
     for i, p in enumerate(PROMPTS):
         records += [
-            {"id": f"json{i}", "prompt": p, "generation_options": {"structured_outputs": {"json": SCHEMA}, "max_tokens": 64}},
+            {"id": f"json{i}", "prompt": p,
+             "generation_options": {"structured_outputs": {"json": SCHEMA}, "max_tokens": 64}},
             {"id": f"regex{i}", "prompt": p, "generation_options": {"structured_outputs": {"regex": REGEX}}},
             {"id": f"choice{i}", "prompt": p, "generation_options": {"structured_outputs": {"choice": CHOICES}}},
             {"id": f"grammar{i}", "prompt": p,
@@ -66,7 +67,8 @@ def structured_records() -> List[dict]:
     records += [{"id": f"lp{i}", "prompt": p, "generation_options": {"logprobs": 3, "prompt_logprobs": 2}}
                 for i, p in enumerate(PROMPTS)]
     long = " ".join(["rain"] * 150)  # ~200 tokens: longer than max_model_len=128
-    return records + [{"id": "left", "prompt": long, "on_long_prompt": "truncate_left"}, {"id": "plain", "prompt": "Tell me"}]
+    return records + [{"id": "left", "prompt": long, "on_long_prompt": "truncate_left"},
+                      {"id": "plain", "prompt": "Tell me"}]
 
 
 MIXED = [
@@ -98,7 +100,8 @@ def node(folder: Path, name: str, records: Sequence[dict], **params) -> dict:
 def workflow(folder: Path, nodes: Sequence[dict]) -> List[str]:
     """The overrides of a run of these nodes, in this order, writing ${folder}/out/${name}.*"""
     path = folder / "workflow.json"
-    path.write_text(json.dumps({"name": folder.name, "output_dir": str(folder / "out"), "nodes": list(nodes)}, indent=1))
+    path.write_text(json.dumps({"name": folder.name, "output_dir": str(folder / "out"), "nodes": list(nodes)},
+                               indent=1))
     return [f"workflow={path}"]
 
 
@@ -216,7 +219,8 @@ JOBS = {job.name: job for job in [
     Job("seed_single_node", 2, seed("seed_single_node.json", "input_data_path=dataset.jsonl",
                                     "engine_options.max_model_len=2048")),
     # seed 000's complete example: load -> parallel_generation (data_parallel_size 4 in the file: 2 ranks here)
-    Job("seed_data_parallel_workflow", 2, seed("seed_data_parallel_workflow.json", "engine_options.data_parallel_size=2")),
+    Job("seed_data_parallel_workflow", 2,
+        seed("seed_data_parallel_workflow.json", "engine_options.data_parallel_size=2")),
 ]}
 
 
@@ -233,7 +237,7 @@ class Run:
     info: dict = field(default_factory=dict)
     wall_s: float = 0.0
     start_s: float = 0.0  # when it started, from the start of run_jobs
-    core: Optional[int] = None  # the core a one-rank job was pinned to
+    cores: List[int] = field(default_factory=list)  # the cores the job was pinned to (its ranks take one each)
 
     def tail(self, n: int = 5000) -> str:
         return f"[{self.job}: exit {self.returncode}]\n{self.log[-n:]}"
@@ -260,12 +264,12 @@ class Run:
         return json.loads((self.out / f"{name}.metrics.json").read_text())
 
 
-def run_job(job: Job, folder: Path, core: Optional[int], vllm_port: int, timeout: float = 900) -> Run:
+def run_job(job: Job, folder: Path, cores: Sequence[int], vllm_port: int, timeout: float = 900) -> Run:
     folder.mkdir(parents=True, exist_ok=True)
     log, info = folder / "run.log", {}
     t0 = time.monotonic()
     with open(log, "w") as f:
-        pin = ["taskset", "--cpu-list", str(core)] if core is not None else []  # taskset execs: proc.pid is the run's
+        pin = ["taskset", "--cpu-list", ",".join(map(str, cores))]  # taskset execs: proc.pid is the run's
         proc = subprocess.Popen(pin + torchrun_command(job.args(folder), job.nproc), cwd=REPO, text=True,
                                 env=clean_env({"VLLM_PORT": str(vllm_port)}), stdout=f, stderr=subprocess.STDOUT)
     try:
@@ -284,12 +288,12 @@ def run_job(job: Job, folder: Path, core: Optional[int], vllm_port: int, timeout
                 proc.wait()
     info["t_end"] = time.time()
     return Run(job.name, proc.returncode if "did not end" not in info.get("error", "") else None, log.read_text(),
-               folder / "out", info, round(time.monotonic() - t0, 1), core=core)
+               folder / "out", info, round(time.monotonic() - t0, 1), cores=list(cores))
 
 
-def _run_into(runs: Dict[str, Run], job: Job, folder: Path, core: Optional[int], port: int, start_s: float) -> None:
+def _run_into(runs: Dict[str, Run], job: Job, folder: Path, cores: List[int], port: int, start_s: float) -> None:
     try:
-        runs[job.name] = run_job(job, folder, core, port)
+        runs[job.name] = run_job(job, folder, cores, port)
     except Exception:  # a fault of this module: the job's tests show it
         runs[job.name] = Run(job.name, None, traceback.format_exc(), folder / "out", {"error": "the job raised"})
     runs[job.name].start_s = start_s
@@ -297,7 +301,7 @@ def _run_into(runs: Dict[str, Run], job: Job, folder: Path, core: Optional[int],
 
 def run_jobs(names: Sequence[str], root: Path) -> Dict[str, Run]:
     """Run the named jobs, several at once where the cores allow: a one-rank job takes a core of its own (an
-    engine start is mostly one busy core: imports, loading), a job of more ranks takes every core."""
+    engine start is mostly one busy core: imports, loading), a job of N ranks N cores (all, if fewer)."""
     t0 = time.monotonic()
     cores = sorted(os.sched_getaffinity(0))
     pending = [JOBS[n] for n in JOBS if n in names]  # JOBS' order: the first ones fill the cores first
@@ -306,12 +310,12 @@ def run_jobs(names: Sequence[str], root: Path) -> Dict[str, Run]:
     free = list(cores)
     while pending or running:
         for job in list(pending):
-            need = 1 if job.nproc is None else len(cores)
+            need = min(job.nproc or 1, len(cores))
             if need <= len(free):
                 held, free = free[:need], free[need:]
                 port = 40000 + 1000 * list(JOBS).index(job.name)
                 t = threading.Thread(target=_run_into, args=(runs, job, root / job.name,
-                                                             held[0] if job.nproc is None else None, port,
+                                                             held, port,
                                                              round(time.monotonic() - t0, 1)), daemon=True)
                 t.start()
                 running[job.name] = (t, held)
@@ -329,9 +333,8 @@ class VllmRuns:
 
     def __init__(self, names: Sequence[str], root: Path) -> None:
         self.root, self.runs = root, run_jobs(names, root)
-        (root / "jobs.txt").write_text("".join(f"{r.job}: exit {r.returncode}, started at +{r.start_s}s, ran {r.wall_s}s"
-                                               f"{' on core ' + str(r.core) if r.core is not None else ''}\n"
-                                               for r in self.runs.values()))
+        (root / "jobs.txt").write_text("".join(f"{r.job}: exit {r.returncode}, started at +{r.start_s}s, ran "
+                                               f"{r.wall_s}s on cores {r.cores}\n" for r in self.runs.values()))
 
     def __getitem__(self, name: str) -> Run:
         if name not in self.runs:  # a test that did not name its job in its marker
