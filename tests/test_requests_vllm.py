@@ -8,7 +8,7 @@ import re
 
 import jsonschema
 import pytest
-from vllm_jobs import BATCH, CHOICES, PROMPTS, REGEX, SCHEMA, structured_records
+from tests.vllm_jobs import BATCH, CHOICES, PROMPTS, REGEX, SCHEMA, structured_records
 
 # the first test waits for all the shared runs (each job ends within 900 s)
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(3600)]

@@ -5,7 +5,7 @@ rank for several nodes); each test reads its node."""
 import re
 
 import pytest
-from vllm_jobs import CHAT, GREEDY, MAX_MODEL_LEN
+from tests.vllm_jobs import CHAT, GREEDY, MAX_MODEL_LEN
 
 # the first test waits for all the shared runs (each job ends within 900 s)
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(3600)]

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
-from spmd_dp.testing import REPO, clean_env, make_records, read_jsonl, torchrun_command, worker_pids, write_jsonl
+from spmd_dp.testing import (REPO, clean_env, engine_core_pid, make_records, read_jsonl, running, torchrun_command,
+                             wait_until, worker_pids, write_jsonl)
 
 # --- what the nodes read --------------------------------------------------------------------------------------
 
@@ -165,34 +166,20 @@ def seed(file: str, *extra: str) -> Callable[[Path], List[str]]:
     return args
 
 
-def engine_core_pid(rank_pid: int) -> Optional[int]:
-    """The rank's vLLM EngineCore: its child process (vLLM names it VLLM::EngineCore)."""
-    for pid in subprocess.run(["pgrep", "-P", str(rank_pid)], capture_output=True, text=True).stdout.split():
-        try:
-            if "EngineCore" in Path(f"/proc/{pid}/cmdline").read_text() + Path(f"/proc/{pid}/comm").read_text():
-                return int(pid)
-        except OSError:
-            continue
-    return None
-
-
 def kill_engine_core(proc: subprocess.Popen, log: Path, info: dict, node_name: str = "killed") -> None:
     """Once rank 1 has finished `after` batches of the node, kill -9 its EngineCore. What happened goes to `info`
     (core, after, t_kill; or error) for the test to assert on; the run goes on either way."""
     after = info["after"] = random.Random(KILL_SEED).randint(1, 4)
-    deadline = time.monotonic() + 600
 
     def batches() -> int:
         text = log.read_text()
         start = re.search(rf"workflow node \d+/\d+: {node_name}\n", text)
         return len(re.findall(r"Received results for batch \d+ from rank 1", text[start.end():])) if start else 0
 
-    while batches() < after:
-        if proc.poll() is not None or time.monotonic() > deadline:
-            info["error"] = f"the run {'ended' if proc.poll() is not None else 'took too long'} before rank 1 " \
-                            f"finished {after} batches of node {node_name}"
-            return
-        time.sleep(0.05)
+    if not wait_until(lambda: batches() >= after, 600, proc):
+        info["error"] = f"the run {'ended' if proc.poll() is not None else 'took too long'} before rank 1 " \
+                        f"finished {after} batches of node {node_name}"
+        return
     rank1 = worker_pids(proc.pid).get(1)
     core = engine_core_pid(rank1) if rank1 else None
     if core is None:
@@ -272,20 +259,13 @@ def run_job(job: Job, folder: Path, cores: Sequence[int], vllm_port: int, timeou
         pin = ["taskset", "--cpu-list", ",".join(map(str, cores))]  # taskset execs: proc.pid is the run's
         proc = subprocess.Popen(pin + torchrun_command(job.args(folder), job.nproc), cwd=REPO, text=True,
                                 env=clean_env({"VLLM_PORT": str(vllm_port)}), stdout=f, stderr=subprocess.STDOUT)
-    try:
+    with running(proc):  # whatever happens, it ends
         if job.during is not None:
             job.during(proc, log, info)
-        proc.wait(timeout=max(1.0, timeout - (time.monotonic() - t0)))
-    except subprocess.TimeoutExpired:
-        info["error"] = f"the run did not end within {timeout:.0f} s"
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        try:
+            proc.wait(timeout=max(1.0, timeout - (time.monotonic() - t0)))
+        except subprocess.TimeoutExpired:
+            info["error"] = f"the run did not end within {timeout:.0f} s"
     info["t_end"] = time.time()
     return Run(job.name, proc.returncode if "did not end" not in info.get("error", "") else None, log.read_text(),
                folder / "out", info, round(time.monotonic() - t0, 1), cores=list(cores))
@@ -306,25 +286,24 @@ def run_jobs(names: Sequence[str], root: Path) -> Dict[str, Run]:
     cores = sorted(os.sched_getaffinity(0))
     pending = [JOBS[n] for n in JOBS if n in names]  # JOBS' order: the first ones fill the cores first
     runs: Dict[str, Run] = {}
-    running: Dict[str, tuple] = {}  # name -> (thread, cores it holds)
+    busy: Dict[str, tuple] = {}  # name -> (thread, cores it holds)
     free = list(cores)
-    while pending or running:
+    while pending or busy:
         for job in list(pending):
             need = min(job.nproc or 1, len(cores))
             if need <= len(free):
                 held, free = free[:need], free[need:]
                 port = 40000 + 1000 * list(JOBS).index(job.name)
-                t = threading.Thread(target=_run_into, args=(runs, job, root / job.name,
-                                                             held, port,
-                                                             round(time.monotonic() - t0, 1)), daemon=True)
+                t = threading.Thread(target=_run_into, daemon=True, args=(runs, job, root / job.name, held, port,
+                                                                         round(time.monotonic() - t0, 1)))
                 t.start()
-                running[job.name] = (t, held)
+                busy[job.name] = (t, held)
                 pending.remove(job)
         time.sleep(0.2)
-        for name, (t, held) in list(running.items()):
+        for name, (t, held) in list(busy.items()):
             if not t.is_alive():
                 free = sorted(free + held)
-                del running[name]
+                del busy[name]
     return runs
 
 
