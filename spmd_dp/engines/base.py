@@ -102,6 +102,7 @@ class Completion:
     prompt_logprobs: Optional[Logprobs] = None
     value: Union[None, float, List[float]] = None  # pooling tasks: embedding / class probabilities / score / reward
     truncated_from: Optional[int] = None  # on_long_prompt=truncate_*: the prompt's length before
+    cached_tokens: Optional[int] = None  # prompt tokens the engine's prefix cache served (None: it does not say)
 
 
 class Engine(Protocol):

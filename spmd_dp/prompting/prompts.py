@@ -12,20 +12,22 @@ With `task=score` the prompt is a `Pair`: the text above and the record's `docum
 A record may carry its own options (`generation_options`, ...: spmd_dp/prompting/options.py); with
 `input_format=openai_batch` a record is an OpenAI request line, mapped first (spmd_dp/prompting/openai_batch.py).
 `PromptBuilder.check` validates a record (used by the input scan, before any model
-loads); `PromptBuilder.request` makes the engine request.
+loads; `check_keyed` also gives what its prefix key is taken from); `PromptBuilder.request` makes the engine request.
 """
 
 from __future__ import annotations
 
+import json
+from array import array
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import jinja2
 from jinja2.sandbox import SandboxedEnvironment
 
 from spmd_dp.prompting import openai_batch
 from spmd_dp.config import RunConfig
-from spmd_dp.engines.base import Chat, Pair, Request
+from spmd_dp.engines.base import Chat, Pair, Request, text_of
 from spmd_dp.errors import UsageError
 from spmd_dp.prompting.options import RequestOptions
 
@@ -73,18 +75,49 @@ class PromptBuilder:
 
     def check(self, record: Dict[str, Any]) -> Optional[str]:
         """Why the record cannot be prompted, or None. Runs the whole build (templates too)."""
+        return self.check_keyed(record, keyed=False)[0]
+
+    def check_keyed(self, record: Dict[str, Any], keyed: bool = True) -> Tuple[Optional[str], Optional[bytes]]:
+        """`check`, and (keyed) the bytes the record's prefix key is taken from (spmd_dp/inputs/prefixes.py), from
+        the same build: the value of its `prefix_field`, else its prompt as the engine gets it before the chat
+        template (text; token ids; a chat's roles and texts in order; a score pair), behind the task and LoRA
+        adapter that serve it when a run has several (their requests share no cache). None: no key."""
         try:
             record = self.view(record)
         except PromptError as e:
-            return str(e)
+            return str(e), None
         why = self.options.check(record)
         if why is not None:
-            return why
+            return why, None
         try:
-            self.build(record)
+            prompt = self.build(record)
         except PromptError as e:
-            return str(e)
-        return None
+            return str(e), None
+        return None, (self._key_bytes(record, prompt) if keyed else None)
+
+    def _key_bytes(self, record: Dict[str, Any], prompt: Prompt) -> Optional[bytes]:
+        field = self.cfg.prefix_field
+        if field is not None:
+            value = record.get(field)
+            if value is None:
+                return None
+            return (value if isinstance(value, str) else json.dumps(value, sort_keys=True)).encode("utf-8",
+                                                                                                   "surrogatepass")
+        serving = []
+        if self.options.read_task:
+            serving.append(self.options.task(record))
+        if self.options.adapters:
+            serving.append(str(record.get("lora_adapter", self.cfg.lora_adapter)))
+        head = ("\x1f".join(serving) + "\x00").encode() if serving else b""
+        if isinstance(prompt, list):
+            return head + array("I", prompt).tobytes()
+        if isinstance(prompt, Chat):
+            text = "\x1e".join(f"{m['role']}\x1f{text_of(m.get('content'))}" for m in prompt.messages)
+        elif isinstance(prompt, Pair):
+            text = f"{prompt.query}\x1f{prompt.document}"
+        else:
+            text = prompt
+        return head + text.encode("utf-8", "surrogatepass")
 
     def view(self, record: Dict[str, Any]) -> Dict[str, Any]:
         """The record as spmd_dp's record shape (an OpenAI request line is mapped; others are themselves)."""
