@@ -4,9 +4,9 @@ The pending slots, laid end to end, are cut where neighbours share the least (`s
 the slot before; a cut between two records that share nothing costs nothing):
 - dynamic: into runs, the unit a rank claims (spmd_dp/control/claims.py). A run is at most `cap` records, cap being
   guided self-scheduling's share: (records from here to the end) / (TAIL_K x ranks), at least a batch and at most
-  MAX_RUN_BATCHES batches; it ends at the cheapest cut in its last half (ties: a whole number of batches, then the
-  longest). So a group that fits a run is claimed whole by one rank, a larger one is cut where its records share
-  least, and runs shrink to single batches at the end, as the claims of ungrouped work do.
+  MAX_RUN_BATCHES batches; it ends at the cheapest cut (ties: in its last half, then after a whole number of
+  batches, then the longest). So a group that fits a run is claimed whole by one rank, a larger one is cut where its
+  records share least, and runs shrink to single batches at the end, as the claims of ungrouped work do.
 - static: the balanced split's N-1 cuts each move to the cheapest place within STATIC_SLACK of a share.
 
 What a reader would get wrong: runs are cut over the slots still pending, not the input: after a resume they differ
@@ -51,11 +51,9 @@ def run_bounds(cost: np.ndarray, batch_size: int, world: int, tail_k: int) -> Li
         if left <= cap:
             out.append(total)
             break
-        lo = p + max(1, cap // 2)
-        window = cost[lo:p + cap + 1].astype(np.int64)
-        cut = np.arange(lo, p + cap + 1)
-        score = window * 2 + ((cut - p) % batch_size != 0)
-        best = np.flatnonzero(score == score.min())[-1]  # the cheapest; of those the longest run
+        cut = np.arange(p + 1, p + cap + 1)
+        score = cost[p + 1:p + cap + 1].astype(np.int64) * 4 + (cut - p < cap // 2) * 2 + ((cut - p) % batch_size != 0)
+        best = np.flatnonzero(score == score.min())[-1]  # the cheapest; then in the last half; whole batches; longest
         p = int(cut[best])
         out.append(p)
     return out
