@@ -32,6 +32,7 @@ def keyed(overrides, record):
 def ladder(data):
     pl = PrefixList()
     pl.add(0, data)
+    pl.to_bytes()  # (the hashes are computed for many records at once)
     return list(pl.hashes)
 
 
@@ -68,6 +69,22 @@ def test_token_ids_and_prefix_field_and_bad_records():
     assert why and data is None  # a bad record has no key
 
 
+@pytest.mark.parametrize("buffer", [1 << 20, 4096])
+def test_the_hashes_do_not_depend_on_the_company_they_are_computed_in(monkeypatch, buffer):
+    from spmd_dp.inputs import prefixes
+
+    rng = random.Random(5)
+    prompts = [bytes(rng.randrange(256) for _ in range(rng.randrange(200, 5000))) for _ in range(60)]
+    alone = [h for p in prompts for h in ladder(p)]
+    monkeypatch.setattr(prefixes, "BUFFER_BYTES", buffer)  # 4096: a flush every few records, big ones alone
+    together = PrefixList()
+    for i, p in enumerate(prompts):
+        together.add(i, p)
+    together.to_bytes()
+    assert list(together.hashes) == alone and len(set(alone)) == len(alone)
+    assert list(together.counts) == [sum(1 for length in LEVELS if length <= len(p)) for p in prompts if len(p) >= 256]
+
+
 def test_the_ladder_levels():
     shared = b"x" * 700
     a, b = ladder(shared + b"a" * 300), ladder(shared + b"b" * 300)
@@ -77,7 +94,11 @@ def test_the_ladder_levels():
     whole = PrefixList(whole=True)
     whole.add(0, b"doc-1")
     whole.add(1, b"doc-1")
-    assert len(whole) == 2 and whole.hashes[0] == whole.hashes[1] and whole.weight == 2
+    whole.add(2, b"doc-2")
+    whole.add(3, b"")
+    whole.to_bytes()
+    h = list(whole.hashes)
+    assert len(whole) == 4 and h[0] == h[1] and len(set(h)) == 3 and whole.weight == 4
 
 
 # -- the order ----------------------------------------------------------------------------------------------

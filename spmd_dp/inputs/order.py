@@ -101,12 +101,16 @@ class RecordOrder:
 def _first_of_groups(n: int, pos: np.ndarray, keys: np.ndarray) -> Optional[np.ndarray]:
     """Per position: the first position of its group (records with this key); its own where it has no key or
     shares it with none. None when no key is shared."""
-    _, first, inverse, counts = np.unique(keys, return_index=True, return_inverse=True, return_counts=True)
-    shared = counts[inverse] > 1
-    if not shared.any():
+    order = np.argsort(keys)  # (not stable: the first position of a group is found below)
+    sk = keys[order]
+    starts = np.flatnonzero(np.concatenate(([True], sk[1:] != sk[:-1])))
+    sizes = np.diff(np.append(starts, len(sk)))
+    if not (sizes > 1).any():
         return None
+    first = np.minimum.reduceat(pos[order], starts)
     out = np.arange(n, dtype=np.int64)
-    out[pos[shared]] = pos[first[inverse[shared]]]
+    member = np.repeat(sizes > 1, sizes)  # in key order: the record's group has another
+    out[pos[order[member]]] = np.repeat(first, sizes)[member]
     return out
 
 
@@ -125,18 +129,23 @@ def build(n: int, payloads: List[bytes], whole: bool, mode: Any) -> RecordOrder:
 
     # the trie order: rank classes refined level by level by the first position of each record's group
     rank = np.zeros(n, dtype=np.int64)
-    used = 0
+    firsts: List[np.ndarray] = []  # kept for the sharing below (int32 when positions fit: 4 bytes a record a level)
     for i in range(depth):
         first = level(i)
         if first is None:
             break
+        first = first.astype(np.int32) if n < 2 ** 31 else first
+        if firsts and np.array_equal(first, firsts[-1]):  # the same groups as the level before (a long document)
+            firsts.append(firsts[-1])
+            continue
+        firsts.append(first)
         order = np.lexsort((first, rank))
         r, f = rank[order], first[order]
         change = np.empty(n, dtype=bool)
         change[0] = True
         change[1:] = (r[1:] != r[:-1]) | (f[1:] != f[:-1])
         rank[order] = np.cumsum(change) - 1
-        used = i + 1
+    used = len(firsts)
     stats: Dict[str, Any] = {"keyed": int(len(pos)), "levels": used, "weight": int(weight)}
     if not used:
         stats.update(shared=0.0, input_shared=0.0, groups=0, grouped_records=0, largest=0)
@@ -144,8 +153,7 @@ def build(n: int, payloads: List[bytes], whole: bool, mode: Any) -> RecordOrder:
     perm = np.argsort(rank, kind="stable")
     # what neighbours share, in the grouped order and in input order
     sharing, input_sharing = np.zeros(n, dtype=np.uint8), np.zeros(n, dtype=np.uint8)
-    for i in range(used):
-        first = level(i)
+    for first in firsts:
         sharing[1:] += (first[perm[1:]] == first[perm[:-1]])
         input_sharing[1:] += (first[1:] == first[:-1])
     cum = np.concatenate(([0.0], np.cumsum(weights)))

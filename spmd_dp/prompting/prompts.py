@@ -56,6 +56,7 @@ class PromptBuilder:
         self.cfg = cfg
         self.openai = cfg.input_format == "openai_batch"
         self.options = RequestOptions(cfg)
+        self._plain_key = cfg.prefix_field is None and not self.options.read_task and not self.options.adapters
         self.template_path = None if self.openai else find_template(cfg)
         self.template: Optional[jinja2.Template] = None
         if self.template_path is not None:
@@ -96,6 +97,8 @@ class PromptBuilder:
         return None, (self._key_bytes(record, prompt) if keyed else None)
 
     def _key_bytes(self, record: Dict[str, Any], prompt: Prompt) -> Optional[bytes]:
+        if type(prompt) is str and self._plain_key:  # the common case first: the scan calls this per record
+            return prompt.encode("utf-8", "surrogatepass")
         field = self.cfg.prefix_field
         if field is not None:
             value = record.get(field)
