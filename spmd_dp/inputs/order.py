@@ -69,8 +69,9 @@ class RecordOrder:
 
     def describe(self) -> str:
         s = self.stats
-        if not s.get("keyed"):
-            return "input order (prefix_affinity=false)" if s.get("off") else "input order (no prompt shares a prefix)"
+        if not s.get("keyed") or not s.get("levels"):
+            return "input order (prefix_affinity=false)" if s.get("off") else \
+                "input order (no two prompts share their first 256 bytes)"
         what = "grouped by prompt prefix" if self.permuted else "input order"
         return (f"{what}: {s['shared']:.0%} of the prompts' bytes shared with the record before (input order: "
                 f"{s['input_shared']:.0%}); {s['groups']} groups of {s['grouped_records']} records, largest "
@@ -123,21 +124,27 @@ def build(n: int, payloads: List[bytes], whole: bool, mode: Any) -> RecordOrder:
     weights = level_weights(whole)
     depth = int(counts.max()) if len(counts) else 0
 
-    def level(i: int) -> Optional[np.ndarray]:
-        sel = np.flatnonzero(counts > i)
-        return _first_of_groups(n, pos[sel], hashes[offsets[sel] + i]) if len(sel) else None
+    def same_groups(i: int, sel: np.ndarray, prev: np.ndarray) -> bool:
+        """Level i groups records as level i-1 did (a long document: most levels): every record of a shared
+        level-(i-1) group reaches level i with its group's first record's hash. O(n), no sort."""
+        members = np.flatnonzero(prev != np.arange(n))
+        where = np.full(n, -1, dtype=np.int64)
+        where[pos[sel]] = offsets[sel] + i
+        mine, theirs = where[members], where[prev[members]]
+        return bool((mine >= 0).all() and (theirs >= 0).all() and (hashes[mine] == hashes[theirs]).all())
 
     # the trie order: rank classes refined level by level by the first position of each record's group
     rank = np.zeros(n, dtype=np.int64)
     firsts: List[np.ndarray] = []  # kept for the sharing below (int32 when positions fit: 4 bytes a record a level)
     for i in range(depth):
-        first = level(i)
+        sel = np.flatnonzero(counts > i)
+        if firsts and same_groups(i, sel, firsts[-1]):
+            firsts.append(firsts[-1])
+            continue
+        first = _first_of_groups(n, pos[sel], hashes[offsets[sel] + i]) if len(sel) else None
         if first is None:
             break
         first = first.astype(np.int32) if n < 2 ** 31 else first
-        if firsts and np.array_equal(first, firsts[-1]):  # the same groups as the level before (a long document)
-            firsts.append(firsts[-1])
-            continue
         firsts.append(first)
         order = np.lexsort((first, rank))
         r, f = rank[order], first[order]

@@ -92,17 +92,36 @@ def ladders(buf, offsets: np.ndarray, lengths: np.ndarray, whole: bool) -> Tuple
 _PAD = tuple(b"\0" * (-k % 8) for k in range(8))
 
 
+class _Scratch:
+    """The buffer of prompts, one per process, reused by piece after piece: fresh memory costs a page fault every
+    4 KiB, more than the copy. A list that takes it over has the one that held it compute its hashes first."""
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.owner: Optional["PrefixList"] = None
+
+    def take(self, owner: "PrefixList") -> None:
+        if self.owner is not None:
+            self.owner._flush()
+        self.owner = owner
+        owner._pos = 0
+        if not self.buf:
+            self.buf = bytearray(BUFFER_BYTES)
+
+
+_scratch = _Scratch()
+
+
 class PrefixList:
     """The prefix keys of one scanned piece: each keyed record's number in the piece, its count of levels, the
     hashes end to end; and the weight of every keyed record (its prompt's bytes; prefix_field: 1). `add` only
     buffers the prompt (the scan's inner loop: a copy and two appends); the hashes are computed by numpy when the
-    buffer (BUFFER_BYTES) is full, and at the end."""
+    buffer (BUFFER_BYTES, shared by the process's lists: `_Scratch`) is full, and at the end."""
 
     def __init__(self, whole: bool = False) -> None:
         self.whole = whole
         self.records, self.counts, self.hashes = array("Q"), array("B"), array("Q")
         self.weight = 0
-        self._buf = bytearray()  # reused from flush to flush: fresh memory costs page faults, more than the copy
         self._pos = 0
         self._records, self._lengths = array("Q"), array("Q")
 
@@ -116,14 +135,19 @@ class PrefixList:
         if n < LEVELS[0] and not self.whole:
             self.weight += n
             return
-        pos, end = self._pos, self._pos + n + (-n & 7)
-        if end > len(self._buf):
+        if _scratch.owner is not self:
+            _scratch.take(self)
+        buf = _scratch.buf
+        pos = self._pos
+        end = pos + ((n + 7) & -8)
+        if end > len(buf):
             self._flush()
-            pos, end = 0, n + (-n & 7)
-            if end > len(self._buf):
-                self._buf = bytearray(max(end, BUFFER_BYTES))
-        self._buf[pos:pos + n] = data
-        self._buf[pos + n:end] = _PAD[n & 7]
+            pos, end = 0, (n + 7) & -8
+            if end > len(buf):
+                buf = _scratch.buf = bytearray(max(end, BUFFER_BYTES))
+        buf[pos:pos + n] = data
+        if self.whole:  # (its last word is hashed whole: zeros after the value; levels end at a word's end)
+            buf[pos + n:end] = _PAD[n & 7]
         self._pos = end
         self._records.append(record)
         self._lengths.append(n)
@@ -133,7 +157,7 @@ class PrefixList:
             return
         lengths = np.frombuffer(self._lengths, dtype=np.uint64)
         padded = (lengths + np.uint64(7)) & ~np.uint64(7)
-        with memoryview(self._buf) as mv:
+        with memoryview(_scratch.buf) as mv:
             counts, hashes = ladders(mv[:self._pos], np.cumsum(padded) - padded, lengths, self.whole)
         self.weight += len(lengths) if self.whole else int(lengths.sum())
         self.records.extend(self._records)
