@@ -203,6 +203,28 @@ def test_the_scan_takes_the_keys_and_reads_a_batch_of_scattered_records(tmp_path
     assert table.index.read_positions([0, 5, 6, 20, 34]) == [recs[p] for p in (0, 5, 6, 20, 34)]
 
 
+def test_forked_scanners_take_the_keys_the_rank_would(tmp_path):
+    from spmd_dp.inputs.duplicates import KeyList
+    from spmd_dp.inputs.scan import Piece, _scan_piece
+    from spmd_dp.inputs.scanners import Scanners
+    from spmd_dp.inputs.sources import resolve
+
+    inp = write_jsonl(tmp_path / "in.jsonl", doc_qa_records(9, 4, doc_len=80, seed=6))
+    files, _ = resolve([str(inp)])
+    size = files[0].size
+    pieces = [(k, Piece(0, s, min(s + 4000, size))) for k, s in enumerate(range(0, size, 4000))]
+    prompts = PromptBuilder(load_config([]))
+    spec = RecordSpec("id", prompts.check, None, prompts.check_keyed)
+    scanners = Scanners(spec, 16, None, processes=2)
+    try:
+        got = scanners.scan(files, pieces, rank=0)
+    finally:
+        scanners.close()
+    for (i, _, _, _, theirs), (_, piece) in zip(got, pieces):
+        _, own = _scan_piece(piece, files[0], spec, 16, KeyList(), [], None)
+        assert theirs.to_bytes() == own.to_bytes() and len(own)
+
+
 # -- batches and claims -------------------------------------------------------------------------------------
 def grouped_sharing(sizes):
     """sharing of slots laid out as consecutive groups of these sizes (2 levels inside a group, 0 at its start)."""

@@ -1,6 +1,6 @@
 """Durable, exactly-once commit on rank 0, and resume.
 
-Under `${output_dir}` (the paths are `OutputPaths`, spmd_dp/plan.py):
+Under `${output_dir}` (the paths are `OutputPaths`, spmd_dp/output/paths.py):
   `${name}.parts/part-NNNNNNNN.jsonl`  output_mode=single: the batches received in one
                                         round, written atomically (temp file, fsync, rename);
                                         sharded: each rank's parts, one per batch
@@ -268,4 +268,6 @@ def fingerprint(cfg, input_sha256: str, n_records: int, template: Optional[Path]
         "on_long_prompt": cfg.on_long_prompt,
         "clamp_max_tokens": cfg.clamp_max_tokens,
         "max_model_len": cfg.engine_options.max_model_len,
+        # images (spmd_dp/prompting/images.py): the field they are read from (only when set: older journals agree)
+        **({"image_field": cfg.image_field} if cfg.image_field else {}),
     }

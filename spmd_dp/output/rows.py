@@ -13,7 +13,7 @@ Rows stay dicts until a sink writes them (spmd_dp/output/sink.py): JSON lines, o
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 from spmd_dp.config import RunConfig
 from spmd_dp.engines.base import FAILED, REJECTED, Completion, Logprobs
@@ -76,10 +76,12 @@ class RowShaper:
         self.cfg, self.rank = cfg, rank
         self.openai = cfg.input_format == "openai_batch"
 
-    def shape(self, batch_index: int, positions: Sequence[int], records: Sequence[Optional[Dict[str, Any]]],
+    def shape(self, batch_index: int, positions: Union[int, Sequence[int]], records: Sequence[Optional[Dict[str, Any]]],
               done: Sequence[Completion], tries: Sequence[int]) -> Rows:
-        """records[i] (None: a bad record the scan reported) is the input record at positions[i]; done[i] its
-        completion; tries[i] how many times it was retried."""
+        """records[i] (None: a bad record the scan reported) is the input record at positions[i] (an int: the first
+        of consecutive positions); done[i] its completion; tries[i] how many times it was retried."""
+        if isinstance(positions, int):
+            positions = range(positions, positions + len(records))
         cfg, out = self.cfg, Rows()
         for i, (record, c) in enumerate(zip(records, done)):
             if c.error == BAD_RECORD:
@@ -102,6 +104,8 @@ class RowShaper:
                             "output_tokens": c.output_tokens, "rank": self.rank, "batch": batch_index}
                 if c.truncated_from is not None:
                     metadata["truncated_from"] = c.truncated_from
+                if c.images:
+                    metadata["images"] = c.images  # [width, height] of each image the engine was given
                 if tries[i]:
                     metadata["retries"] = tries[i]
             out.rows.append(output_row(record, cfg.name, c, metadata, cfg.return_token_ids))

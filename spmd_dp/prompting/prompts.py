@@ -8,6 +8,9 @@ In order of precedence, per record:
     an error naming the record);
   - the `prompt_field` (default `prompt`): text, or a list of token ids.
 With `chat=true` a text prompt becomes a one-turn conversation (after `system_prompt`).
+Images (spmd_dp/prompting/images.py): a chat's `image_url` parts, and the record's `image_field`, whose images join
+the last user turn of a chat (before its text) or, for a text prompt, go with it as vLLM's multi_modal_data (the
+text then holds the model's own image placeholders). The scan checks them cheaply; `request` reads them.
 With `task=score` the prompt is a `Pair`: the text above and the record's `document_field`.
 A record may carry its own options (`generation_options`, ...: spmd_dp/prompting/options.py); with
 `input_format=openai_batch` a record is an OpenAI request line, mapped first (spmd_dp/prompting/openai_batch.py).
@@ -27,8 +30,9 @@ from jinja2.sandbox import SandboxedEnvironment
 
 from spmd_dp.prompting import openai_batch
 from spmd_dp.config import RunConfig
-from spmd_dp.engines.base import Chat, Pair, Request, text_of
+from spmd_dp.engines.base import Chat, Pair, Request
 from spmd_dp.errors import UsageError
+from spmd_dp.prompting.images import PART_TYPES, ImageError, Images, field_references, image_limit, part_reference
 from spmd_dp.prompting.options import RequestOptions
 
 Messages = List[Dict[str, Any]]
@@ -56,6 +60,7 @@ class PromptBuilder:
         self.cfg = cfg
         self.openai = cfg.input_format == "openai_batch"
         self.options = RequestOptions(cfg)
+        self.images = Images(cfg.data_dir, cfg.storage_options or None, image_limit(cfg))
         self._plain_key = cfg.prefix_field is None and not self.options.read_task and not self.options.adapters
         self.template_path = None if self.openai else find_template(cfg)
         self.template: Optional[jinja2.Template] = None
@@ -81,8 +86,9 @@ class PromptBuilder:
     def check_keyed(self, record: Dict[str, Any], keyed: bool = True) -> Tuple[Optional[str], Optional[bytes]]:
         """`check`, and (keyed) the bytes the record's prefix key is taken from (spmd_dp/inputs/prefixes.py), from
         the same build: the value of its `prefix_field`, else its prompt as the engine gets it before the chat
-        template (text; token ids; a chat's roles and texts in order; a score pair), behind the task and LoRA
-        adapter that serve it when a run has several (their requests share no cache). None: no key."""
+        template (text; token ids; a chat's roles and texts in order, images as their references; a score pair),
+        behind the task and LoRA adapter that serve it when a run has several (their requests share no cache) and
+        image_field's images. None: no key."""
         try:
             record = self.view(record)
         except PromptError as e:
@@ -92,12 +98,16 @@ class PromptBuilder:
             return why, None
         try:
             prompt = self.build(record)
+            refs = self.image_references(record, prompt)
         except PromptError as e:
             return str(e), None
-        return None, (self._key_bytes(record, prompt) if keyed else None)
+        why = self.images.check(refs) if refs else None
+        if why is not None:
+            return why, None
+        return None, (self._key_bytes(record, prompt, refs) if keyed else None)
 
-    def _key_bytes(self, record: Dict[str, Any], prompt: Prompt) -> Optional[bytes]:
-        if type(prompt) is str and self._plain_key:  # the common case first: the scan calls this per record
+    def _key_bytes(self, record: Dict[str, Any], prompt: Prompt, images: List[Any]) -> Optional[bytes]:
+        if type(prompt) is str and self._plain_key and not images:  # the common case first: the scan's, per record
             return prompt.encode("utf-8", "surrogatepass")
         field = self.cfg.prefix_field
         if field is not None:
@@ -111,11 +121,13 @@ class PromptBuilder:
             serving.append(self.options.task(record))
         if self.options.adapters:
             serving.append(str(record.get("lora_adapter", self.cfg.lora_adapter)))
+        if images and not isinstance(prompt, Chat):  # image_field's images: in front (a chat's are in its messages)
+            serving.append(json.dumps(images, sort_keys=True, default=str))
         head = ("\x1f".join(serving) + "\x00").encode() if serving else b""
         if isinstance(prompt, list):
             return head + array("I", prompt).tobytes()
         if isinstance(prompt, Chat):
-            text = "\x1e".join(f"{m['role']}\x1f{text_of(m.get('content'))}" for m in prompt.messages)
+            text = "\x1e".join(f"{m['role']}\x1f{_key_text(m.get('content'))}" for m in prompt.messages)
         elif isinstance(prompt, Pair):
             text = f"{prompt.query}\x1f{prompt.document}"
         else:
@@ -134,9 +146,56 @@ class PromptBuilder:
             raise PromptError(f"OpenAI request: {e}") from None
 
     def request(self, request_id: str, record: Dict[str, Any], base: Dict[str, Any]) -> Request:
-        """The engine request of a checked record (`base`: the rank's SamplingParams keyword arguments)."""
+        """The engine request of a checked record (`base`: the rank's SamplingParams keyword arguments). Its images
+        are read here, on the rank that generates it; one that cannot be read raises PromptError."""
         record = self.view(record)
-        return self.options.request(request_id, record, self.build(record), base)
+        prompt = self.build(record)
+        images = []
+        try:
+            if isinstance(prompt, Chat):
+                prompt = self._with_images(prompt, record)
+            elif self.cfg.image_field and record.get(self.cfg.image_field) is not None:
+                images = [self.images.load(ref) for ref in field_references(record[self.cfg.image_field])]
+        except ImageError as e:
+            raise PromptError(f"image: {e}") from None
+        request = self.options.request(request_id, record, prompt, base)
+        request.images = images
+        return request
+
+    def image_references(self, record: Dict[str, Any], prompt: Prompt) -> List[Any]:
+        """The record's image references: its chat's image parts, then its image field's (not read)."""
+        refs = []
+        if isinstance(prompt, Chat):
+            refs = [part_reference(p) for m in prompt.messages if isinstance(m["content"], list) for p in m["content"]
+                    if p.get("type") in PART_TYPES]
+        field = self.cfg.image_field
+        if field:
+            if field not in record and record.get(self.cfg.messages_field) is None:  # a chat may hold its own
+                raise PromptError(f"no image field '{field}' (set image_field=<field>; a record without images holds "
+                                  f"null or [] there)")
+            value = record.get(field)
+            if value is not None:
+                refs += field_references(value)
+            if refs and isinstance(prompt, Pair):
+                raise PromptError("task=score takes two texts, not images; remove the images or image_field")
+        return refs
+
+    def _with_images(self, chat: Chat, record: Dict[str, Any]) -> Chat:
+        """The chat with its image parts read, and the image field's images before the last user turn's text."""
+        messages = []
+        for m in chat.messages:
+            if isinstance(m["content"], list):
+                m = {**m, "content": [self.images.part(part_reference(p)) if p.get("type") in PART_TYPES else p
+                                      for p in m["content"]]}
+            messages.append(m)
+        value = record.get(self.cfg.image_field) if self.cfg.image_field else None
+        if value is not None:
+            extra = [self.images.part(ref) for ref in field_references(value)]
+            last = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=len(messages) - 1)
+            content = messages[last]["content"]
+            text = [{"type": "text", "text": content}] if isinstance(content, str) else content
+            messages[last] = {**messages[last], "content": extra + text}
+        return Chat(messages)
 
     def build(self, record: Dict[str, Any]) -> Prompt:
         prompt = self._build(record)
@@ -181,13 +240,16 @@ class PromptBuilder:
         return text
 
 
+def _key_text(content: Any) -> str:
+    """A message's content as its prefix key takes it: its text, an image part as its reference (in place)."""
+    if isinstance(content, str):
+        return content
+    return "".join(p.get("text", "") if p.get("type") == "text" else "\x1d" + json.dumps(p, sort_keys=True, default=str)
+                   for p in content if isinstance(p, dict))
+
 
 class PromptError(ValueError):
     """A record cannot be turned into a prompt."""
-
-
-IMAGES_REFUSED = ("images in chat messages are not supported yet (vLLM 0.32's vision models need a CPU "
-                  "torchvision, which the CPU build lacks: not proven here); send text parts only")
 
 
 def _check_messages(messages: Any, field: str) -> Messages:
@@ -203,9 +265,14 @@ def _check_messages(messages: Any, field: str) -> Messages:
             raise PromptError(f"'{field}'[{i}] must be an object with string 'role' and 'content' (or a list of "
                               f"content parts)")
         for j, part in enumerate(content):
-            if part.get("type") in ("image_url", "input_image", "image"):
-                raise PromptError(f"'{field}'[{i}].content[{j}]: {IMAGES_REFUSED}")
+            if part.get("type") in PART_TYPES:
+                if part_reference(part) is None:
+                    raise PromptError(f"'{field}'[{i}].content[{j}]: an image part holds its image as "
+                                      f"{{\"type\": \"image_url\", \"image_url\": {{\"url\": ...}}}} (a data: URL, a "
+                                      f"URL or a path)")
+                continue
             if part.get("type") != "text" or not isinstance(part.get("text"), str):
                 raise PromptError(f"'{field}'[{i}].content[{j}] must be a text part {{\"type\": \"text\", "
-                                  f"\"text\": ...}}, got type {part.get('type')!r}")
+                                  f"\"text\": ...}} or an image part {{\"type\": \"image_url\", \"image_url\": "
+                                  f"{{\"url\": ...}}}}, got type {part.get('type')!r}")
     return messages
