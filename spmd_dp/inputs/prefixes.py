@@ -27,7 +27,7 @@ import numpy as np
 
 LEVELS = (256, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192, 12288, 16384, 24576, 32768, 49152, 65536,
           98304, 131072, 196608, 262144)
-BUFFER_BYTES = 1 << 20  # prompts buffered before their hashes are computed (the buffer is reused)
+BUFFER_BYTES = 4 << 20  # prompts buffered before their hashes are computed (the buffer is reused)
 _U64 = np.dtype("<u8")
 _BASE = 0x9E3779B97F4A7C15  # odd: invertible mod 2^64
 _INV = pow(_BASE, -1, 1 << 64)
