@@ -5,15 +5,13 @@ grouping refused on resume), and real vLLM on CPU (the prefix cache's hit rate i
 import json
 import os
 import signal
-import time
 from collections import defaultdict
 
 import pyarrow.parquet as pq
 import pytest
 
-from spmd_dp.testing import (doc_qa_records, echo_args, expected_rows, journal_batches, read_jsonl, spmd, worker_pids,
-                             write_jsonl)
-from tests.test_resilience import torchrun
+from spmd_dp.testing import (doc_qa_records, echo_args, expected_rows, launch, read_jsonl, spmd, wait_for_batches,
+                             worker_pids, write_jsonl)
 
 
 def qa_input(tmp_path, docs=30, questions=6, seed=0):
@@ -25,6 +23,7 @@ def metrics(tmp_path, name):
     return json.loads((tmp_path / "out" / f"{name}.metrics.json").read_text())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("schedule", ["dynamic", "static"])
 def test_three_ranks_with_affinity_write_the_file_they_write_without(tmp_path, schedule):
     records, inp = qa_input(tmp_path)
@@ -50,14 +49,13 @@ def test_three_ranks_with_affinity_write_the_file_they_write_without(tmp_path, s
     assert "prefix_order" not in metrics(tmp_path, "off")["total"]
 
 
+@pytest.mark.slow
+@pytest.mark.timing
 def test_kill_9_under_max_restarts_still_gives_every_key_once(tmp_path):
     records, inp = qa_input(tmp_path, docs=40, questions=6, seed=1)
     args = echo_args(tmp_path, inp, "batch_size=6", "engine_options.echo_delay_s=0.01")
-    proc = torchrun(args, nproc=3)
-    journal = tmp_path / "out" / "out.journal.jsonl"
-    deadline = time.monotonic() + 120
-    while journal_batches(journal) < 5 and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.05)
+    proc = launch(args, nproc=3, torchrun_args=["--max-restarts=1"])
+    wait_for_batches(tmp_path / "out" / "out.journal.jsonl", 5, proc)
     pids = worker_pids(proc.pid)
     assert 1 in pids, f"workers: {pids}"
     os.kill(pids[1], signal.SIGKILL)
@@ -69,6 +67,7 @@ def test_kill_9_under_max_restarts_still_gives_every_key_once(tmp_path):
     assert len({r["id"] for r in rows}) == len(records)
 
 
+@pytest.mark.slow
 def test_sharded_output_reads_back_and_sorts_back_by_the_manifest(tmp_path):
     records, inp = qa_input(tmp_path, docs=25, questions=5, seed=2)
     p = spmd(echo_args(tmp_path, inp, "batch_size=7", "output_mode=sharded"), nproc=2, timeout=300)
@@ -92,6 +91,7 @@ def test_sharded_output_reads_back_and_sorts_back_by_the_manifest(tmp_path):
     assert pq.read_table(tmp_path / "out" / "merged.parquet").to_pylist() == expected_rows(records, "merged")
 
 
+@pytest.mark.slow
 def test_a_changed_grouping_is_refused_on_resume(tmp_path):
     records, inp = qa_input(tmp_path, docs=10, questions=4)
     first = spmd(echo_args(tmp_path, inp), timeout=120)
