@@ -33,7 +33,8 @@ from spmd_dp.control.claims import Batch, Claims
 from spmd_dp.config import RunConfig
 from spmd_dp.engines.base import FAILED, REJECTED, Completion, Engine, EngineFailure, EngineGaveUp, Request
 from spmd_dp.errors import RunFailure
-from spmd_dp.inputs import InputIndex, read_batch
+from spmd_dp.inputs import InputIndex
+from spmd_dp.inputs.order import RecordOrder
 from spmd_dp.log import logger
 from spmd_dp.control.messages import BatchDone, RankState, RankStats
 from spmd_dp.control.outbox import Outbox
@@ -75,9 +76,12 @@ def token_demand(request: Request) -> int:
 
 class GenerationLoop:
     def __init__(self, cfg: RunConfig, engine: Engine, claims: Claims, index: InputIndex, prompts: PromptBuilder,
-                 outbox: Outbox, peers: Peers, sink: Sink, rank: int, stats: RankStats, n_batches: int) -> None:
-        """n_batches: batches of this run (all committed: the end)."""
+                 outbox: Outbox, peers: Peers, sink: Sink, rank: int, stats: RankStats, n_batches: int,
+                 order: Optional[RecordOrder] = None) -> None:
+        """n_batches: batches of this run (all committed: the end); order: which records a batch's slots hold
+        (spmd_dp/inputs/order.py; None: input order)."""
         self.cfg, self.engine, self.claims, self.index, self.outbox, self.rank = cfg, engine, claims, index, outbox, rank
+        self.order = order if order is not None else RecordOrder(index.n_records)
         self.peers, self.sink, self.shaper = peers, sink, RowShaper(cfg, rank)
         self.prompts = prompts
         self.stats = stats
@@ -120,7 +124,7 @@ class GenerationLoop:
         self.stats.claim_s += time.perf_counter() - t0
         if batch is None:
             return False
-        records = read_batch(self.index, batch.start, batch.stop)
+        records = self.order.read(self.index, batch.start, batch.stop)
         now, n = time.monotonic(), len(records)
         job = _InFlight(batch, records, now, now, [None] * n, n, [0] * n, [None] * n, [0] * n)
         self.inflight[batch.index] = job
@@ -173,9 +177,12 @@ class GenerationLoop:
             what = "was rejected by the engine" if c.error_kind == REJECTED else \
                 f"failed in the engine ({job.tries[i] + 1} tries: max_retries={job.requests[i].max_retries})"
             raise RunFailure(f"record {self.cfg.primary_key}={rec[self.cfg.primary_key]!r} (batch {batch_index}, "
-                             f"record {job.batch.start + i}) {what}: {c.error}; set on_bad_record=skip to send such "
-                             f"records to the errors file")
+                             f"record {self.order.positions(job.batch.start + i, job.batch.start + i + 1)[0]}) "
+                             f"{what}: {c.error}; set on_bad_record=skip to send such records to the errors file")
         job.done[i] = c
+        if c.cached_tokens is not None:
+            self.stats.prefix_cache_hits += c.cached_tokens
+            self.stats.prefix_cache_queries += c.prompt_tokens
         job.remaining -= 1
         self.demand -= job.demands[i]
         if job.remaining == 0:
@@ -183,9 +190,12 @@ class GenerationLoop:
 
     def _emit(self, job: _InFlight) -> None:
         b = job.batch
-        shaped = self.shaper.shape(b.index, b.start, job.records, job.done, job.tries)
+        shaped = self.shaper.shape(b.index, self.order.positions(b.start, b.stop), job.records, job.done, job.tries)
+        if self.order.permuted:  # the rows in input order, with their positions (the output is put in order by them)
+            shaped.in_input_order()
         self.sink.put(BatchDone(b.index, b.start, b.stop, self.rank, [], shaped.errors, shaped.prompt_tokens,
-                                shaped.output_tokens, round(time.monotonic() - job.claimed_at, 3)), shaped.rows)
+                                shaped.output_tokens, round(time.monotonic() - job.claimed_at, 3),
+                                positions=shaped.positions if self.order.permuted else None), shaped.rows)
         self.last_emit = time.monotonic()
         self.drained += self.drain.requested
         s = self.stats
@@ -233,14 +243,14 @@ class GenerationLoop:
     def _hand_back(self, why: str) -> None:
         """Give every claimed, unfinished batch back: the other ranks take them before new work."""
         jobs = list(self.inflight.values())
-        if not jobs:
-            return
-        self.claims.give_back([job.batch for job in jobs])
+        given = self.claims.give_back([job.batch for job in jobs])  # and the rest of its run
         self.inflight.clear()
         self.queued = self.demand = 0
-        self.stats.handed_back += len(jobs)
+        if not given:
+            return
+        self.stats.handed_back += len(given)
         logger.warning("rank %d handed back %d batches (%s; %d records) to the other ranks: %s", self.rank,
-                       len(jobs), ", ".join(str(j.batch.index) for j in jobs), sum(j.batch.size for j in jobs), why)
+                       len(given), ", ".join(str(b.index) for b in given), sum(b.size for b in given), why)
 
     def _readd(self) -> None:
         """Put the unfinished requests of this rank's batches into the new engine (none was committed)."""

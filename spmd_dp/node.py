@@ -18,6 +18,7 @@ from spmd_dp.config import RunConfig
 from spmd_dp.control.claims import Span
 from spmd_dp.errors import UsageError
 from spmd_dp.inputs import InputIndex, RecordSpec, locations, shared_scan
+from spmd_dp.inputs.order import RecordOrder
 from spmd_dp.inputs.scanners import Scanners, scan_processes
 from spmd_dp.output.sink import Output
 from spmd_dp.plan import RankPlan
@@ -42,14 +43,23 @@ class Node:
         template decides what the prompt reads)."""
         cfg, prompts = self.cfg, self.prompts
         columns = None if prompts.template is not None else (cfg.prompt_field, cfg.messages_field)
-        return RecordSpec(cfg.primary_key, prompts.check, columns)
+        keyed = self.order_mode is not False
+        return RecordSpec(cfg.primary_key, prompts.check, columns, prompts.check_keyed if keyed else None,
+                          whole_key=cfg.prefix_field is not None)
+
+    @property
+    def order_mode(self):
+        """prefix_affinity as the scan takes it (spmd_dp/inputs/order.py): False, "auto", or True (prefix_field:
+        the records name their groups)."""
+        cfg = self.cfg
+        return True if cfg.prefix_field is not None else cfg.prefix_affinity
 
 
 @dataclass
 class WorkOrder:
     """What rank 0 tells every rank before the work starts (broadcast as JSON)."""
 
-    pending: List[Span] = field(default_factory=list)  # record spans not committed yet
+    pending: List[Span] = field(default_factory=list)  # spans of slots (the record order's) not committed yet
     complete: bool = False  # the journal says the output is written already
     error: Optional[str] = None  # a UsageError's line: every rank exits 2
     shared: Optional[str] = None  # sharded output: the marker rank 0 left in the parts' folder
@@ -63,16 +73,18 @@ def fork_scanners(node: Node) -> Scanners:
                     scan_processes(kind, plan.env.local_world_size))
 
 
-def open_node(node: Node, group, rank0, scanners: Optional[Scanners]) -> Tuple[Optional[InputIndex], WorkOrder]:
+def open_node(node: Node, group, rank0, scanners: Optional[Scanners]
+              ) -> Tuple[Optional[InputIndex], Optional[RecordOrder], WorkOrder]:
     """Every rank: scan a share of the input (merged over `group`, a spmd_dp.control.comm.Group) in its scanners,
-    then rank 0 (`rank0`, None elsewhere) opens the journal; the WorkOrder is rank 0's, on every rank."""
+    then rank 0 (`rank0`, None elsewhere) opens the journal; the WorkOrder is rank 0's, on every rank. The record
+    order (spmd_dp/inputs/order.py) says which records a span of the WorkOrder's slots holds."""
     cfg = node.cfg
     try:
         result = shared_scan(locations(cfg.data_dir, cfg.input_data_path), cfg.input_format, node.record_spec(),
                              cfg.batch_size, cfg.on_bad_record == "skip", group, cfg.storage_options or None,
-                             scanners)
+                             scanners, node.order_mode)
     except UsageError as e:
-        return None, WorkOrder(error=str(e))
-    order = WorkOrder(**group.broadcast_json(asdict(rank0.open(result)) if rank0 else None))
-    order.error = order.error or node.output.check_shared(group, order.shared)
-    return result.index, order
+        return None, None, WorkOrder(error=str(e))
+    work = WorkOrder(**group.broadcast_json(asdict(rank0.open(result)) if rank0 else None))
+    work.error = work.error or node.output.check_shared(group, work.shared)
+    return result.index, result.order, work

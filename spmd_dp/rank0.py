@@ -38,6 +38,7 @@ class Rank0:
         self.progress: Optional[Progress] = None
         self.failed: Dict[int, RankStats] = {}  # ranks whose engine failed at start or mid-run
         self.todo = 0  # records to generate in this run
+        self.order = None  # the record order (spmd_dp/inputs/order.py): its stats go to the metrics
 
     def complete_already(self) -> bool:
         """Before any engine starts: does the journal say this node's output is written (overwrite=true: no)? Then
@@ -55,8 +56,10 @@ class Rank0:
                 logger.warning("%d bad records in the input (first: %s: %s); on_bad_record=skip: they go to %s",
                                len(self.bad), self.bad[0].where, self.bad[0].reason, paths.errors)
             self.n_records = index.n_records
+            self.order = scanned.order
             self.journal.fingerprint = fingerprint(cfg, index.content_sha256(), index.n_records,
-                                                   self.prompts.template_path)
+                                                   self.prompts.template_path,
+                                                   scanned.order.digest() if scanned.order is not None else None)
             self.journal.open(overwrite=cfg.overwrite)
             if not self.journal.complete:
                 atomic_write(paths.config, [to_yaml(cfg).encode()])
@@ -123,6 +126,8 @@ class Rank0:
         """metrics.json and the summary table (also after a drain: what this run did)."""
         report = self.metrics.report()
         report.total.update(complete=final, **total)
+        if self.order is not None and self.order.stats.get("keyed"):
+            report.total["prefix_order"] = {"grouped": self.order.permuted, **self.order.stats}
         atomic_write(self.paths.metrics, [report.to_json().encode()])
         for line in report.table().splitlines():
             logger.info("%s", line)

@@ -4,7 +4,7 @@
   per workflow node (a `Node`: config, plan, prompts, output):
     device slice -> rank 0 reads whether the journal says the output is complete (then no engine starts)
     -> the engine starts (a thread) while every rank scans its share of the input; the
-    shares merge; rank 0 opens the journal (open_node) -> WorkOrder to all
+    shares merge, with the record order (prefix affinity); rank 0 opens the journal (open_node) -> WorkOrder to all
     -> batches and claims -> control thread (outbox -> rank 0's inbox and handler; the board -> peers)
     -> the engine, started -> generation loop -> sink -> outbox ... -> rank 0 writes the output and the metrics
 """
@@ -102,16 +102,16 @@ def run_node(node: Node, world: World, store, keep_engine: bool) -> None:
     starting = None if complete else start()  # while the input is scanned
     index = control = None
     try:
-        index, order = open_node(node, group, rank0, scanners)
+        index, order, work_order = open_node(node, group, rank0, scanners)
         scanners.close()
-        if order.error:
-            raise UsageError(order.error, quiet=not plan.is_rank0)  # rank 0 prints it
-        if order.complete:
+        if work_order.error:
+            raise UsageError(work_order.error, quiet=not plan.is_rank0)  # rank 0 prints it
+        if work_order.complete:
             if starting is not None:
                 starting.stop()
             return
         starting = starting or start()  # the output said complete is gone: it is made again
-        batches = make_batches(cfg.schedule, order.pending, plan.world_size, cfg.batch_size)
+        batches = make_batches(cfg.schedule, work_order.pending, plan.world_size, cfg.batch_size, order.sharing)
         work = substore(store, "work")  # the claim counters and the board (spmd_dp/control/board.py)
         claims = Claims(work, batches, cfg.schedule, plan.rank, plan.world_size)  # logs a static share
         outbox = Outbox(Board(work, plan.rank, plan.world_size, plan.is_rank0))
@@ -125,7 +125,7 @@ def run_node(node: Node, world: World, store, keep_engine: bool) -> None:
         if engine is not None:
             sink = node.output.sink(plan.rank, outbox.put)
             GenerationLoop(cfg, engine, claims, index, node.prompts, outbox, peers, sink, plan.rank, stats,
-                           len(batches)).run()
+                           len(batches), order).run()
             if not keep_engine or outbox.state == RankState.GAVE_UP:
                 world.engines.release()
         outbox.put(stats)

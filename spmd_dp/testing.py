@@ -5,6 +5,7 @@ what it wrote. No mocks: a run here is the real program in its own processes.
                                                             the background, and end it whatever happens)
   write_jsonl / read_jsonl / make_records / echo_args / expected_rows / keys_report   inputs, what the echo engine
                                                             writes, keys lost or written twice
+  doc_qa_records                                            documents x questions (prefix affinity's workload)
   journal_batches / wait_until / wait_for_batches           a run's progress, waited for (every wait bounded)
   worker_pids / engine_core_pid                             its ranks' processes, a rank's vLLM EngineCore
   image_bytes / write_image_records                         images (PIL), and image records of several sizes
@@ -15,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import subprocess
 import sys
 import time
@@ -103,6 +105,29 @@ def read_jsonl(path: Path) -> List[dict]:
 def make_records(n: int, words: int = 6, prefix: str = "r") -> List[dict]:
     """n records {id, prompt} whose prompts are `words` distinct words each."""
     return [{"id": f"{prefix}{i:05d}", "prompt": " ".join(f"w{i}_{j}" for j in range(words))} for i in range(n)]
+
+
+def doc_qa_records(docs: int, questions: int, doc_len: int = 300, question_len: int = 8, seed: int = 0,
+                   shuffle: bool = True, vocab: Optional[int] = None) -> List[dict]:
+    """D documents x Q questions (prefix affinity's workload): a record's prompt is its document, then its question;
+    `doc_id` names the document. Text (doc_len words "d<doc>_<i>", then "Question <q>: ..."), or with `vocab` token
+    ids (doc_len ids, then question_len ids, from a seeded generator). Shuffled unless shuffle=False (grouped)."""
+    rng = random.Random(seed)
+    recs = []
+    for d in range(docs):
+        if vocab is None:
+            doc = "Document: " + " ".join(f"d{d}_{i}" for i in range(doc_len)) + "\n"
+        else:
+            doc = [rng.randrange(10, vocab) for _ in range(doc_len)]
+        for q in range(questions):
+            if vocab is None:
+                prompt = doc + f"Question {q}: " + " ".join(f"q{d}_{q}_{i}" for i in range(question_len))
+            else:
+                prompt = doc + [rng.randrange(10, vocab) for _ in range(question_len)]
+            recs.append({"id": f"d{d:04d}q{q:03d}", "doc_id": d, "prompt": prompt})
+    if shuffle:
+        rng.shuffle(recs)
+    return recs
 
 
 def echo_args(tmp_path: Path, input_path: Path, *extra: str, name: str = "out") -> List[str]:

@@ -25,7 +25,7 @@ def rank0(tmp_path, records, *overrides, world=2):
 
 def open_(r0):
     """open_node on a world of one: the scan, then Rank0.open; returns the WorkOrder."""
-    index, order = open_node(r0.node, LocalGroup(), r0, None)
+    index, _, order = open_node(r0.node, LocalGroup(), r0, None)
     if index is not None:
         index.close()
     return order

@@ -35,13 +35,14 @@ def test_the_scanners_make_what_the_rank_would(tmp_path):
     finally:
         scanners.close()
     assert [i for i, *_ in got] == [i for i, _ in pieces] and scanners.cpu_s > 0
-    for (i, summary, keys, bad), (_, piece) in zip(got, pieces):
+    for (i, summary, keys, bad, prefixes), (_, piece) in zip(got, pieces):
         own_keys, own_bad = KeyList(), []
-        own = _scan_piece(piece, files[piece.file], SPEC, 16, own_keys, own_bad, None)
+        own, own_prefixes = _scan_piece(piece, files[piece.file], SPEC, 16, own_keys, own_bad, None)
         own["locator"] = locator_to_json(own["locator"])
         assert summary == own and bytes(keys.blob) == bytes(own_keys.blob) and bad == own_bad
         assert list(keys.lines) == list(own_keys.lines)
-    assert sum(len(b) for *_, b in got) == 1 and sum(s["records"] for _, s, *_ in got) == 501
+        assert prefixes is own_prefixes is None  # (no prefix keys asked for: tests/test_prefix.py has them)
+    assert sum(len(g[3]) for g in got) == 1 and sum(s["records"] for _, s, *_ in got) == 501
 
 
 def test_an_input_error_in_a_piece_is_the_same_line(tmp_path):

@@ -24,6 +24,12 @@ def validate(cfg: RunConfig) -> None:
     _check(bool(cfg.name) and "/" not in cfg.name, "name", cfg.name, "use a non-empty file name (no '/')")
     _check(cfg.inference_engine in ENGINES, "inference_engine", cfg.inference_engine, f"use one of {', '.join(ENGINES)}")
     _check(cfg.schedule in SCHEDULES, "schedule", cfg.schedule, f"use one of {', '.join(SCHEDULES)}")
+    _check(isinstance(cfg.prefix_affinity, bool) or cfg.prefix_affinity == "auto", "prefix_affinity",
+           cfg.prefix_affinity, "use auto (group records that share a prompt prefix when it pays), true or false")
+    _check(cfg.prefix_field is None or (isinstance(cfg.prefix_field, str) and bool(cfg.prefix_field)), "prefix_field",
+           cfg.prefix_field, "name the field whose value groups records (e.g. prefix_field=doc_id), or leave it unset")
+    _check(cfg.prefix_field is None or cfg.prefix_affinity is not False, "prefix_field", cfg.prefix_field,
+           "prefix_field groups records, which prefix_affinity=false turns off: set one of them only")
     _check(cfg.output_format in OUTPUT_FORMATS, "output_format", cfg.output_format, f"use one of {', '.join(OUTPUT_FORMATS)}")
     _check(cfg.output_mode in OUTPUT_MODES, "output_mode", cfg.output_mode,
            f"use one of {', '.join(OUTPUT_MODES)} (sharded: every rank writes its own batches; see the README)")

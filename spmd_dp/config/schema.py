@@ -157,6 +157,11 @@ class RunConfig:
     # spmd_dp
     workflow: Optional[str] = None  # a seed-000 workflow JSON: run its text_prompt nodes (spmd_dp/workflow.py)
     schedule: str = "dynamic"
+    # records that share a prompt prefix go to one rank, close in time (vLLM's prefix cache serves them):
+    # auto (default) groups them when that shares at least a tenth more of the prompts between neighbours than
+    # the input order does; true: whenever they share; false: today's order (docs/prefix-affinity.md)
+    prefix_affinity: Any = "auto"
+    prefix_field: Optional[str] = None  # group records by this field's value instead of their prompts' prefixes
     overwrite: bool = False
     output_format: str = "jsonl"  # jsonl | parquet (${output_dir}/${name}.parquet, via pyarrow)
     # single: rank 0 receives every row and writes ${name}.jsonl; sharded: each rank writes the batches it finished

@@ -1,7 +1,10 @@
 """The work: records cut into batches, and who takes which batch.
 
-A batch is `batch_size` contiguous records, the unit of scheduling, commit and
-resume. Only records not yet committed (the `pending` spans) are cut.
+A batch is `batch_size` contiguous slots of the record order (spmd_dp/inputs/order.py: input positions,
+or records grouped by prompt prefix), the unit of scheduling, commit and resume. Only slots not yet
+committed (the `pending` spans) are cut. With prefix affinity the cuts fall where neighbours share least
+(spmd_dp/control/groups.py): static's shares end there, and dynamic claims runs of batches that keep a
+group on one rank (a rank takes the rest of its run, `local`, before claiming more).
 
 - `schedule=static`: the seed's balanced contiguous split of the pending records
   over the ranks (33 over 4 -> 9,8,8,8), each rank's share cut into batches.
@@ -30,11 +33,13 @@ rank whose `store.add` on it returns 1 (the same atomic discipline as the counte
 from __future__ import annotations
 
 from dataclasses import dataclass
-from itertools import accumulate
+from collections import deque
+from itertools import accumulate, groupby
 from typing import Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
-from spmd_dp.log import logger
+from spmd_dp.control import groups
 from spmd_dp.control.messages import RankState
+from spmd_dp.log import logger
 
 Span = Tuple[int, int]  # [start, stop) of record positions
 TAIL_K = 2  # guided self-scheduling: in the tail a rank holds about (unclaimed records) / (TAIL_K x ranks)
@@ -43,9 +48,10 @@ TAIL_K = 2  # guided self-scheduling: in the tail a rank holds about (unclaimed 
 @dataclass(frozen=True)
 class Batch:
     index: int  # position in this run's batch list: "batch Y" in the logs
-    start: int  # first record (position among the input's records)
+    start: int  # first slot of the record order (spmd_dp/inputs/order.py; input order: the record's position)
     stop: int
     owner: int = -1  # static: the rank whose share it is; dynamic: -1
+    run: int = -1  # dynamic: the claim unit it belongs to (batches of one run are claimed together)
 
     @property
     def size(self) -> int:
@@ -85,35 +91,40 @@ def cut(spans: Sequence[Span], batch_size: int) -> List[Span]:
     return out
 
 
-def _take(spans: Sequence[Span], offset: int, count: int) -> List[Span]:
-    """The records at positions [offset, offset+count) of the spans laid end to end."""
-    out, seen = [], 0
-    for start, stop in spans:
-        length = stop - start
-        lo, hi = max(offset, seen), min(offset + count, seen + length)
-        if lo < hi:
-            out.append((start + lo - seen, start + hi - seen))
-        seen += length
-    return out
-
-
-def static_batches(pending: Sequence[Span], world: int, batch_size: int) -> List[Batch]:
+def static_batches(pending: Sequence[Span], world: int, batch_size: int, sharing=None) -> List[Batch]:
+    """Each rank's share cut into batches; sharing (prefix affinity): the shares end where neighbours share least."""
     total = sum(stop - start for start, stop in pending)
+    if sharing is None:
+        shares = balanced_split(total, world)
+    else:
+        ends = groups.static_bounds(groups.costs(pending, sharing), world)
+        shares = list(zip([0] + ends[:-1], ends))
     batches: List[Batch] = []
-    for rank, (lo, hi) in enumerate(balanced_split(total, world)):
-        for start, stop in cut(_take(pending, lo, hi - lo), batch_size):
+    for rank, (lo, hi) in enumerate(shares):
+        for start, stop in cut(groups.take(pending, lo, hi - lo), batch_size):
             batches.append(Batch(len(batches), start, stop, owner=rank))
     return batches
 
 
-def dynamic_batches(pending: Sequence[Span], batch_size: int) -> List[Batch]:
-    return [Batch(i, start, stop) for i, (start, stop) in enumerate(cut(pending, batch_size))]
+def dynamic_batches(pending: Sequence[Span], batch_size: int, world: int = 1, sharing=None) -> List[Batch]:
+    """The batches in claim order; sharing (prefix affinity): batches of one run (spmd_dp/control/groups.py) are
+    claimed together. Without, each batch is a run of its own."""
+    if sharing is None:
+        return [Batch(i, start, stop, run=i) for i, (start, stop) in enumerate(cut(pending, batch_size))]
+    batches: List[Batch] = []
+    lo = 0
+    for run, hi in enumerate(groups.run_bounds(groups.costs(pending, sharing), batch_size, world, TAIL_K)):
+        for start, stop in cut(groups.take(pending, lo, hi - lo), batch_size):
+            batches.append(Batch(len(batches), start, stop, run=run))
+        lo = hi
+    return batches
 
 
-def make_batches(schedule: str, pending: Sequence[Span], world: int, batch_size: int) -> List[Batch]:
+def make_batches(schedule: str, pending: Sequence[Span], world: int, batch_size: int, sharing=None) -> List[Batch]:
+    """sharing: the record order's (spmd_dp/inputs/order.py), None without grouping."""
     if schedule == "static":
-        return static_batches(pending, world, batch_size)
-    return dynamic_batches(pending, batch_size)
+        return static_batches(pending, world, batch_size, sharing)
+    return dynamic_batches(pending, batch_size, world, sharing)
 
 
 class Claims:
@@ -128,24 +139,30 @@ class Claims:
     def __init__(self, store, batches: Sequence[Batch], schedule: str, rank: int, world: int) -> None:
         self.store, self.rank, self.world, self.static = store, rank, world, schedule == "static"
         self.batches = list(batches)
-        # dynamic: records in the batches after batch i ([i+1:]); unclaimed = after[the counter's last value]
-        self.after = list(accumulate(b.size for b in reversed(self.batches)))[::-1][1:] + [0] if batches else [0]
-        self.unclaimed = sum(b.size for b in batches)  # as of this rank's last claim (it only falls)
         if self.static:
-            self.queues = {r: [b for b in batches if b.owner == r] for r in range(world)}
-        else:
-            self.queues = {-1: list(batches)}
+            self.queues = {r: [[b] for b in batches if b.owner == r] for r in range(world)}
+        else:  # one queue of runs: a rank claims a run, then takes its batches one by one (`local`)
+            self.queues = {-1: [list(run) for _, run in groupby(batches, key=lambda b: b.run)]}
+        sizes = [sum(b.size for b in run) for run in self.queues.get(-1, [])]
+        # dynamic: records in the runs after run i ([i+1:]); unclaimed = after[the counter's last value]
+        self.after = list(accumulate(reversed(sizes)))[::-1][1:] + [0] if sizes else [0]
+        self.unclaimed = sum(b.size for b in batches)  # as of this rank's last claim (it only falls)
+        self.local: "deque[Batch]" = deque()  # the rest of the run this rank claimed last
         self.exhausted: set = set()
         self.returned_seen = 0  # returned slots below this one are taken, or this rank's own (own_returned)
         self.own_returned: set = set()
         if self.static:  # the seed's `Assigned N prompts to rank X` for a static share (dynamic logs each claim)
             logger.info("Assigned %d prompts to rank %d", self.share(self.rank), self.rank)
 
-    def give_back(self, batches: Sequence[Batch]) -> None:
-        """Hand claimed, unfinished batches back: the other ranks take them before new work."""
+    def give_back(self, batches: Sequence[Batch]) -> List[Batch]:
+        """Hand claimed, unfinished batches back, and the rest of this rank's run: the other ranks take them before
+        new work. Returns every batch handed back."""
+        batches = list(batches) + list(self.local)
+        self.local.clear()
         for b in batches:
             slot = self.store.add("returned/n", 1) - 1
             self.store.set(f"returned/{slot}", f"{b.index} {self.rank}")
+        return batches
 
     def _claim_returned(self, out: Mapping[int, RankState], returned: Optional[int]) -> Optional[Batch]:
         """A batch some rank handed back, if any is left. A rank leaves the batches it handed back itself
@@ -170,6 +187,7 @@ class Claims:
         return None
 
     def _claim_from(self, owner: int) -> Optional[Batch]:
+        """The first batch of the next run of a queue (the rest go to `local`), or None."""
         queue = self.queues.get(owner, [])
         if owner in self.exhausted or not queue:
             return None
@@ -177,7 +195,8 @@ class Claims:
         if owner == -1:
             self.unclaimed = self.after[i] if i < len(queue) else 0
         if i < len(queue):
-            return queue[i]
+            self.local.extend(queue[i][1:])
+            return queue[i][0]
         self.exhausted.add(owner)
         return None
 
@@ -185,7 +204,7 @@ class Claims:
         """Requests this rank keeps claimed and unfinished. capacity: its engine's (vLLM's max_num_seqs);
         reported: the ranks whose engines have started or failed (this one's included)."""
         full = capacity + batch_size
-        if self.static or self.world == 1:
+        if self.static or self.world == 1 or self.local:  # (the rest of a run is this rank's alone)
             return full
         if reported < self.world:  # the first engines up share the first records with those still starting
             full = min(full, max(1, capacity * reported // self.world))
@@ -201,7 +220,7 @@ class Claims:
         if batch is not None:
             return batch
         if not self.static:
-            batch = self._claim_from(-1)
+            batch = self.local.popleft() if self.local else self._claim_from(-1)
             if batch is not None:
                 logger.info("Assigned %d prompts to rank %d (batch %d)", batch.size, self.rank, batch.index)
             return batch
@@ -218,4 +237,4 @@ class Claims:
 
     def share(self, rank: int) -> int:
         """Records in a rank's static share (0 under dynamic)."""
-        return sum(b.size for b in self.queues.get(rank, []))
+        return sum(b.size for run in self.queues.get(rank, []) for b in run) if self.static else 0

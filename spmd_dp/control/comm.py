@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import resource
 from datetime import timedelta
-from typing import Any, List, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -168,7 +168,12 @@ class Group:
 
     def broadcast_json(self, obj: Any, src: int = 0) -> Any:
         """Broadcast a JSON-able object from src."""
-        data = json.dumps(obj).encode() if self.rank == src else b""
+        data = self.broadcast_bytes(json.dumps(obj).encode() if self.rank == src else None, src)
+        return obj if self.rank == src else json.loads(data)
+
+    def broadcast_bytes(self, data: Optional[bytes], src: int = 0) -> bytes:
+        """Broadcast src's bytes (data: src's; ignored elsewhere)."""
+        data = (data or b"") if self.rank == src else b""
         size = torch.tensor([len(data)], dtype=torch.int64)
         self._broadcast(size, src)
         if self.rank == src:
@@ -177,7 +182,7 @@ class Group:
             buf = torch.empty(int(size), dtype=torch.uint8)
         if int(size):
             self._broadcast(buf, src)
-        return obj if self.rank == src else json.loads(buf.numpy().tobytes())
+        return data if self.rank == src else buf.numpy().tobytes()
 
 
 class Receive:

@@ -30,7 +30,8 @@ class RankState(IntEnum):
 
 @dataclass
 class BatchDone:
-    """A finished batch: records [start, stop) of the input, as output lines for rank 0 to commit."""
+    """A finished batch: slots [start, stop) of the record order (input order: records [start, stop)), as output
+    lines for rank 0 to commit."""
 
     index: int  # "batch Y" of the logs
     start: int
@@ -44,6 +45,9 @@ class BatchDone:
     # output_mode=sharded: the part its rank wrote (spmd_dp/output/shards.py) instead of the lines: name (None: no rows),
     # bytes, crc32, rows, schema (Parquet: its digest)
     part: Optional[Dict[str, Any]] = None
+    # prefix affinity (start, stop are slots of the record order): the input position of each line or shard row,
+    # ascending; None in input order
+    positions: Optional[List[int]] = None
 
     @property
     def records(self) -> int:
@@ -77,10 +81,16 @@ class RankStats:
     claim_s: float = 0.0  # time in them (the rendezvous store's round trips)
     control_cpu_s: float = 0.0  # its control thread's CPU until it sent this (docs/scale.md)
     peak_rss_mb: float = 0.0  # its peak resident memory
+    prefix_cache_hits: int = 0  # prompt tokens its engine's prefix cache served (vLLM: num_cached_tokens) ...
+    prefix_cache_queries: int = 0  # ... of the prompt tokens of the requests whose engine said (0: none did)
 
     @property
     def output_tokens_per_s(self) -> float:
         return self.output_tokens / self.busy_s if self.busy_s > 0 else 0.0
+
+    @property
+    def prefix_cache_hit_rate(self) -> Optional[float]:
+        return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else None
 
     @property
     def nbytes(self) -> int:

@@ -135,6 +135,7 @@ class Completion:
     value: Union[None, float, List[float]] = None  # pooling tasks: embedding / class probabilities / score / reward
     truncated_from: Optional[int] = None  # on_long_prompt=truncate_*: the prompt's length before
     images: Optional[List[List[int]]] = None  # [width, height] of each image the engine was given (metadata)
+    cached_tokens: Optional[int] = None  # prompt tokens the engine's prefix cache served (None: it does not say)
 
 
 class Engine(Protocol):

@@ -290,7 +290,9 @@ class VllmEngine:
         c = Completion(out.request_id, [c.text for c in out.outputs], prompt_tokens=len(out.prompt_token_ids or ()),
                        output_tokens=sum(len(c.token_ids) for c in out.outputs),
                        finish_reason=reasons[0] if reasons else None, finish_reasons=reasons,
-                       token_ids=[list(c.token_ids) for c in out.outputs])
+                       token_ids=[list(c.token_ids) for c in out.outputs],
+                       # the scheduler's prefill stats: this request's prompt tokens found in the prefix cache
+                       cached_tokens=getattr(out, "num_cached_tokens", None))
         if out.outputs and out.outputs[0].logprobs is not None:
             c.logprobs = [_logprobs(o.logprobs, o.token_ids, k) for o in out.outputs]
         if out.prompt_logprobs is not None:

@@ -23,7 +23,7 @@ import numpy as np
 
 from spmd_dp.inputs.jsonl import JsonlReader
 from spmd_dp.inputs.sources import InputFile
-from spmd_dp.inputs.tables import open_units, read_rows
+from spmd_dp.inputs.tables import open_units, pick_rows, read_rows
 
 OPEN_FILES = 16  # readers kept open per rank
 
@@ -154,6 +154,28 @@ class InputIndex:
             pos += count
         if self.bad:
             out = [None if start + i in self.bad else r for i, r in enumerate(out)]
+        return out
+
+    def read_positions(self, positions: List[int]) -> List[Optional[Dict[str, Any]]]:
+        """The records at these positions (ascending), in that order; None for a skipped bad record. Each piece is
+        read once, forward, parsing only the records asked for (prefix affinity: a batch's records are scattered)."""
+        out: List[Optional[Dict[str, Any]]] = []
+        i = 0
+        while i < len(positions):
+            p = self.piece_of(positions[i])
+            end = p.first + p.records
+            j = i
+            while j < len(positions) and positions[j] < end:
+                j += 1
+            wanted = [q - p.first for q in positions[i:j]]
+            reader = self._reader(p.file)
+            if self.files[p.file].kind == "jsonl":
+                out += reader.pick(p.locator, self.offset_every, wanted)
+            else:
+                out += pick_rows(reader, p.locator, wanted)
+            i = j
+        if self.bad:
+            out = [None if q in self.bad else r for q, r in zip(positions, out)]
         return out
 
     def close(self) -> None:

@@ -24,11 +24,14 @@ READ_BLOCK = 1 << 20  # object stores: bytes fetched per request when reading ba
 
 
 def scan_piece(f: InputFile, start: int, stop: int, spec, offset_every: int, keys, bad: list,
-               storage_options=None) -> Dict[str, Any]:
+               storage_options=None, prefixes=None) -> Dict[str, Any]:
     """Validate the records of the lines that start in [start, stop). keys.add(key bytes, record, line) for each
-    valid record; bad gets (record, line, key, reason) for the others; lines count from 1 in the piece."""
+    valid record; bad gets (record, line, key, reason) for the others; lines count from 1 in the piece.
+    prefixes (a prefixes.PrefixList, or None): each valid record's prefix key."""
     offsets = array("Q")
     check, pk = spec.check, spec.primary_key
+    check_keyed, add_prefix = spec.check_keyed, (prefixes.add if prefixes is not None else None)
+    data = None
     blob, add_end, add_record, add_line = keys.blob, keys.ends.append, keys.records.append, keys.lines.append
     n = lines = 0
     crc = 0
@@ -52,13 +55,18 @@ def scan_piece(f: InputFile, start: int, stop: int, spec, offset_every: int, key
                 offsets.append(here)
             record, err = parse_line(raw)
             if err is None:
-                err = check(record)
+                if add_prefix is None:
+                    err = check(record)
+                else:
+                    err, data = check_keyed(record)
             if err is None:
                 key = record[pk]  # keys.add(encode_key(key), n, lines), inlined: this loop is the scan's cost
                 blob += b"s" + key.encode("utf-8", "surrogatepass") if isinstance(key, str) else encode_key(key)
                 add_end(len(blob))
                 add_record(n)
                 add_line(lines)
+                if add_prefix is not None:
+                    add_prefix(n, data)
             else:
                 key = record.get(pk) if isinstance(record, dict) else None
                 bad.append((n, lines, key if isinstance(key, (str, int)) and not isinstance(key, bool) else None, err))
@@ -109,6 +117,30 @@ class JsonlReader:
             out.append(record if err is None else None)
         if len(out) != count:
             raise RuntimeError(f"{self.f.url} changed while running: records are gone; rerun to rescan it")
+        return out
+
+    def pick(self, offsets, offset_every: int, wanted: List[int]) -> List[Optional[Dict[str, Any]]]:
+        """Records `wanted` (ascending numbers in a piece whose locator is offsets), parsing only those: forward
+        from the last one when the next is in reach (fewer lines than offset_every), else from the nearest offset."""
+        out: List[Any] = []
+        at = None  # the number of the record the next non-blank line holds
+        for w in wanted:
+            if at is None or w < at or w - at >= offset_every:
+                self._seek(int(offsets[w // offset_every]))
+                at = w - w % offset_every
+            readline = self.fh.readline
+            while True:
+                raw = readline()
+                if not raw:
+                    raise RuntimeError(f"{self.f.url} changed while running: records are gone; rerun to rescan it")
+                self.pos += len(raw)
+                if raw.isspace():
+                    continue
+                at += 1
+                if at - 1 == w:
+                    break
+            record, err = parse_line(raw)
+            out.append(record if err is None else None)
         return out
 
     def close(self) -> None:

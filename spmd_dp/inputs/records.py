@@ -31,9 +31,24 @@ class RecordSpec:
     prompt_check: Callable[[Dict[str, Any]], Optional[str]]  # PromptBuilder.check
     # tables only: the record needs one of these columns for its prompt (None: a template decides, unknown)
     prompt_columns: Optional[Tuple[str, ...]] = None
+    # prefix affinity: PromptBuilder.check_keyed (the check, and what the record's prefix key is taken from);
+    # None: no keys are taken (prefix_affinity=false)
+    prompt_key: Optional[Callable[[Dict[str, Any]], Tuple[Optional[str], Optional[bytes]]]] = None
+    whole_key: bool = False  # prefix_field: the key is the whole value (one level), not a prompt's prefixes
 
     def check(self, record: Any) -> Optional[str]:
         """None if the record is valid, else why not."""
+        why = self._check_key(record)
+        return why if why is not None else self.prompt_check(record)
+
+    def check_keyed(self, record: Any) -> Tuple[Optional[str], Optional[bytes]]:
+        """`check`, and the bytes of the record's prefix key (None: it has none)."""
+        why = self._check_key(record)
+        if why is not None:
+            return why, None
+        return self.prompt_key(record) if self.prompt_key is not None else (self.prompt_check(record), None)
+
+    def _check_key(self, record: Any) -> Optional[str]:
         if not isinstance(record, dict):
             return f"a record must be a JSON object, got {type(record).__name__}"
         key = record.get(self.primary_key)
@@ -41,7 +56,7 @@ class RecordSpec:
             return f"no primary key field '{self.primary_key}' (set primary_key=<field>)"
         if not isinstance(key, (str, int)) or isinstance(key, bool):
             return f"primary key '{self.primary_key}' must be a string or an integer, got {type(key).__name__}"
-        return self.prompt_check(record)
+        return None
 
 
 @dataclass(frozen=True)

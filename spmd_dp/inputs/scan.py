@@ -9,6 +9,7 @@
   3. the pieces' summaries (record counts, locators, checksums, schemas) are all-gathered:
      every rank builds the same index (spmd_dp/inputs/index.py), and checks that the
      tables' schemas agree;
+  3b. with prefix affinity, the order records are generated in, from their prefix keys (order.py);
   4. the duplicate-key check, partitioned by key hash over the ranks (duplicates.py);
   5. bad records: with on_bad_record=fail every rank raises the same one line (the first
      bad record in input order, and how many more); with skip, every rank learns their
@@ -31,6 +32,8 @@ from spmd_dp.errors import RunFailure, UsageError
 from spmd_dp.inputs import jsonl, tables
 from spmd_dp.inputs.duplicates import KeyList, find_duplicates, outgoing
 from spmd_dp.inputs.index import IndexedPiece, InputIndex, locator_from_json, locator_to_json
+from spmd_dp.inputs.order import RecordOrder, shared_order
+from spmd_dp.inputs.prefixes import PrefixList, payload
 from spmd_dp.inputs.records import BadRecord, RecordSpec, decode_key
 from spmd_dp.inputs.sources import InputFile, locations, resolve
 from spmd_dp.log import logger
@@ -58,6 +61,7 @@ class ScanResult:
     n_bad: int = 0
     seconds: float = 0.0
     notes: List[str] = field(default_factory=list)
+    order: Optional[RecordOrder] = None  # the order records are generated in (spmd_dp/inputs/order.py)
 
 
 class LocalGroup:
@@ -67,6 +71,9 @@ class LocalGroup:
 
     def broadcast_json(self, obj: Any, src: int = 0) -> Any:
         return obj
+
+    def broadcast_bytes(self, data: Optional[bytes], src: int = 0) -> bytes:
+        return data or b""
 
     def all_gather_bytes(self, data: bytes) -> List[bytes]:
         return [data]
@@ -117,11 +124,13 @@ def assign(pieces: Sequence[Piece], files: Sequence[InputFile], world: int) -> L
 
 
 def _scan_piece(piece: Piece, f: InputFile, spec: RecordSpec, offset_every: int, keys: KeyList, bad: list,
-                storage_options) -> Dict[str, Any]:
+                storage_options) -> Tuple[Dict[str, Any], Optional[PrefixList]]:
+    """The piece's summary, and its records' prefix keys (None: none are taken, prefix_affinity=false)."""
+    prefixes = PrefixList(spec.whole_key) if spec.prompt_key is not None else None
     if f.kind == "jsonl":
         stop = (1 << 62) if piece.whole else piece.stop
-        return jsonl.scan_piece(f, piece.start, stop, spec, offset_every, keys, bad, storage_options)
-    return tables.scan_piece(f, piece.start, piece.stop, spec, keys, bad, storage_options)
+        return jsonl.scan_piece(f, piece.start, stop, spec, offset_every, keys, bad, storage_options, prefixes), prefixes
+    return tables.scan_piece(f, piece.start, piece.stop, spec, keys, bad, storage_options, prefixes), prefixes
 
 
 def _error_of(e: BaseException, rank: int) -> List[Any]:
@@ -161,10 +170,11 @@ def _check_schemas(files: Sequence[InputFile], schemas: Dict[int, Dict[str, str]
 
 
 def shared_scan(locs: Sequence[str], input_format: str, spec: RecordSpec, offset_every: int, skip_bad: bool = False,
-                group: Any = None, storage_options: Optional[Dict[str, Any]] = None, scanners: Any = None
-                ) -> ScanResult:
+                group: Any = None, storage_options: Optional[Dict[str, Any]] = None, scanners: Any = None,
+                order_mode: Any = "auto") -> ScanResult:
     """The shared scan (see the module's docstring). group: spmd_dp.control.comm.Group, or LocalGroup() for one rank;
-    scanners: scanners.Scanners that scan this rank's pieces (else this thread does)."""
+    scanners: scanners.Scanners that scan this rank's pieces (else this thread does); order_mode: prefix_affinity
+    (auto or true: with spec.prompt_key set, spmd_dp/inputs/order.py)."""
     group = group or LocalGroup()
     rank, world, root = group.rank, group.world, group.is_rank0
     t0, cpu0 = time.monotonic(), time.thread_time()
@@ -198,6 +208,7 @@ def shared_scan(locs: Sequence[str], input_format: str, spec: RecordSpec, offset
                 sum(pieces[i].stop - pieces[i].start for i in mine) / 1e6, ": " if share else "",
                 "; ".join(share[:3]) + (f"; ... {share[-1]}" if len(share) > 3 else ""))
     keylists: Dict[int, KeyList] = {}
+    prefixes: Dict[int, PrefixList] = {}
     bads: Dict[int, list] = {}
     summary: Dict[str, Any] = {"error": None, "pieces": {}}
     try:
@@ -207,10 +218,12 @@ def shared_scan(locs: Sequence[str], input_format: str, spec: RecordSpec, offset
             done = []
             for i in mine:
                 keys, bad = KeyList(), []
-                r = _scan_piece(pieces[i], files[pieces[i].file], spec, offset_every, keys, bad, storage_options)
-                done.append((i, {**r, "locator": locator_to_json(r["locator"])}, keys, bad))
-        for i, r, keys, bad in done:
+                r, pl = _scan_piece(pieces[i], files[pieces[i].file], spec, offset_every, keys, bad, storage_options)
+                done.append((i, {**r, "locator": locator_to_json(r["locator"])}, keys, bad, pl))
+        for i, r, keys, bad, pl in done:
             keylists[i], bads[i] = keys, bad
+            if pl is not None:
+                prefixes[i] = pl
             summary["pieces"][str(i)] = {**r, "bad": len(bad)}
     except Exception as e:
         summary = {"error": _error_of(e, rank), "pieces": {}}
@@ -236,6 +249,15 @@ def shared_scan(locs: Sequence[str], input_format: str, spec: RecordSpec, offset
         raise UsageError(f"input error: {what} holds no records; give a JSONL file with one JSON object per line "
                          f"(or Parquet, or a Hugging Face dataset folder)")
     index = InputIndex(files, indexed, offset_every, storage_options=storage_options)
+
+    # 3b. the order records are generated in (prefix affinity): rank 0 builds it from every rank's keys
+    keyed = spec.prompt_key is not None
+    mode = order_mode if not any(f.compression for f in files) else "claims"  # see order.build
+    try:
+        order = shared_order(group, pos, payload(prefixes, first) if keyed else None, spec.whole_key, mode)
+    except RuntimeError as e:
+        raise RunFailure(str(e)) from None
+    prefixes.clear()
 
     # 4. duplicate keys, partitioned by hash
     received = group.alltoall_bytes(outgoing(keylists, first, line_base, world))
@@ -283,7 +305,9 @@ def shared_scan(locs: Sequence[str], input_format: str, spec: RecordSpec, offset
     logger.info("input index: %d records in %d files, %d pieces, digest %s (scan %.2f s, this rank's cpu %.2f s; "
                 "%.0f records/s, %.1f MB/s)", index.n_records, len(files), len(pieces), index.digest()[:16], seconds,
                 cpu, index.n_records / seconds if seconds else 0, index.size / 1e6 / seconds if seconds else 0)
-    return ScanResult(index, bad, n_bad, seconds, notes)
+    if keyed and root:
+        logger.info("record order: %s", order.describe())
+    return ScanResult(index, bad, n_bad, seconds, notes, order)
 
 
 def scan_input(path, spec: RecordSpec, offset_every: int, skip_bad: bool = False, input_format: str = "auto",

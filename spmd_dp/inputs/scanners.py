@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from spmd_dp.errors import RunFailure, UsageError
 from spmd_dp.inputs.duplicates import KeyList
 from spmd_dp.inputs.index import locator_to_json
+from spmd_dp.inputs.prefixes import PrefixList
 
 MAX_PROCESSES = 8
 
@@ -45,10 +46,10 @@ def _serve(conn, spec, offset_every: int, storage_options) -> None:
             out = []
             for i, piece in pieces:
                 keys, bad = KeyList(), []
-                r = _scan_piece(piece, files[piece.file], spec, offset_every, keys, bad, storage_options)
+                r, prefixes = _scan_piece(piece, files[piece.file], spec, offset_every, keys, bad, storage_options)
                 r["locator"] = locator_to_json(r["locator"])
                 out.append((i, r, (bytes(keys.blob), keys.ends.tobytes(), keys.records.tobytes(),
-                                   keys.lines.tobytes()), bad))
+                                   keys.lines.tobytes()), bad, prefixes.to_bytes() if prefixes is not None else None))
             conn.send(("ok", out, time.process_time()))
     except BaseException as e:  # the rank reports it, as the same line on every rank
         try:
@@ -65,6 +66,7 @@ class Scanners:
 
     def __init__(self, spec, offset_every: int, storage_options: Optional[Dict[str, Any]], processes: int) -> None:
         ctx = multiprocessing.get_context("fork")
+        self.spec = spec
         self.conns, self.procs = [], []
         self.cpu_s = 0.0  # the scanners' CPU seconds
         for _ in range(max(1, processes)):
@@ -80,9 +82,9 @@ class Scanners:
         return len(self.procs)
 
     def scan(self, files: Sequence[Any], pieces: List[Tuple[int, Any]], rank: int
-             ) -> List[Tuple[int, Dict[str, Any], KeyList, list]]:
+             ) -> List[Tuple[int, Dict[str, Any], KeyList, list, Optional[PrefixList]]]:
         """Scan pieces [(piece id, Piece)] (contiguous shares, balanced by bytes, over the processes):
-        [(piece id, summary, KeyList, bad records)] in piece order."""
+        [(piece id, summary, KeyList, bad records, prefix keys or None)] in piece order."""
         from spmd_dp.inputs.scan import assign
 
         owners = assign([p for _, p in pieces], files, len(self.conns)) if pieces else []
@@ -100,13 +102,14 @@ class Scanners:
                 code, message = payload
                 raise UsageError(message) if code == 2 else RunFailure(message.replace("rank -1", f"rank {rank}"))
             self.cpu_s += cpu[0] if cpu else 0.0
-            for i, r, (blob, ends, records, lines), bad in payload:
+            for i, r, (blob, ends, records, lines), bad, prefixes in payload:
                 keys = KeyList()
                 keys.blob = bytearray(blob)
                 keys.ends.frombytes(ends)
                 keys.records.frombytes(records)
                 keys.lines.frombytes(lines)
-                out.append((i, r, keys, bad))
+                out.append((i, r, keys, bad, None if prefixes is None else
+                            PrefixList.from_bytes(self.spec.whole_key, prefixes)))
         return sorted(out, key=lambda x: x[0])
 
     def close(self) -> None:

@@ -218,9 +218,11 @@ def open_units(f: InputFile, storage_options=None):
     return ParquetUnits(f, storage_options) if f.kind == "parquet" else ArrowUnits(f, storage_options)
 
 
-def scan_piece(f: InputFile, start: int, stop: int, spec, keys, bad: list, storage_options=None) -> Dict[str, Any]:
+def scan_piece(f: InputFile, start: int, stop: int, spec, keys, bad: list, storage_options=None,
+               prefixes=None) -> Dict[str, Any]:
     """Validate the rows of a piece: keys.add(key bytes, record, row) for each valid one; bad gets
-    (record, row, key, reason) for the others. Rows are numbered in the file (the piece's line base is 0)."""
+    (record, row, key, reason) for the others. Rows are numbered in the file (the piece's line base is 0).
+    prefixes (a prefixes.PrefixList, or None): each valid row's prefix key."""
     units = open_units(f, storage_options)
     check_columns(f, units.schema, spec.primary_key, spec.prompt_columns)
     n = 0
@@ -229,9 +231,11 @@ def scan_piece(f: InputFile, start: int, stop: int, spec, keys, bad: list, stora
     for u, first_row, table in units.scan(start, stop):
         locator.append([u, table.num_rows])
         for j, record in enumerate(to_records(table)):
-            err = spec.check(record)
+            err, data = spec.check_keyed(record) if prefixes is not None else (spec.check(record), None)
             if err is None:
                 keys.add(encode_key(record[pk]), n, first_row + j)
+                if prefixes is not None:
+                    prefixes.add(n, data)
             else:
                 key = record.get(pk)
                 bad.append((n, first_row + j, key if isinstance(key, (str, int)) and not isinstance(key, bool)
@@ -251,5 +255,22 @@ def read_rows(units, locator: List[List[int]], first: int, count: int) -> List[D
             out += to_records(units.unit(u).slice(lo - pos, hi - lo))
         pos += rows
         if pos >= first + count:
+            break
+    return out
+
+
+def pick_rows(units, locator: List[List[int]], wanted: List[int]) -> List[Dict[str, Any]]:
+    """Rows `wanted` (ascending numbers in a piece whose units are `locator`): each unit decoded once."""
+    out: List[Dict[str, Any]] = []
+    pos, i = 0, 0
+    for u, rows in locator:
+        j = i
+        while j < len(wanted) and wanted[j] < pos + rows:
+            j += 1
+        if j > i:
+            out += to_records(units.unit(u).take([w - pos for w in wanted[i:j]]))
+            i = j
+        pos += rows
+        if i == len(wanted):
             break
     return out

@@ -7,7 +7,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, Iterable, List
+from typing import Any, Dict, Iterable, List, Optional
 
 from spmd_dp.errors import RunFailure
 
@@ -113,14 +113,28 @@ def conform(table, schema):
     return pa.Table.from_arrays(cols, schema=schema)
 
 
-def merge_parquet(parts: List[Path], dst: Path):
-    """Parquet shards (in input order) as one Parquet file, atomically: (its size, its rows)."""
+def merge_parquet(parts: List[Path], dst: Path, positions: Optional[List[Optional[List[int]]]] = None):
+    """Parquet shards (in input order) as one Parquet file, atomically: (its size, its rows). positions (prefix
+    affinity: the shards hold scattered records): each shard's rows' input positions; the rows are sorted by them
+    (in memory: the whole output once)."""
+    import numpy as np
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     schema = rows_schema_of_files(parts)
     rows = 0
     tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
     with pq.ParquetWriter(tmp, schema) as writer:
+        if positions is not None:
+            tables = [conform(pq.read_table(p), schema) for p in parts]
+            where = np.concatenate([np.asarray(pos if pos is not None else [], dtype=np.int64) for pos in positions])
+            table = pa.concat_tables(tables)
+            if len(where) != len(table):
+                raise RunFailure(f"cannot put the shards in input order: {len(where)} positions for {len(table)} rows; "
+                                 f"rerun with overwrite=true")
+            writer.write_table(table.take(np.argsort(where, kind="stable")))
+            rows = len(table)
+            parts = []
         for p in parts:
             table = conform(pq.read_table(p), schema)
             rows += len(table)

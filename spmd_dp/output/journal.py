@@ -7,8 +7,9 @@ Under `${output_dir}` (the paths are `OutputPaths`, spmd_dp/output/paths.py):
                                         (spmd_dp/output/shards.py), written by the rank itself;
   `${name}.journal.jsonl`              a header with the run's fingerprint, then one
                                         fsync'ed line per round naming its batches
-                                        (record span, part, byte offset and length; for a
-                                        shard its size, CRC-32 and rows) and the records
+                                        (span of slots, part, byte offset and length; for a
+                                        shard its size, CRC-32 and rows; with prefix affinity
+                                        the input positions of its lines) and the records
                                         the engine refused (on_bad_record=skip).
 A batch is committed once its journal line is on disk. Exactly-once is decided here:
 a batch delivered twice is journaled once, and the second delivery's shard removed. A rerun with the same
@@ -46,6 +47,7 @@ class Journal:
         self.fingerprint = fingerprint
         self.spans: Dict[int, Tuple[int, Optional[str], int, int]] = {}  # start -> (stop, part, offset, length)
         self.shard_info: Dict[int, Tuple[int, int, Optional[str]]] = {}  # sharded: start -> (crc32, rows, schema)
+        self.positions: Dict[int, List[int]] = {}  # prefix affinity: start -> its lines' input positions
         self.errors: List[Dict[str, Any]] = []  # records the engine refused, from the committed batches
         self.complete = False
         self._next_part = 0
@@ -124,11 +126,15 @@ class Journal:
         for e in entries[1:]:
             if e.get("complete"):
                 self.complete = True
-            for start, stop, offset, length in e.get("batches", []):
+            for start, stop, offset, length, *positions in e.get("batches", []):
                 self.spans[start] = (stop, e["part"], offset, length)
-            for start, stop, part, size, crc32, rows, schema in e.get("shards", []):
+                if positions:
+                    self.positions[start] = positions[0]
+            for start, stop, part, size, crc32, rows, schema, *positions in e.get("shards", []):
                 self.spans[start] = (stop, part, 0, size)
                 self.shard_info[start] = (crc32, rows, schema)
+                if positions:
+                    self.positions[start] = positions[0]
             self.errors += e.get("errors", [])
             if "part" in e:
                 self._next_part = max(self._next_part, int(e["part"].split("-")[1].split(".")[0]) + 1)
@@ -168,15 +174,17 @@ class Journal:
         entries, chunks, offset = [], [], 0
         for b in batches:
             data = "".join(line + "\n" for line in b.lines).encode()
-            entries.append([b.start, b.stop, offset, len(data)])
+            entries.append([b.start, b.stop, offset, len(data)] + ([b.positions] if b.positions is not None else []))
             chunks.append(data)
             offset += len(data)
         errors = [err for b in batches for err in b.errors]
         atomic_write(self.paths.parts / name, chunks)
         self._append({"part": name, "batches": entries, **({"errors": errors} if errors else {})})
         self.errors += errors
-        for start, stop, off, length in entries:
+        for start, stop, off, length, *positions in entries:
             self.spans[start] = (stop, name, off, length)
+            if positions:
+                self.positions[start] = positions[0]
         return len(entries)
 
     def _commit_shards(self, batches: List[BatchDone]) -> int:
@@ -193,11 +201,13 @@ class Journal:
                                 "removed", b.index, b.start, b.stop - 1, b.rank, name)
                 continue
             entry = [b.start, b.stop, part.get("name"), part.get("bytes", 0), part.get("crc32", 0),
-                     part.get("rows", 0), part.get("schema")]
+                     part.get("rows", 0), part.get("schema")] + ([b.positions] if b.positions is not None else [])
             entries.append(entry)
             errors += b.errors
             self.spans[b.start] = (b.stop, entry[2], 0, entry[3])
             self.shard_info[b.start] = (entry[4], entry[5], entry[6])
+            if b.positions is not None:
+                self.positions[b.start] = b.positions
         if entries:
             self._append({"shards": entries, **({"errors": errors} if errors else {})})
             self.errors += errors
@@ -208,6 +218,11 @@ class Journal:
         for start in sorted(self.spans):
             stop, part, _, size = self.spans[start]
             yield (start, stop, part, size, *self.shard_info.get(start, (0, 0, None)))
+
+    def positions_of(self, start: int) -> Optional[List[int]]:
+        """The input positions of the lines (rows) of the batch committed at slot `start`; None: records
+        [start, stop) in input order (no prefix affinity)."""
+        return self.positions.get(start)
 
     def _append(self, entry: Dict[str, Any]) -> None:
         assert self._file is not None
@@ -242,9 +257,16 @@ def said_complete(paths) -> bool:
         return False
 
 
-def fingerprint(cfg, input_sha256: str, n_records: int, template: Optional[Path] = None) -> Dict[str, Any]:
-    """What the committed results depend on: a resume with any of it changed is refused."""
+def fingerprint(cfg, input_sha256: str, n_records: int, template: Optional[Path] = None,
+                record_order: Optional[str] = None) -> Dict[str, Any]:
+    """What the committed results depend on: a resume with any of it changed is refused. record_order: the digest
+    of the order records are generated in (spmd_dp/inputs/order.py; None: input order): the journal counts its
+    slots, so a resume must find the same one. The grouping's keys are left out at their defaults (a journal
+    written before them resumes when its records are in input order)."""
+    grouping = {"prefix_affinity": cfg.prefix_affinity, "prefix_field": cfg.prefix_field, "record_order": record_order}
+    defaults = {"prefix_affinity": "auto", "prefix_field": None, "record_order": None}
     return {
+        **{k: v for k, v in grouping.items() if v != defaults[k]},
         "template_sha256": hashlib.sha256(template.read_bytes()).hexdigest() if template else None,
         "chat": cfg.chat,
         "system_prompt": cfg.system_prompt,

@@ -13,7 +13,7 @@ Rows stay dicts until a sink writes them (spmd_dp/output/sink.py): JSON lines, o
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 from spmd_dp.config import RunConfig
 from spmd_dp.engines.base import FAILED, REJECTED, Completion, Logprobs
@@ -54,12 +54,19 @@ def float32_columns(name: str) -> List[str]:
 
 @dataclass
 class Rows:
-    """A finished batch, shaped: its rows in input order, the records the engine refused, token counts."""
+    """A finished batch, shaped: its rows (with their input positions), the records the engine refused, token counts."""
 
     rows: List[Dict[str, Any]] = field(default_factory=list)
+    positions: List[int] = field(default_factory=list)  # each row's input position
     errors: List[Dict[str, Any]] = field(default_factory=list)  # {position, key, error}: the errors file
     prompt_tokens: int = 0
     output_tokens: int = 0
+
+    def in_input_order(self) -> None:
+        """Rows sorted by input position (a batch of the grouped order holds scattered records)."""
+        ranked = sorted(range(len(self.rows)), key=self.positions.__getitem__)
+        self.rows = [self.rows[k] for k in ranked]
+        self.positions = [self.positions[k] for k in ranked]
 
 
 class RowShaper:
@@ -69,23 +76,27 @@ class RowShaper:
         self.cfg, self.rank = cfg, rank
         self.openai = cfg.input_format == "openai_batch"
 
-    def shape(self, batch_index: int, start: int, records: Sequence[Optional[Dict[str, Any]]],
+    def shape(self, batch_index: int, positions: Union[int, Sequence[int]], records: Sequence[Optional[Dict[str, Any]]],
               done: Sequence[Completion], tries: Sequence[int]) -> Rows:
-        """records[i] (None: a bad record the scan reported) is input record start + i; done[i] its completion;
-        tries[i] how many times it was retried."""
+        """records[i] (None: a bad record the scan reported) is the input record at positions[i] (an int: the first
+        of consecutive positions); done[i] its completion; tries[i] how many times it was retried."""
+        if isinstance(positions, int):
+            positions = range(positions, positions + len(records))
         cfg, out = self.cfg, Rows()
         for i, (record, c) in enumerate(zip(records, done)):
             if c.error == BAD_RECORD:
                 continue
             if self.openai:  # every request has its line, an error line if it failed
                 out.rows.append(output_record(record, c, cfg.model_name))
+                out.positions.append(positions[i])
                 if c.error is None:
                     out.prompt_tokens += c.prompt_tokens
                     out.output_tokens += c.output_tokens
                 continue
             if c.error is not None:
                 what = {REJECTED: "rejected by the engine", FAILED: "failed in the engine"}.get(c.error_kind, "skipped")
-                out.errors.append({"position": start + i, "key": record[cfg.primary_key], "error": f"{what}: {c.error}"})
+                out.errors.append({"position": positions[i], "key": record[cfg.primary_key],
+                                   "error": f"{what}: {c.error}"})
                 continue
             metadata = None
             if cfg.return_metadata:
@@ -98,6 +109,7 @@ class RowShaper:
                 if tries[i]:
                     metadata["retries"] = tries[i]
             out.rows.append(output_row(record, cfg.name, c, metadata, cfg.return_token_ids))
+            out.positions.append(positions[i])
             out.prompt_tokens += c.prompt_tokens
             out.output_tokens += c.output_tokens
         return out

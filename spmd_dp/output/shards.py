@@ -5,6 +5,8 @@ atomically, named `part-<start>-<stop>-r<rank>-<token>.<jsonl|parquet>` (names s
 deliveries of one batch never share a file); only the part's metadata goes to rank 0, which journals it.
 What a reader might get wrong: a part is output only once a journal line names it; any other is removed on
 resume or at the end. `finish_shards` renames the folder to `${name}/` with `_manifest.json` (docs/outputs.md).
+With prefix affinity (manifest "order": "prefix") a shard's name counts slots of the grouped order, its rows are
+scattered in the input (ascending), and its manifest entry lists their input positions (docs/prefix-affinity.md).
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ def finish_shards(journal, fmt: str) -> Tuple[int, int]:
     """Rank 0, every batch committed: the parts' folder becomes `${name}/`, with its manifest. (records, bytes)."""
     paths = journal.paths
     shards = [list(s) for s in journal.shards() if s[2] is not None]  # start, stop, part, bytes, crc32, rows, schema
+    positions = {s[0]: journal.positions_of(s[0]) for s in shards}  # prefix affinity: each shard's rows' positions
     named = {s[2] for s in shards}
     present = {p.name for p in paths.parts.iterdir()}
     extra = sorted(present - named)
@@ -80,9 +83,12 @@ def finish_shards(journal, fmt: str) -> Tuple[int, int]:
     if fmt == "parquet":
         _one_schema(paths.parts, shards)
     records, size = sum(s[5] for s in shards), sum(s[3] for s in shards)
-    head = json.dumps({"spmd_dp_manifest": MANIFEST_VERSION, "format": fmt, "records": records, "bytes": size})
+    permuted = any(p is not None for p in positions.values())
+    head = json.dumps({"spmd_dp_manifest": MANIFEST_VERSION, "format": fmt, "records": records, "bytes": size,
+                       **({"order": "prefix"} if permuted else {})})
     lines = ",\n".join(json.dumps({"path": s[2], "start": s[0], "stop": s[1], "records": s[5], "bytes": s[3],
-                                   "crc32": s[4]}) for s in shards)  # one JSON object; a shard a line
+                                   "crc32": s[4], **({"positions": positions[s[0]]} if permuted else {})})
+                        for s in shards)  # one JSON object; a shard a line
     atomic_write(paths.parts / paths.manifest.name, [f'{head[:-1]}, "shards": [\n{lines}\n]}}\n'.encode()])
     os.replace(paths.parts, paths.shards)
     fsync_dir(paths.dir)

@@ -15,13 +15,15 @@ With `task=score` the prompt is a `Pair`: the text above and the record's `docum
 A record may carry its own options (`generation_options`, ...: spmd_dp/prompting/options.py); with
 `input_format=openai_batch` a record is an OpenAI request line, mapped first (spmd_dp/prompting/openai_batch.py).
 `PromptBuilder.check` validates a record (used by the input scan, before any model
-loads); `PromptBuilder.request` makes the engine request.
+loads; `check_keyed` also gives what its prefix key is taken from); `PromptBuilder.request` makes the engine request.
 """
 
 from __future__ import annotations
 
+import json
+from array import array
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import jinja2
 from jinja2.sandbox import SandboxedEnvironment
@@ -64,6 +66,7 @@ class PromptBuilder:
         self.openai = cfg.input_format == "openai_batch"
         self.options = RequestOptions(cfg)
         self.images = Images(cfg.data_dir, cfg.storage_options or None, image_limit(cfg))
+        self._plain_key = cfg.prefix_field is None and not self.options.read_task and not self.options.adapters
         self.template_path = None if self.openai else find_template(cfg)
         self.template: Optional[jinja2.Template] = None
         if self.template_path is not None:
@@ -83,18 +86,58 @@ class PromptBuilder:
 
     def check(self, record: Dict[str, Any]) -> Optional[str]:
         """Why the record cannot be prompted, or None. Runs the whole build (templates too)."""
+        return self.check_keyed(record, keyed=False)[0]
+
+    def check_keyed(self, record: Dict[str, Any], keyed: bool = True) -> Tuple[Optional[str], Optional[bytes]]:
+        """`check`, and (keyed) the bytes the record's prefix key is taken from (spmd_dp/inputs/prefixes.py), from
+        the same build: the value of its `prefix_field`, else its prompt as the engine gets it before the chat
+        template (text; token ids; a chat's roles and texts in order, images as their references; a score pair),
+        behind the task and LoRA adapter that serve it when a run has several (their requests share no cache) and
+        image_field's images. None: no key."""
         try:
             record = self.view(record)
         except PromptError as e:
-            return str(e)
+            return str(e), None
         why = self.options.check(record)
         if why is not None:
-            return why
+            return why, None
         try:
-            refs = self.image_references(record, self.build(record))
+            prompt = self.build(record)
+            refs = self.image_references(record, prompt)
         except PromptError as e:
-            return str(e)
-        return self.images.check(refs) if refs else None
+            return str(e), None
+        why = self.images.check(refs) if refs else None
+        if why is not None:
+            return why, None
+        return None, (self._key_bytes(record, prompt, refs) if keyed else None)
+
+    def _key_bytes(self, record: Dict[str, Any], prompt: Prompt, images: List[Any]) -> Optional[bytes]:
+        if type(prompt) is str and self._plain_key and not images:  # the common case first: the scan's, per record
+            return prompt.encode("utf-8", "surrogatepass")
+        field = self.cfg.prefix_field
+        if field is not None:
+            value = record.get(field)
+            if value is None:
+                return None
+            return (value if isinstance(value, str) else json.dumps(value, sort_keys=True)).encode("utf-8",
+                                                                                                   "surrogatepass")
+        serving = []
+        if self.options.read_task:
+            serving.append(self.options.task(record))
+        if self.options.adapters:
+            serving.append(str(record.get("lora_adapter", self.cfg.lora_adapter)))
+        if images and not isinstance(prompt, Chat):  # image_field's images: in front (a chat's are in its messages)
+            serving.append(json.dumps(images, sort_keys=True, default=str))
+        head = ("\x1f".join(serving) + "\x00").encode() if serving else b""
+        if isinstance(prompt, list):
+            return head + array("I", prompt).tobytes()
+        if isinstance(prompt, Chat):
+            text = "\x1e".join(f"{m['role']}\x1f{_key_text(m.get('content'))}" for m in prompt.messages)
+        elif isinstance(prompt, Pair):
+            text = f"{prompt.query}\x1f{prompt.document}"
+        else:
+            text = prompt
+        return head + text.encode("utf-8", "surrogatepass")
 
     def view(self, record: Dict[str, Any]) -> Dict[str, Any]:
         """The record as spmd_dp's record shape (an OpenAI request line is mapped; others are themselves)."""
@@ -200,6 +243,14 @@ class PromptBuilder:
             system = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
             return Chat(system + [{"role": "user", "content": text}])
         return text
+
+
+def _key_text(content: Any) -> str:
+    """A message's content as its prefix key takes it: its text, an image part as its reference (in place)."""
+    if isinstance(content, str):
+        return content
+    return "".join(p.get("text", "") if p.get("type") == "text" else "\x1d" + json.dumps(p, sort_keys=True, default=str)
+                   for p in content if isinstance(p, dict))
 
 
 class PromptError(ValueError):
