@@ -20,6 +20,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 from spmd_dp.config.checks import validate
 from spmd_dp.config.schema import PACKAGE_DIR, RunConfig
 from spmd_dp.errors import UsageError
+from spmd_dp.redact import scrub_config
 
 LIST_KEYS = "python -m spmd_dp --cfg job"  # prints every key and its value
 
@@ -156,4 +157,5 @@ def _reject_unknown(cfg: DictConfig, schema: DictConfig, prefix: str = "") -> No
 
 
 def to_yaml(cfg: RunConfig) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    """The config as YAML, as the run writes (config.yaml) and prints it (--cfg job): secrets masked (spmd_dp/redact.py)."""
+    return OmegaConf.to_yaml(OmegaConf.create(scrub_config(cfg)))

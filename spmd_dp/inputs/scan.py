@@ -32,7 +32,7 @@ from spmd_dp.inputs import jsonl, tables
 from spmd_dp.inputs.duplicates import KeyList, find_duplicates, outgoing
 from spmd_dp.inputs.index import IndexedPiece, InputIndex, locator_from_json, locator_to_json
 from spmd_dp.inputs.records import BadRecord, RecordSpec, decode_key
-from spmd_dp.inputs.sources import InputFile, locations, resolve
+from spmd_dp.inputs.sources import InputFile, is_read_error, locations, read_error, resolve
 from spmd_dp.log import logger
 
 MIN_PIECE, MAX_PIECE, TARGET_PIECES = 1 << 20, 64 << 20, 4096
@@ -118,10 +118,15 @@ def assign(pieces: Sequence[Piece], files: Sequence[InputFile], world: int) -> L
 
 def _scan_piece(piece: Piece, f: InputFile, spec: RecordSpec, offset_every: int, keys: KeyList, bad: list,
                 storage_options) -> Dict[str, Any]:
-    if f.kind == "jsonl":
-        stop = (1 << 62) if piece.whole else piece.stop
-        return jsonl.scan_piece(f, piece.start, stop, spec, offset_every, keys, bad, storage_options)
-    return tables.scan_piece(f, piece.start, piece.stop, spec, keys, bad, storage_options)
+    try:
+        if f.kind == "jsonl":
+            stop = (1 << 62) if piece.whole else piece.stop
+            return jsonl.scan_piece(f, piece.start, stop, spec, offset_every, keys, bad, storage_options)
+        return tables.scan_piece(f, piece.start, piece.stop, spec, keys, bad, storage_options)
+    except Exception as e:  # any form's read error names its file (jsonl.py and tables.py say where in it)
+        if isinstance(e, UsageError) or not is_read_error(e):
+            raise
+        raise read_error(f.url, e) from None
 
 
 def _error_of(e: BaseException, rank: int) -> List[Any]:

@@ -13,10 +13,13 @@ unreachable endpoint.
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
+import lzma
 import os
 import posixpath
+import zlib
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -107,6 +110,35 @@ def storage_error(url: str, e: BaseException) -> UsageError:
         return UsageError(f"input error: {url}: cannot reach the storage ({text}); check the network and "
                           f"{endpoint}")
     return UsageError(f"input error: {url}: cannot read it ({type(e).__name__}: {text}); {credentials}")
+
+
+def read_error(url: str, e: BaseException, where: str = "") -> UsageError:
+    """One line for an input file that could not be read through (decompression, truncation, I/O), naming it and
+    where (`where`: ' after line 1230', ' in row group 3'). A truncated or corrupt file cannot be skipped record by
+    record: the line says so."""
+    if isinstance(e, UsageError):
+        return e
+    text = " ".join(str(e).split())[:200] or type(e).__name__
+    if _broken_file(e):
+        return UsageError(f"input error: {url}: cannot read it{where} ({type(e).__name__}: {text}): the file is "
+                          f"truncated or corrupt; replace it (compress it again from the original) or leave it out of "
+                          f"input_data_path (on_bad_record=skip skips bad records, not unreadable files)")
+    error = storage_error(url, e)
+    return UsageError(str(error).replace(f"{url}:", f"{url}{where}:", 1) if where else str(error))
+
+
+def is_read_error(e: BaseException) -> bool:
+    """An error of reading a file (I/O, decompression, truncation), as opposed to a bug."""
+    return isinstance(e, (OSError, EOFError, zlib.error, lzma.LZMAError)) or _broken_file(e)
+
+
+def _broken_file(e: BaseException) -> bool:
+    """A decompression or truncation error (not the storage's: permissions, network)."""
+    if isinstance(e, (EOFError, zlib.error, lzma.LZMAError, gzip.BadGzipFile)) or "zstd" in type(e).__name__.lower():
+        return True
+    text = str(e).lower()
+    return any(w in text for w in ("crc check", "invalid data stream", "not a gzipped", "compressed", "corrupt",
+                                   "end-of-stream", "truncated"))
 
 
 def _url(fs, path: str, like: str) -> str:
