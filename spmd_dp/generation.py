@@ -35,7 +35,8 @@ from spmd_dp.engines.base import FAILED, REJECTED, Completion, Engine, EngineFai
 from spmd_dp.errors import RunFailure
 from spmd_dp.inputs import InputIndex, read_batch
 from spmd_dp.log import logger
-from spmd_dp.control.messages import BatchDone, RankState, RankStats
+from spmd_dp.control.messages import (DRAINING, GAVE_UP, GENERATING, HANDED_BACK, READY, RESTARTING, BatchDone,
+                                      RankState, RankStats)
 from spmd_dp.control.outbox import Outbox
 from spmd_dp.control.peers import Peers
 from spmd_dp.output.rows import BAD_RECORD, RowShaper
@@ -53,6 +54,7 @@ class _InFlight:
     records: List[Optional[Dict[str, Any]]]  # None: a bad record, skipped
     claimed_at: float
     since: float  # when its requests went into the current engine (batch_timeout runs from here)
+    claimed_unix: float = 0.0  # the claim's wall clock (the timeline)
     done: List[Optional[Completion]] = field(default_factory=list)
     remaining: int = 0
     demands: List[int] = field(default_factory=list)  # KV tokens each request may need (0: not in the engine)
@@ -91,6 +93,7 @@ class GenerationLoop:
         self.idle_from: Optional[int] = None  # the control round from which every rank was idle
         self.last_emit: Optional[float] = None
         self.drained = 0  # batches finished during a drain
+        self.won = 0  # claims that found a batch
 
     def _has_room(self) -> bool:
         """Room for another batch: fewer requests queued than the claims' target (an engine-full and a batch, less
@@ -122,7 +125,10 @@ class GenerationLoop:
             return False
         records = read_batch(self.index, batch.start, batch.stop)
         now, n = time.monotonic(), len(records)
-        job = _InFlight(batch, records, now, now, [None] * n, n, [0] * n, [None] * n, [0] * n)
+        if not self.won:
+            self.outbox.event(GENERATING)
+        self.won += 1
+        job = _InFlight(batch, records, now, now, round(time.time(), 3), [None] * n, n, [0] * n, [None] * n, [0] * n)
         self.inflight[batch.index] = job
         settled = [c for i, record in enumerate(records) if (c := self._submit(job, i, record)) is not None]
         for c in settled:  # skipped bad records and requests the engine refused
@@ -182,7 +188,8 @@ class GenerationLoop:
         b = job.batch
         shaped = self.shaper.shape(b.index, b.start, job.records, job.done, job.tries)
         self.sink.put(BatchDone(b.index, b.start, b.stop, self.rank, [], shaped.errors, shaped.prompt_tokens,
-                                shaped.output_tokens, round(time.monotonic() - job.claimed_at, 3)), shaped.rows)
+                                shaped.output_tokens, round(time.monotonic() - job.claimed_at, 3),
+                                claimed_unix=job.claimed_unix), shaped.rows)
         self.last_emit = time.monotonic()
         self.drained += self.drain.requested
         s = self.stats
@@ -214,16 +221,20 @@ class GenerationLoop:
         if failure.stalled:  # batch_timeout has passed already: the others need not wait for a restart
             self._hand_back(f"its engine stalled: {failure.cause}")
         self.outbox.heartbeat = None  # an engine start may take minutes: the control thread does not count it
+        self.outbox.event(RESTARTING, detail=failure.cause)
+        t0 = time.monotonic()
         try:
             self.engine.restart(failure)
         except EngineGaveUp as e:
             self._hand_back(str(e))
             self.stats.engine_failed, self.stats.failed_at_unix = str(e), round(time.time(), 3)
             self.outbox.state = RankState.GAVE_UP
+            self.outbox.event(GAVE_UP, detail=str(e))
             return False
         finally:
             self.stats.engine_restarts = self.engine.restarts
             self.stats.engine_faults = list(self.engine.faults)
+        self.outbox.event(READY, detail="restarted", value=round(time.monotonic() - t0, 3))
         self._readd()
         return True
 
@@ -236,6 +247,8 @@ class GenerationLoop:
         self.inflight.clear()
         self.queued = self.demand = 0
         self.stats.handed_back += len(jobs)
+        self.outbox.event(HANDED_BACK, detail=why, value=len(jobs),
+                          batches=[[job.batch.index, job.claimed_unix] for job in jobs])
         logger.warning("rank %d handed back %d batches (%s; %d records) to the other ranks: %s", self.rank,
                        len(jobs), ", ".join(str(j.batch.index) for j in jobs), sum(j.batch.size for j in jobs), why)
 
@@ -276,6 +289,7 @@ class GenerationLoop:
         start = time.monotonic()
         self.stats.gen_start_unix = time.time()
         cut = f"within drain_timeout={self.drain.timeout_s:g}s"
+        said_drain = False
         while True:
             self.peers.check()
             self.sink.check()
@@ -283,8 +297,12 @@ class GenerationLoop:
             try:
                 if not self.drain.requested:
                     self._fill()
-                elif not self.inflight or self.drain.expired():
-                    break
+                else:
+                    if not said_drain:
+                        said_drain = True
+                        box.event(DRAINING, detail=self.drain.why or "")
+                    if not self.inflight or self.drain.expired():
+                        break
                 if not self.inflight:
                     if self._nothing_left():
                         break

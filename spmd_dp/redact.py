@@ -72,9 +72,10 @@ def scrub_text(s: str) -> str:
 
 def scrub(obj: Any, free: bool = True) -> Any:
     """A copy of a JSON-like value (or a dataclass) with secrets masked: values under secret keys of free mappings
-    (`free`: this mapping is one a user fills; a dataclass's fields are not), and credential-looking strings."""
+    (`free`: a mapping here is one a user fills; a dataclass's field names are never judged, the mappings they hold
+    are), and credential-looking strings."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: scrub(getattr(obj, f.name), free=False) for f in dataclasses.fields(obj)}
+        return {f.name: scrub(getattr(obj, f.name), free=True) for f in dataclasses.fields(obj)}
     if isinstance(obj, Mapping):
         return {k: MASK if free and secret_key(k) and v not in (None, "", {}, []) else scrub(v, free=True)
                 for k, v in obj.items()}
@@ -95,7 +96,7 @@ def secret_values(obj: Any, free: bool = False) -> Set[str]:
     out: Set[str] = set()
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         for f in dataclasses.fields(obj):
-            out |= secret_values(getattr(obj, f.name), free=False)
+            out |= secret_values(getattr(obj, f.name), free=True)
     elif isinstance(obj, Mapping):
         for k, v in obj.items():
             if free and secret_key(k) and not isinstance(v, (Mapping, list, tuple)) and v not in (None, ""):

@@ -106,14 +106,14 @@ def run_node(node: Node, world: World, store, keep_engine: bool) -> None:
         batches = make_batches(cfg.schedule, order.pending, plan.world_size, cfg.batch_size)
         work = substore(store, "work")  # the claim counters and the board (spmd_dp/control/board.py)
         claims = Claims(work, batches, cfg.schedule, plan.rank, plan.world_size)  # logs a static share
-        outbox = Outbox(Board(work, plan.rank, plan.world_size, plan.is_rank0))
+        outbox = Outbox(Board(work, plan.rank, plan.world_size, plan.is_rank0), plan.rank)
         peers = Peers(plan.rank, plan.world_size, outbox, world.drain)
         control = ControlPlane(Group(substore(store, "control"), plan.rank, plan.world_size, world.timeout,
                                      plan.is_rank0, lazy=True),
                                outbox, peers, rank0.handle if rank0 else None, cfg.batch_timeout)
         control.start()
         engine = starting.result()
-        outbox.state = RankState.FAILED if engine is None else RankState.READY
+        outbox.engine_started(engine is not None, stats.engine_start_s, stats.engine_failed)
         if engine is not None:
             sink = node.output.sink(plan.rank, outbox.put)
             GenerationLoop(cfg, engine, claims, index, node.prompts, outbox, peers, sink, plan.rank, stats,
@@ -129,6 +129,8 @@ def run_node(node: Node, world: World, store, keep_engine: bool) -> None:
     except (Exception, KeyboardInterrupt) as e:
         if control is not None:
             control.leaving(e)  # for the other ranks to say why this one left
+        if rank0:
+            rank0.stopped(e)  # the live status says so
         raise
     finally:
         scanners.close()

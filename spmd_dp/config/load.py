@@ -41,9 +41,15 @@ def _quote_home(override: str) -> str:
     return override
 
 
+def _short_preflight(override: str) -> str:
+    """preflight=true -> preflight.enabled=true (preflight is a group: preflight.sample_records=..., ...)."""
+    key, eq, value = override.partition("=")
+    return f"preflight.enabled={value}" if eq and key in ("preflight", "+preflight") else override
+
+
 def compose_config(overrides: List[str], config_name: str = "config", config_dir: str | None = None) -> DictConfig:
     """Hydra composition of `<config_dir>/<config_name>.yaml` + overrides (not validated)."""
-    overrides = [_quote_home(o) for o in overrides]
+    overrides = [_quote_home(_short_preflight(o)) for o in overrides]
     cdir = Path(config_dir).resolve() if config_dir else find_config_dir()
     if not (cdir / f"{config_name}.yaml").is_file():
         raise UsageError(f"config error: no config file {cdir / (config_name + '.yaml')}; pass -cp/--config-path DIR and -cn/--config-name NAME")
