@@ -71,7 +71,12 @@ def run(cfgs: Sequence[RunConfig]) -> int:
             after = nodes[i + 1] if i + 1 < len(nodes) else None
             keep = after is not None and engine_key(after.cfg, after.plan.device.ids) == \
                 engine_key(node.cfg, node.plan.device.ids)
-            run_node(node, world, substore(store, f"job{i}"), keep)
+            if node.cfg.preflight.enabled:  # the run's own command, checked and timed instead (spmd_dp/preflight/)
+                from spmd_dp.preflight import preflight_node
+
+                preflight_node(node, world, substore(store, f"job{i}"))
+            else:
+                run_node(node, world, substore(store, f"job{i}"), keep)
             world.drain.stop_before(after.cfg.name if after is not None else None)
     finally:
         world.drain.restore()

@@ -11,7 +11,7 @@ from spmd_dp.config import load_config
 from spmd_dp.engines import Completion, Request
 from spmd_dp.generation import GenerationLoop, token_demand
 from spmd_dp.inputs import RecordSpec, scan_input
-from spmd_dp.control.messages import BatchDone, RankState, RankStats
+from spmd_dp.control.messages import RankEvent, BatchDone, RankState, RankStats
 from spmd_dp.control.outbox import Outbox
 from spmd_dp.control.peers import Peers
 from spmd_dp.output.sink import Sink
@@ -65,7 +65,9 @@ def run_loop(tmp_path, records, batch_size, engine, *overrides):
     loopback = Loopback(peers)
     stats = GenerationLoop(cfg, engine, claims, index, prompts, outbox, peers, Sink(loopback), 0, RankStats(0),
                            len(batches)).run()
-    assert outbox.queue.empty()  # the sink took every batch, the loop put nothing else
+    events = [outbox.queue.get() for _ in range(outbox.queue.qsize())]
+    assert [e.kind for e in events][:1] == ["generating"]  # the sink took every batch; the loop put only its events
+    assert all(isinstance(e, RankEvent) for e in events)
     assert all(isinstance(m, BatchDone) for m in loopback.sent)
     return loopback.sent, stats
 

@@ -1,0 +1,78 @@
+"""From each rank's timed sample (spmd_dp/preflight/calibrate.py) to the run's generation time at any world size.
+
+A rank's sample runs an engine-full of requests, then the rest as the first finish (the engine full all along),
+then the engine drains. A long run is mostly full engine: its speed `rate` is the larger of two lower bounds,
+the sample's tokens over its whole time, and the tokens of the requests finished while the engine was still full
+over that time (tokens still in flight then are not seen, so both are lower bounds; the first counts the drain).
+What the sample took beyond its tokens at that rate (`excess`: the ramp and the drain) a run pays once, at its
+end. So a rank's share of W output tokens takes excess + W / rate, and N ranks (dynamic schedule: the
+fast take more) excess + total / (sum of their rates). What a reader would get wrong: the projection is of the
+generation (first claim to last batch, as metrics.json's generation_s); the wall time adds the engine start and
+the scan, measured here too.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional
+
+
+def rank_speed(cal: Dict[str, Any], unit_tokens: bool = True) -> Optional[Dict[str, float]]:
+    """A rank's full-engine speed (output tokens a second; records a second when unit_tokens is False: pooling tasks)
+    and its sample's excess seconds, from its finishes. None when its sample did not run."""
+    fin = sorted(cal.get("finishes") or [])
+    if not fin:
+        return None
+    amount = [f[1] if unit_tokens else 1 for f in fin]
+    total, t_end = float(sum(amount)), max(fin[-1][0], 1e-6)
+    rate = total / t_end
+    k, cap = len(fin), int(cal.get("capacity") or 0)
+    if cap and k > cap:  # the engine stayed full until the (k - cap)-th finish: nothing was waiting after it
+        t_full = max(fin[k - cap - 1][0], 1e-6)
+        rate = max(rate, sum(amount[:k - cap]) / t_full)
+    excess = max(t_end - total / rate, 0.0) if rate > 0 else t_end
+    return {"rate": rate, "excess_s": excess, "sample_s": t_end, "amount": total, "records": k}
+
+
+def world_sizes(n: int) -> List[int]:
+    """The other world sizes the table shows: 1, and powers of two around n."""
+    sizes = {1, n, max(1, n // 2), max(1, n // 4), 2 * n, 4 * n}
+    return sorted(sizes)
+
+
+def project(cals: List[Dict[str, Any]], records_to_run: int, world: int, devices_per_rank: int,
+            engine_start_s: float, scan_s: float, price: Optional[float], generate: bool = True) -> Dict[str, Any]:
+    """The projection for `records_to_run` records: at this world size (the ranks' own speeds) and others (their mean)."""
+    speeds = [s for s in (rank_speed(c, generate) for c in cals) if s is not None]
+    if not speeds:
+        return {"error": "no rank's engine ran its sample: no projection"}
+    sampled_records = sum(s["records"] for s in speeds)
+    per_record = sum(s["amount"] for s in speeds) / sampled_records  # output tokens a record (1: pooling)
+    amount = records_to_run * per_record
+    excess = sum(s["excess_s"] for s in speeds) / len(speeds)
+    mean_rate = sum(s["rate"] for s in speeds) / len(speeds)
+
+    def row(n: int, rate_sum: float) -> Dict[str, Any]:
+        gen = excess + amount / rate_sum if rate_sum > 0 else None
+        wall = None if gen is None else engine_start_s + scan_s + gen
+        hours = None if wall is None else n * devices_per_rank * wall / 3600.0
+        return {"ranks": n, "generation_s": _r(gen), "wall_s": _r(wall), "device_hours": _r(hours, 3),
+                "cost": _r(hours * price, 2) if hours is not None and price is not None else None}
+
+    here = row(world, sum(s["rate"] for s in speeds))  # a rank whose engine did not run its sample adds nothing
+    return {
+        "unit": "output tokens" if generate else "records",
+        "per_record": round(per_record, 2),
+        "records_to_run": records_to_run,
+        "output_tokens": round(amount) if generate else None,
+        "rate_per_rank": {"mean": round(mean_rate, 2), "min": round(min(s["rate"] for s in speeds), 2),
+                          "max": round(max(s["rate"] for s in speeds), 2)},
+        "excess_s": round(excess, 3),
+        "engine_start_s": round(engine_start_s, 2),
+        "scan_s": round(scan_s, 2),
+        **here,
+        "by_world_size": [row(n, mean_rate * n) for n in world_sizes(world)],
+    }
+
+
+def _r(x: Optional[float], digits: int = 1) -> Optional[float]:
+    return None if x is None else round(x, digits)
