@@ -69,7 +69,7 @@ def scan_piece(f: InputFile, start: int, stop: int, spec, offset_every: int, key
     except Exception as e:  # decompression, truncation, I/O: the file is named, with where it broke
         if not is_read_error(e):
             raise
-        where = (f" after line {lines}" if lines else " at its start") if f.compression else f" at byte {pos}"
+        where = f" past line {lines}" if f.compression else f" at byte {pos}"  # (decompressing reads ahead)
         raise read_error(f.url, e, where) from None
     return {"records": n, "lines": lines, "locator": offsets, "crc": crc, "nbytes": max(pos - begin, 0),
             "schema": None}
