@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 SHARED="${SHARED_GPU:-../shared/gpu}"
-PY="${PYTHON:-python3}"
+PY="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}"  # the dummy models need tokenizers
 grep -qx "/.gpu/" .git/info/exclude 2>/dev/null || { mkdir -p .git/info; echo "/.gpu/" >> .git/info/exclude; }
 [ -f .gpu/bundle/SHA256SUMS ] || bash "$SHARED/build_bundle.sh" .gpu/bundle
 mkdir -p .gpu/wheels .gpu/models

@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Union
 
 
 class RankState(IntEnum):
-    """A rank's engine, as every rank sees it through the control plane's per-round all-gather."""
+    """A rank's engine, as every rank sees it on the status board (spmd_dp/control/board.py)."""
 
     STARTING = 0
     READY = 1

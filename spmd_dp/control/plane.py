@@ -137,7 +137,7 @@ class ControlPlane(threading.Thread):
                     if not root and sent_done and view.end:
                         self.board.left()
                         break
-                self._watch()
+                self._check_heartbeat()
             self.ending = True
             if world > 1:
                 self._goodbye()
@@ -287,7 +287,7 @@ class ControlPlane(threading.Thread):
             logger.debug("could not leave a note in the store: %s", e)
 
     # -- this rank stuck -------------------------------------------------------------------------------
-    def _watch(self) -> None:
+    def _check_heartbeat(self) -> None:
         beat = self.outbox.heartbeat
         if beat is not None and time.monotonic() - beat > self.stuck_s and self.peers.error is None:
             self.peers.error = RunFailure(

@@ -28,7 +28,7 @@ from typing import Callable, List, Optional
 
 from spmd_dp.engines.base import Completion, Engine, EngineFailure, EngineGaveUp, EngineStartError, Request
 from spmd_dp.log import logger
-from spmd_dp.launch.procs import descendants, gone, terminate, watch
+from spmd_dp.launch.procs import descendants, engine_processes, gone, terminate
 
 POLL_S = 0.1  # how often a waiting step looks at the engine's processes
 CLOSE_S = 10.0  # how long a failed engine may take to close before its processes are killed
@@ -87,7 +87,7 @@ class SupervisedEngine:
     def _launch(self, attempt: int) -> None:
         before = {p.pid for p in descendants()}
         self.engine = self._start(attempt)
-        self.processes = watch([p for p in descendants() if p.pid not in before])
+        self.processes = engine_processes([p for p in descendants() if p.pid not in before])
         self.stepper = _Stepper()
 
     def add(self, request: Request) -> Optional[Completion]:

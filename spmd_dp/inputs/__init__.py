@@ -8,7 +8,7 @@ indexed by every rank together while the engines start, and read by batch.
   records.py     what a valid record is (RecordSpec), a bad one (BadRecord), parsing a line
   duplicates.py  the duplicate-key check, partitioned by key hash over the ranks
   scan.py        the scan shared by all ranks: shares, merge, duplicates, bad records
-  workers.py     a rank's share scanned in processes forked before its engine starts
+  scanners.py    a rank's share scanned in processes forked before its engine starts
   index.py       the merged index every rank holds, and reading a batch through it
 
 A record's identity is its position in the whole input (files in order, rows in file

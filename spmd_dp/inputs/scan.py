@@ -5,7 +5,7 @@
      or Arrow file) by their sizes alone, so a rerun on any number of ranks cuts them alike;
      each rank takes a contiguous share of the pieces, balanced by bytes, and validates its
      records (spmd_dp/inputs/jsonl.py, tables.py) while its engine starts, in processes forked
-     for it before (workers.py: no turns on the GIL with the engine's start);
+     for it before (scanners.py: no turns on the GIL with the engine's start);
   3. the pieces' summaries (record counts, locators, checksums, schemas) are all-gathered:
      every rank builds the same index (spmd_dp/inputs/index.py), and checks that the
      tables' schemas agree;
@@ -169,7 +169,7 @@ def shared_scan(locs: Sequence[str], input_format: str, spec: RecordSpec, offset
                 group: Any = None, storage_options: Optional[Dict[str, Any]] = None, scanners: Any = None
                 ) -> ScanResult:
     """The shared scan (see the module's docstring). group: spmd_dp.control.comm.Group, or LocalGroup() for one rank;
-    scanners: workers.Scanners that scan this rank's pieces (else this thread does)."""
+    scanners: scanners.Scanners that scan this rank's pieces (else this thread does)."""
     group = group or LocalGroup()
     rank, world, root = group.rank, group.world, group.is_rank0
     t0, cpu0 = time.monotonic(), time.thread_time()
@@ -206,7 +206,7 @@ def shared_scan(locs: Sequence[str], input_format: str, spec: RecordSpec, offset
     bads: Dict[int, list] = {}
     summary: Dict[str, Any] = {"error": None, "pieces": {}}
     try:
-        if scanners is not None:  # processes forked before the engine started (workers.py)
+        if scanners is not None:  # processes forked before the engine started (scanners.py)
             done = scanners.scan(files, [(i, pieces[i]) for i in mine], rank)
         else:
             done = []

@@ -27,7 +27,7 @@ def descendants() -> List["psutil.Process"]:
 
 
 @dataclass(frozen=True)
-class Watched:
+class EngineProcess:
     """A process of an engine, as it was when it ran (a dead one can no longer be asked its name)."""
 
     process: "psutil.Process"
@@ -35,20 +35,20 @@ class Watched:
     child: bool  # a child of this rank (vLLM's EngineCore), not one of its workers
 
 
-def watch(processes: Sequence["psutil.Process"]) -> List[Watched]:
+def engine_processes(processes: Sequence["psutil.Process"]) -> List[EngineProcess]:
     me, out = os.getpid(), []
     for p in processes:
         try:
-            out.append(Watched(p, p.name(), p.ppid() == me))
+            out.append(EngineProcess(p, p.name(), p.ppid() == me))
         except psutil.Error:
             pass
     return out
 
 
-def gone(watched: Sequence[Watched]) -> Optional[str]:
-    """Which of the rank's own children among `watched` has exited, or None. (Its workers are watched by
+def gone(processes: Sequence[EngineProcess]) -> Optional[str]:
+    """Which of the rank's own children among `processes` has exited, or None. (Its workers are looked after by
     the engine process itself: vLLM's executor fails the engine when one dies.)"""
-    for w in watched:
+    for w in processes:
         if not w.child:
             continue
         try:
@@ -66,7 +66,7 @@ def terminate(processes: Sequence["psutil.Process"], grace_s: float = 5.0) -> in
         return 0
     alive = []
     for p in processes:
-        p = p.process if isinstance(p, Watched) else p
+        p = p.process if isinstance(p, EngineProcess) else p
         try:
             if p.is_running():
                 p.terminate()

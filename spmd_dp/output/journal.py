@@ -1,6 +1,6 @@
 """Durable, exactly-once commit on rank 0, and resume.
 
-Under `${output_dir}` (the paths are `OutputPaths`, spmd_dp/plan.py):
+Under `${output_dir}` (the paths are `OutputPaths`, spmd_dp/output/paths.py):
   `${name}.parts/part-NNNNNNNN.jsonl`  output_mode=single: the batches received in one
                                         round, written atomically (temp file, fsync, rename);
                                         sharded: each rank's parts, one per batch
