@@ -89,17 +89,22 @@ def build_report(node, scanned, shares: List[Dict[str, Any]], sample: np.ndarray
                     "first": [{"position": f[0], "key": f[1], "prompt_tokens": f[2], "max_tokens": f[3],
                                "action": f[4]} for f in first],
                     "what_happens": _fate(actions, cfg)},
-        "calibration": {"sample_records": cfg.preflight.sample_records, "ranks": [
-            {k: v for k, v in c.items() if k != "finishes"} for c in cals]},
+        "calibration": {"sample_records": cfg.preflight.sample_records, "ranks": cals},  # finishes: [s, out, prompt]
         "projection": projection,
     }
+
+
+def _num(x: float) -> str:
+    """A figure as a reader takes it in: 12,345.6 / 3.14 / 0.0021."""
+    return f"{x:,.1f}" if abs(x) >= 10 else (f"{x:.2f}" if abs(x) >= 0.01 or x == 0 else f"{x:.2g}")
 
 
 def summary(r: Dict[str, Any]) -> str:
     """The report as a few lines (what `preflight=true` prints)."""
     cfg, inp, tok, ctx, proj = r["config"], r["input"], r["prompt_tokens"], r["context"], r["projection"]
     unit = "GPU" if r["device_kind"] == "cuda" else "rank"
-    lines = [f"spmd_dp preflight of {r['name']}: {r['world_size']} ranks on {r['device']} ({cfg['inference_engine']}, "
+    ranks = f"{r['world_size']} rank" + ("s" if r["world_size"] > 1 else "")
+    lines = [f"spmd_dp preflight of {r['name']}: {ranks} on {r['device']} ({cfg['inference_engine']}, "
              f"{cfg['model_name']}); took {hms(r['seconds'])}"]
     kinds = ", ".join(f"{k} x{v}" if v > 1 else k for k, v in inp["kinds"].items())
     lines.append(f"  input        {inp['records']:,} records in {inp['files']} files ({kinds}, {inp['bytes'] / 1e6:,.1f} MB)"
@@ -131,16 +136,16 @@ def summary(r: Dict[str, Any]) -> str:
     lines.append(f"  engine       {sum(c.get('records', 0) for c in cal):,} sample records: {rate['mean']:,.1f} {per}/s a "
                  f"rank (min {rate['min']:,.1f}, max {rate['max']:,.1f}); {proj['per_record']:,} {per} a record; engine "
                  f"start {hms(proj['engine_start_s'])}" + (f"; {len(failed)} ranks could not start theirs" if failed else ""))
-    cost = f", {proj['cost']:,.2f} at {r['config']['preflight']['gpu_hour_price']:g} a {unit}-hour" \
+    cost = f", cost {_num(proj['cost'])} at {r['config']['preflight']['gpu_hour_price']:g} a {unit}-hour" \
         if proj.get("cost") is not None else ""
     lines.append(f"  projection   {proj['records_to_run']:,} records: generation {hms(proj['generation_s'])} at "
-                 f"{r['world_size']} ranks, wall {hms(proj['wall_s'])} with the start; {proj['device_hours']:,.2f} "
+                 f"{ranks}, wall {hms(proj['wall_s'])} with the start; {_num(proj['device_hours'])} "
                  f"{unit}-hours{cost}")
     lines.append(f"  {'ranks':>11}  {'generation':>10}  {'wall':>10}  {unit + '-hours':>10}" +
                  ("  cost" if proj.get("cost") is not None else ""))
     for row in proj["by_world_size"]:
         mark = " <" if row["ranks"] == r["world_size"] else ""
         lines.append(f"  {row['ranks']:>11}  {hms(row['generation_s']):>10}  {hms(row['wall_s']):>10}  "
-                     f"{row['device_hours']:>10,.2f}" + (f"  {row['cost']:,.2f}" if row.get("cost") is not None else "")
-                     + mark)
+                     f"{_num(row['device_hours']):>10}" + (f"  {_num(row['cost'])}" if row.get("cost") is not None
+                                                             else "") + mark)
     return "\n".join(lines)

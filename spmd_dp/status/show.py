@@ -54,8 +54,9 @@ def table(s: Dict[str, Any], now: Optional[float] = None) -> str:
         hosts = s.get("hosts") or []
         when = time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(s['started_unix']))
         ran = f"{hms(now - s['started_unix'])} ago" if s.get("running", True) else f"ran {hms(s.get('elapsed_s'))}"
-        lines.append(f"started {when} ({ran}); {s.get('world_size')} ranks on "
-                     f"{len(hosts)} host(s){': ' + ', '.join(hosts[:4]) if hosts else ''}"
+        world = s.get("world_size")
+        lines.append(f"started {when} ({ran}); {world} rank{'' if world == 1 else 's'} on "
+                     f"{len(hosts)} host{'' if len(hosts) == 1 else 's'}{': ' + ', '.join(hosts[:4]) if hosts else ''}"
                      f"{', ...' if len(hosts) > 4 else ''}" +
                      (f"; metrics on port {s['metrics_port']}" if s.get("metrics_port") else ""))
     ranks = s.get("ranks") or []

@@ -82,18 +82,18 @@ def _spans(h: History) -> Tuple[float, Dict[int, dict]]:
     return (min(starts) if starts else 0.0), rows
 
 
-def _lanes(spans: List[Tuple[float, float]], most: int = 16) -> List[List[Tuple[float, float]]]:
-    """Spans (start, width) sorted by start, in lanes where none overlaps (the first lane free; past `most` lanes,
-    the one that frees first)."""
-    lanes: List[List[Tuple[float, float]]] = []
+def _lanes(spans: List[Tuple[float, float, bool]], most: int = 16) -> List[List[Tuple[float, float, bool]]]:
+    """Spans (start, width, handed back) sorted by start, in lanes where none overlaps (the first lane free; past
+    `most` lanes, the one that frees first)."""
+    lanes: List[List[Tuple[float, float, bool]]] = []
     ends: List[float] = []
-    for s, w in spans:
+    for s, w, handed in spans:
         free = [i for i, e in enumerate(ends) if e <= s]
         i = free[0] if free else (len(lanes) if len(lanes) < most else min(range(len(ends)), key=ends.__getitem__))
         if i == len(lanes):
             lanes.append([])
             ends.append(0.0)
-        lanes[i].append((s, w))
+        lanes[i].append((s, w, handed))
         ends[i] = max(ends[i], s + w)
     return lanes
 
@@ -141,14 +141,16 @@ def draw(h: History, out: Path, title: Optional[str] = None) -> Path:
         ax.broken_barh([(s - t0, w) for s, w in rw["start"]], (y, 0.76), facecolors=COLORS["start"], hatch="///",
                        edgecolor="white", linewidth=0)
         ax.broken_barh([(s - t0, w) for s, w in rw["failed"]], (y, 0.76), facecolors=COLORS["failed"], alpha=0.5)
-        lanes = _lanes(sorted(rw["batches"]))
+        spans = sorted([(s, w, False) for s, w in rw["batches"]] + [(s, w, True) for s, w in rw["handed"]])
+        lanes = _lanes(spans)
         h_lane = 0.64 / max(len(lanes), 1)
         for i, lane in enumerate(lanes):  # the batches a rank holds at once, one above the other
+            kept = [(s, w) for s, w, handed in lane if not handed]
+            where = (y + 0.06 + i * h_lane, h_lane * 0.9)
             for k in (0, 1):
-                ax.broken_barh([(s - t0, w) for s, w in lane[k::2]], (y + 0.06 + i * h_lane, h_lane * 0.9),
-                               facecolors=BLUES[k], linewidth=0)
-        ax.broken_barh([(s - t0, w) for s, w in rw["handed"]], (y + 0.06, 0.64), facecolors="none",
-                       edgecolor=COLORS["handed"], hatch="xx", linewidth=0.8)
+                ax.broken_barh([(s - t0, w) for s, w in kept[k::2]], where, facecolors=BLUES[k], linewidth=0)
+            ax.broken_barh([(s - t0, w) for s, w, handed in lane if handed], where, facecolors="none",
+                           edgecolor=COLORS["handed"], hatch="xx", linewidth=0.8)
         ax.broken_barh([(s - t0, w) for s, w in rw["restart"]], (y, 0.76), facecolors=COLORS["restart"], alpha=0.6)
         if rw["restart"]:
             ax.plot([s - t0 for s, _ in rw["restart"]], [r] * len(rw["restart"]), "x", color="black", ms=7, mew=2)
