@@ -78,6 +78,7 @@ def test_echo_preflight_counts_exactly_what_does_not_fit_and_writes_only_its_fil
     proj = r["projection"]
     assert proj["records_to_run"] == 300 - counts["refused"] - counts["skipped"]
     assert proj["generation_s"] > 0 and proj["cost"] is not None and proj["ranks"] == 2
+    assert 0 < proj["budget_used"] <= 1  # the sample's output over its max_tokens (as the context leaves them)
     assert [row["ranks"] for row in proj["by_world_size"]] == [1, 2, 4, 8]
     one, two = proj["by_world_size"][0], proj["by_world_size"][1]
     assert one["generation_s"] > 1.5 * (two["generation_s"] - proj["excess_s"])  # more ranks, less time

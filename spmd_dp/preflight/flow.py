@@ -87,7 +87,7 @@ def preflight_node(node: Node, world, store) -> None:
         else:
             k = cfg.preflight.sample_records or ENGINE_FULLS * int(engine.capacity)
             cal = calibrate(engine, index, node.prompts, sampling, sample_positions(n, k, plan.rank, plan.world_size),
-                            cfg.batch_timeout, plan.rank)
+                            cfg.batch_timeout, plan.rank, shares[0]["limit"])
             logger.info("preflight: rank %d ran %d sample records in %.1f s (%d output tokens)", plan.rank,
                         cal["records"], cal["seconds"], cal["output_tokens"])
         cal["engine_start_s"] = stats.engine_start_s

@@ -40,14 +40,20 @@ def world_sizes(n: int) -> List[int]:
 
 
 def project(cals: List[Dict[str, Any]], records_to_run: int, world: int, devices_per_rank: int,
-            engine_start_s: float, scan_s: float, price: Optional[float], generate: bool = True) -> Dict[str, Any]:
-    """The projection for `records_to_run` records: at this world size (the ranks' own speeds) and others (their mean)."""
+            engine_start_s: float, scan_s: float, price: Optional[float], generate: bool = True,
+            budget: Optional[int] = None) -> Dict[str, Any]:
+    """The projection for `records_to_run` records: at this world size (the ranks' own speeds) and others (their mean).
+    budget: the output tokens every record that runs may generate (its max_tokens as the context leaves it): the
+    whole input's output is the sample's share of its own budget times that (the sample's mean output a record
+    times the records when the budget is unknown)."""
     speeds = [s for s in (rank_speed(c, generate) for c in cals) if s is not None]
     if not speeds:
         return {"error": "no rank's engine ran its sample: no projection"}
     sampled_records = sum(s["records"] for s in speeds)
     per_record = sum(s["amount"] for s in speeds) / sampled_records  # output tokens a record (1: pooling)
-    amount = records_to_run * per_record
+    sample_budget = sum(c.get("budget", 0) for c in cals if c.get("finishes"))
+    used = sum(s["amount"] for s in speeds) / sample_budget if generate and budget and sample_budget else None
+    amount = used * budget if used is not None else records_to_run * per_record
     excess = sum(s["excess_s"] for s in speeds) / len(speeds)
     mean_rate = sum(s["rate"] for s in speeds) / len(speeds)
 
@@ -62,6 +68,7 @@ def project(cals: List[Dict[str, Any]], records_to_run: int, world: int, devices
     return {
         "unit": "output tokens" if generate else "records",
         "per_record": round(per_record, 2),
+        "budget_used": None if used is None else round(used, 4),  # the sample's output / its max_tokens
         "records_to_run": records_to_run,
         "output_tokens": round(amount) if generate else None,
         "rate_per_rank": {"mean": round(mean_rate, 2), "min": round(min(s["rate"] for s in speeds), 2),

@@ -63,7 +63,7 @@ def build_report(node, scanned, shares: List[Dict[str, Any]], sample: np.ndarray
     ran = [c for c in cals if "error" not in c]
     projection = project(ran, records_to_run, plan.world_size, devices_per_rank,
                          max((c.get("engine_start_s", 0.0) for c in cals), default=0.0), scanned.seconds,
-                         cfg.preflight.gpu_hour_price, generate)
+                         cfg.preflight.gpu_hour_price, generate, sum(p["budget"] for p in parts))
     tokens: Dict[str, Any] = {
         "counted": "every record" if every == 1 else f"a uniform sample: every {every}th record",
         "records": int(sample.size), "tokenized": sum(p["tokenized"] for p in parts),

@@ -129,6 +129,7 @@ class Share:
     sample_tokens: int = 0  # their prompt tokens
     not_fitting: int = 0
     actions: Dict[str, int] = field(default_factory=dict)  # refused, skipped, truncated, clamped, cut
+    budget: int = 0  # the output tokens the records that run may generate: their max_tokens, as the context leaves
     first: List[List[Any]] = field(default_factory=list)  # [position, key, prompt tokens, max_tokens, action]
     options: Dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
@@ -137,6 +138,18 @@ class Share:
     def to_json(self) -> Dict[str, Any]:
         d = {k: v for k, v in vars(self).items() if k != "lengths"}
         return d
+
+
+def output_budget(fit, prompt_tokens: int, max_tokens: int, limit: Optional[int]) -> int:
+    """The output tokens a generate request that runs may produce: max_tokens, lowered by clamp_max_tokens, or cut
+    where the context ends (a truncated prompt leaves max_tokens); 0 for a refused or skipped one."""
+    if fit.action in ("refuse", "skip"):
+        return 0
+    if fit.max_tokens is not None:
+        return fit.max_tokens
+    if fit.action == "run" and limit is not None:
+        return max(min(max_tokens, limit - prompt_tokens), 0)
+    return max_tokens
 
 
 def what_happens(fit, prompt_tokens: int, max_tokens: int, limit: Optional[int], generate: bool) -> Optional[str]:
@@ -170,6 +183,8 @@ def count_share(index, prompts, sampling: Dict[str, Any], span: Tuple[int, int],
             lengths.append(n)
             share.sample_tokens += n
         fit = fit_context(n, max_tokens, limit, request.on_long_prompt, request.clamp_max_tokens, generate)
+        if generate:
+            share.budget += output_budget(fit, n, max_tokens, limit)
         what = what_happens(fit, n, max_tokens, limit, generate)
         if what is not None:
             share.not_fitting += 1
@@ -205,6 +220,8 @@ def count_share(index, prompts, sampling: Dict[str, Any], span: Tuple[int, int],
                 pending.append((position, request, rendered, sampled))
                 if len(pending) >= TOKENIZE_BATCH:
                     flush()
+            else:  # it fits for certain
+                share.budget += max_tokens
         if pending:
             flush()
     share.sampled = len(lengths)
