@@ -157,6 +157,7 @@ class Rank0:
         if self.live is not None:
             text = str(error).strip()
             self.live.end("failed", text.splitlines()[0] if text else type(error).__name__)
+
     def _report(self, final: bool, **total: Any) -> None:
         """metrics.json and the summary table (also after a drain: what this run did)."""
         report = self.metrics.report()

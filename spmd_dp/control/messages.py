@@ -97,15 +97,14 @@ READY, FAILED_START, GENERATING, RESTARTING, GAVE_UP, HANDED_BACK, DRAINING, BEA
 
 @dataclass
 class RankEvent:
-    """A change on a rank, as it happens (rare), or its heartbeat (BEAT: the control thread sends one when it has sent
-    nothing for a while)."""
+    """A change on a rank, as it happens (rare), or its heartbeat (BEAT: its control thread's, every few seconds)."""
 
     rank: int
     kind: str  # READY (again after a restart), FAILED_START, GENERATING, RESTARTING, GAVE_UP, HANDED_BACK, DRAINING, BEAT
     unix: float
     detail: str = ""  # the cause (RESTARTING, GAVE_UP, FAILED_START), the signal (DRAINING)
     value: float = 0.0  # READY: engine start seconds; HANDED_BACK: batches; BEAT: seconds since its loop went round
-    host: str = ""  # READY, FAILED_START: the rank's host
+    host: str = ""  # READY, FAILED_START and the first BEAT: the rank's host
     batches: List[List[float]] = field(default_factory=list)  # HANDED_BACK: [batch index, claimed_unix] each
 
     @property
