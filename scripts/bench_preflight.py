@@ -4,6 +4,7 @@ against what metrics.json measured. Also the projection for N read from the firs
 where every rank has the same device at every N: one core per rank on CPU, one GPU per rank on GPU).
 
     python scripts/bench_preflight.py --suite cpu --out DIR            # vLLM CPU, spmd-dp/small-llama, N=1 and 2
+    python scripts/bench_preflight.py --suite echo --out DIR           # the echo engine: a rehearsal, a minute
     python scripts/bench_preflight.py --suite gpu --out DIR --ns 1 2 4 --model /path/to/model
                                      [--extra +engine_options.vllm_kwargs.load_format=dummy ...]
 
@@ -28,6 +29,11 @@ sys.path.insert(0, str(REPO))
 from spmd_dp.testing import clean_env, torchrun_command  # noqa: E402
 
 SUITES: Dict[str, Dict[str, Any]] = {
+    # the echo engine (a rehearsal of the script, and the estimator on an engine whose speed does not wander):
+    # one request at a time, echo_delay_s a token
+    "echo": dict(model="spmd-dp/tiny-llama", ns=[1, 2], prompts=3000, prompt_len=16, max_tokens=8, skew_median=4,
+                 skew_cap=16, max_model_len=1024, vocab=1000, batch_size=32,
+                 extra=["inference_engine=echo", "engine_options.echo_delay_s=0.0005", "engine_options.max_num_seqs=32"]),
     # vLLM CPU, one core per rank (the 2-core CI machine: N = 1, 2); 384 records are 12 engine-fulls at N=1
     "cpu": dict(model="spmd-dp/small-llama", ns=[1, 2], prompts=384, prompt_len=64, max_tokens=64, skew_median=32,
                 skew_cap=256, max_model_len=1024, vocab=1000, batch_size=32,

@@ -198,3 +198,45 @@ def test_vllm_preflight_counts_what_the_engine_then_skips(tmp_path):
     assert run.returncode == 0, run.stderr[-4000:]
     errors = [json.loads(x) for x in (out / "v.errors.jsonl").read_text().splitlines()]
     assert {e["key"] for e in errors} == skipped  # what vLLM's own renderer found too long
+
+
+# -- the projection's estimator, on a simulated engine (no timing: a model of one) ---------------------------------
+def simulated_sample(lengths, slots, step_s=0.01):
+    """An engine that runs `slots` requests at once, first come first served, one token each a step: the finishes
+    of a sample as calibrate() notes them ([add order, seconds, output, prompt, budget])."""
+    waiting, running, t, out = list(enumerate(lengths)), {}, 0.0, []
+    while waiting or running:
+        while waiting and len(running) < slots:
+            i, n = waiting.pop(0)
+            running[i] = n
+        t += step_s
+        for i in list(running):
+            running[i] -= 1
+            if running[i] == 0:
+                del running[i]
+                out.append([i, round(t, 6), lengths[i], 64, lengths[i]])
+    return out
+
+
+def test_the_full_engine_speed_is_found_from_a_skewed_sample_whose_drain_is_long():
+    from spmd_dp.preflight.project import project, rank_speed
+
+    rng = random.Random(3)
+    lengths = [int(min(256, max(4, rng.lognormvariate(math.log(32), 1.0)))) for _ in range(64)]
+    fin = simulated_sample(lengths, slots=32)
+    speed = rank_speed({"finishes": fin, "concurrency": 32})
+    full = 32 / 0.01  # tokens a second while all 32 slots run
+    naive = sum(lengths) / max(f[1] for f in fin)
+    assert naive < 0.8 * full  # the sample's average is far below: its drain is long
+    assert abs(speed["rate"] / full - 1) < 0.08, (speed, full)
+    uniform = rank_speed({"finishes": simulated_sample([50] * 64, slots=32), "concurrency": 32})
+    assert abs(uniform["rate"] / full - 1) < 1e-6 and uniform["excess_s"] < 1e-6
+    # the whole run: 384 records of the same distribution through the same engine, against the projection
+    many = [int(min(256, max(4, rng.lognormvariate(math.log(32), 1.0)))) for _ in range(384)]
+    run_s = max(f[1] for f in simulated_sample(many, slots=32))
+    proj = project([{"finishes": fin, "concurrency": 32, "budget": sum(lengths)}], 384, 1, 1, 0.0, 0.0, None,
+                   budget=sum(many))
+    assert proj["output_tokens"] == sum(many)
+    assert abs(proj["generation_s"] / run_s - 1) < 0.15, (proj["generation_s"], run_s)
+    one = rank_speed({"finishes": simulated_sample([50] * 64, slots=1), "concurrency": 1})  # one at a time (echo)
+    assert abs(one["rate"] - 1 / 0.01) < 1e-6

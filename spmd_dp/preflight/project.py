@@ -1,11 +1,11 @@
 """From each rank's timed sample (spmd_dp/preflight/calibrate.py) to the run's generation time at any world size.
 
 A rank's sample runs an engine-full of requests, then the rest as the first finish (the engine full all along),
-then the engine drains. A long run is mostly full engine: its speed `rate` is the larger of two lower bounds,
-the sample's tokens over its whole time, and the tokens of the requests finished while the engine was still full
-over that time (tokens still in flight then are not seen, so both are lower bounds; the first counts the drain).
-What the sample took beyond its tokens at that rate (`excess`: the ramp and the drain) a run pays once, at its
-end. So a rank's share of W output tokens takes excess + W / rate, and N ranks (dynamic schedule: the
+then the engine drains. A long run is mostly full engine: its speed `rate` is the output made while the engine
+was still full over that time: the requests finished by then, and the share of those running then that they had
+run (first come, first served; each at a steady pace), or the sample's output over its whole time if that is
+more (a lower bound: it counts the drain). What the sample took beyond its output at that rate (`excess`: the ramp
+and the drain) a run pays once, at its end. So a rank's share of W output tokens takes excess + W / rate, and N ranks (dynamic schedule: the
 fast take more) excess + total / (sum of their rates). What a reader would get wrong: the projection is of the
 generation (first claim to last batch, as metrics.json's generation_s); the wall time adds the engine start and
 the scan, measured here too.
@@ -18,19 +18,36 @@ from typing import Any, Dict, List, Optional
 
 def rank_speed(cal: Dict[str, Any], unit_tokens: bool = True) -> Optional[Dict[str, float]]:
     """A rank's full-engine speed (output tokens a second; records a second when unit_tokens is False: pooling tasks)
-    and its sample's excess seconds, from its finishes. None when its sample did not run."""
-    fin = sorted(cal.get("finishes") or [])
+    and its sample's excess seconds, from its finishes ([add order, seconds, output, prompt, budget] each). None when
+    its sample did not run."""
+    fin = cal.get("finishes") or []
     if not fin:
         return None
-    amount = [f[1] if unit_tokens else 1 for f in fin]
-    total, t_end = float(sum(amount)), max(fin[-1][0], 1e-6)
+    amount = {f[0]: (f[2] if unit_tokens else 1) for f in fin}
+    finish = {f[0]: f[1] for f in fin}
+    times = sorted(finish.values())
+    k, c = len(fin), max(1, int(cal.get("concurrency") or cal.get("capacity") or 1))
+    total, t_end = float(sum(amount.values())), max(times[-1], 1e-6)
     rate = total / t_end
-    k, cap = len(fin), int(cal.get("capacity") or 0)
-    if cap and k > cap:  # the engine stayed full until the (k - cap)-th finish: nothing was waiting after it
-        t_full = max(fin[k - cap - 1][0], 1e-6)
-        rate = max(rate, sum(amount[:k - cap]) / t_full)
+    if k > c:
+        full_until = max(times[k - c], 1e-6)  # the engine ran `c` requests until the (k - c + 1)-th finish
+        rate = max(rate, produced(amount, finish, times, c, full_until) / full_until)
     excess = max(t_end - total / rate, 0.0) if rate > 0 else t_end
     return {"rate": rate, "excess_s": excess, "sample_s": t_end, "amount": total, "records": k}
+
+
+def produced(amount: Dict[int, float], finish: Dict[int, float], times: List[float], c: int, until: float) -> float:
+    """Output made by `until`: the requests finished by then, and of those running then (first come, first served:
+    the first `c` added at once, each next one when a request finishes) the share of their time they had run,
+    at a steady pace from their start to their finish."""
+    out = 0.0
+    for i, o in enumerate(sorted(finish)):
+        start, end = (0.0 if i < c else times[i - c]), finish[o]
+        if end <= until:
+            out += amount[o]
+        elif start < until:
+            out += amount[o] * (until - start) / max(end - start, 1e-9)
+    return out
 
 
 def world_sizes(n: int) -> List[int]:

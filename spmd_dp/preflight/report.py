@@ -89,7 +89,7 @@ def build_report(node, scanned, shares: List[Dict[str, Any]], sample: np.ndarray
                     "first": [{"position": f[0], "key": f[1], "prompt_tokens": f[2], "max_tokens": f[3],
                                "action": f[4]} for f in first],
                     "what_happens": _fate(actions, cfg)},
-        "calibration": {"sample_records": cfg.preflight.sample_records, "ranks": cals},  # finishes: [s, out, prompt]
+        "calibration": {"sample_records": cfg.preflight.sample_records, "ranks": cals},
         "projection": projection,
     }
 
