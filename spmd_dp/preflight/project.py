@@ -56,10 +56,24 @@ def world_sizes(n: int) -> List[int]:
     return sorted(sizes)
 
 
+def finish_after(amount: float, rates: List[float], starts: List[float]) -> float:
+    """Seconds after the first rank starts until ranks of these speeds, starting these seconds apart, have made
+    `amount` together (the dynamic schedule: each takes work from when it starts)."""
+    order = sorted(zip(starts, rates))
+    t0, done, rate = order[0][0], 0.0, 0.0
+    for i, (start, r) in enumerate(order):
+        if rate > 0 and done + rate * (start - t0) >= amount:
+            break
+        done += rate * (start - t0)
+        t0, rate = start, rate + r
+    return t0 + (amount - done) / rate - order[0][0]
+
+
 def project(cals: List[Dict[str, Any]], records_to_run: int, world: int, devices_per_rank: int,
             engine_start_s: float, scan_s: float, price: Optional[float], generate: bool = True,
             budget: Optional[int] = None) -> Dict[str, Any]:
-    """The projection for `records_to_run` records: at this world size (the ranks' own speeds) and others (their mean).
+    """The projection for `records_to_run` records: at this world size (the ranks' own speeds, each from when its
+    engine was up: their engine starts as measured) and others (their mean speed, together).
     budget: the output tokens every record that runs may generate (its max_tokens as the context leaves it): the
     whole input's output is the sample's share of its own budget times that (the sample's mean output a record
     times the records when the budget is unknown)."""
@@ -74,14 +88,22 @@ def project(cals: List[Dict[str, Any]], records_to_run: int, world: int, devices
     excess = sum(s["excess_s"] for s in speeds) / len(speeds)
     mean_rate = sum(s["rate"] for s in speeds) / len(speeds)
 
-    def row(n: int, rate_sum: float) -> Dict[str, Any]:
-        gen = excess + amount / rate_sum if rate_sum > 0 else None
-        wall = None if gen is None else engine_start_s + scan_s + gen
+    starts = [float(c.get("engine_start_s") or 0.0) for c in cals if rank_speed(c, generate) is not None]
+
+    def row(n: int, rate_sum: float, skewed: bool = False) -> Dict[str, Any]:
+        if rate_sum <= 0:
+            gen = None
+        elif skewed:  # the ranks' own speeds, each from when its engine was up
+            gen = excess + finish_after(amount, [s["rate"] for s in speeds], starts)
+        else:
+            gen = excess + amount / rate_sum
+        first_up = min(starts) if skewed else engine_start_s
+        wall = None if gen is None else max(first_up, scan_s) + gen
         hours = None if wall is None else n * devices_per_rank * wall / 3600.0
         return {"ranks": n, "generation_s": _r(gen), "wall_s": _r(wall), "device_hours": _r(hours, 3),
                 "cost": _r(hours * price, 2) if hours is not None and price is not None else None}
 
-    here = row(world, sum(s["rate"] for s in speeds))  # a rank whose engine did not run its sample adds nothing
+    here = row(world, sum(s["rate"] for s in speeds), skewed=True)  # a rank whose engine did not run adds nothing
     return {
         "unit": "output tokens" if generate else "records",
         "per_record": round(per_record, 2),
