@@ -14,7 +14,8 @@ Kinds (3 ranks of the echo engine unless said):
 A run completes when it exits 0 (echo-sigterm: when its rerun does) with the output file written; keys
 are counted in that file against the input (lost: absent; duplicated: present more than once), and
 batches in the log (rank 0 received one twice in a run: the journal commits it once, but it was
-generated twice).
+generated twice). A run that has not ended after 10 minutes (vLLM: 15) is a hang: it is ended, counted
+(`hung`), and not completed; the other runs go on.
 """
 
 from __future__ import annotations
@@ -32,51 +33,26 @@ import time
 from collections import Counter
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from spmd_dp.testing import (echo_args, engine_core_pid, keys_report, launch, make_records, running,
+                             wait_for_batches, wait_until, worker_pids, write_jsonl)
+
 STARTED = []  # every torchrun this script started: ended when it ends, however it ends
 
 
 def torchrun(args, nproc, log: Path):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--rdzv-backend=c10d",
-           "--rdzv-endpoint=localhost:0", "-m", "spmd_dp", *args]
-    with open(log, "a") as f:
-        STARTED.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT))
+    STARTED.append(launch(args, nproc, log=log))
     return STARTED[-1]
 
 
-def children(pid: int):
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
-    return [int(p) for p in out]
-
-
-def rank_pid(torchrun_pid: int, rank: int):
-    for pid in children(torchrun_pid):
+def ended(proc, timeout: float, hung: list):
+    """The run's exit code; a run still going after `timeout` is a hang: it is ended (SIGTERM, then SIGKILL), noted
+    in `hung`, and its code is None (the campaign goes on)."""
+    with running(proc):
         try:
-            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if f"RANK={rank}".encode() in env:
-            return pid
-    return None
-
-
-def journal_batches(path: Path) -> int:
-    if not path.exists():
-        return 0
-    with open(path) as f:
-        return sum(len(json.loads(ln).get("batches", [])) for ln in f if ln.strip().endswith("}"))
-
-
-def wait_until(cond, proc, timeout):
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            hung.append(proc.args)
+            return None
 
 
 def received_twice(log_text: str) -> int:
@@ -85,24 +61,15 @@ def received_twice(log_text: str) -> int:
     return sum(1 for n in seen.values() if n > 1)
 
 
-def keys(out_file: Path, ids):
-    seen = Counter(json.loads(ln)["id"] for ln in open(out_file)) if out_file.exists() else Counter()
-    return sum(1 for i in ids if i not in seen), sum(1 for n in seen.values() if n > 1)
-
-
 def echo_run(kind: str, seed: int, work: Path) -> dict:
     rng = random.Random(f"{kind}-{seed}")
-    n = 300
-    data = work / "in.jsonl"
-    with open(data, "w") as f:
-        for i in range(n):
-            f.write(json.dumps({"id": f"r{i:05d}", "prompt": " ".join(f"w{i}_{j}" for j in range(6))}) + "\n")
-    base = [f"data_dir={work}", "input_data_path=in.jsonl", f"output_dir={work / 'out'}", "name=out",
-            "inference_engine=echo", "generation_options.max_tokens=4", "batch_size=5",
-            "engine_options.echo_delay_s=0.005", f"schedule={rng.choice(['dynamic', 'static'])}"]
+    records = make_records(300, words=6)
+    base = echo_args(work, write_jsonl(work / "in.jsonl", records), "batch_size=5", "engine_options.echo_delay_s=0.005",
+                     f"schedule={rng.choice(['dynamic', 'static'])}")
     log = work / "run.log"
     victim = rng.randrange(3)
     faults = 0
+    hung: list = []
     if kind in ("echo-die", "echo-hang"):
         times = rng.randint(1, 3) if kind == "echo-die" else 1
         extra = [f"engine_options.echo_fault_ranks=[{victim}]",
@@ -110,33 +77,30 @@ def echo_run(kind: str, seed: int, work: Path) -> dict:
         if kind == "echo-hang":
             extra += ["engine_options.echo_fault=hang", "batch_timeout=4"]
         proc = torchrun(base + extra, 3, log)
-        rc = proc.wait(timeout=600)
+        rc = ended(proc, 600, hung)
         text = log.read_text()
         faults = text.count(": engine died: ") + text.count(": engine stalled: ")
         twice = received_twice(text)
     else:  # echo-sigterm, then the rerun
         proc = torchrun(base, 3, log)
         at = rng.randint(1, 40)
-        if wait_until(lambda: journal_batches(work / "out" / "out.journal.jsonl") >= at, proc, 300):
-            pid = rank_pid(proc.pid, victim)
+        if wait_for_batches(work / "out" / "out.journal.jsonl", at, proc, 300) >= at:
+            pid = worker_pids(proc.pid).get(victim)
             if pid is not None:
                 os.kill(pid, signal.SIGTERM)
                 faults = 1
-        proc.wait(timeout=600)
+        ended(proc, 600, hung)
         twice = received_twice(log.read_text())
-        rc = torchrun(base, 3, log).wait(timeout=600)
-    lost, dup = keys(work / "out" / "out.jsonl", [f"r{i:05d}" for i in range(n)])
+        rc = ended(torchrun(base, 3, work / "rerun.log"), 600, hung)
+    keys = keys_report(work / "out" / "out.jsonl", [r["id"] for r in records])
     return {"kind": kind, "seed": seed, "faults": faults, "completed": rc == 0 and (work / "out" / "out.jsonl").exists(),
-            "lost": lost, "duplicated": dup, "received_twice": twice, "rc": rc}
+            **keys, "received_twice": twice, "rc": rc, "hung": len(hung)}
 
 
 def vllm_run(seed: int, work: Path) -> dict:
     rng = random.Random(f"vllm-kill9-{seed}")
-    n = 256
-    data = work / "in.jsonl"
-    with open(data, "w") as f:
-        for i in range(n):
-            f.write(json.dumps({"id": f"k{i:04d}", "prompt": f"Tell me about w{i} and the day {i * 7}"}) + "\n")
+    records = [{"id": f"k{i:04d}", "prompt": f"Tell me about w{i} and the day {i * 7}"} for i in range(256)]
+    write_jsonl(work / "in.jsonl", records)
     args = [f"data_dir={work}", "input_data_path=in.jsonl", f"output_dir={work / 'out'}", "name=out",
             "generation_options.temperature=0", "generation_options.max_tokens=32", "+generation_options.ignore_eos=true",
             "batch_size=8", "engine_options.max_model_len=512", "engine_options.max_num_seqs=16",
@@ -146,18 +110,19 @@ def vllm_run(seed: int, work: Path) -> dict:
     proc = torchrun(args, 2, log)
     faults = 0
     pattern = re.compile(rf"Received results for batch \d+ from rank {victim}\b")
-    if wait_until(lambda: len(pattern.findall(log.read_text())) >= after, proc, 600):
-        rank = rank_pid(proc.pid, victim)
-        core = next((c for c in children(rank or -1) if "EngineCore" in Path(f"/proc/{c}/cmdline").read_text()), None)
+    if wait_until(lambda: len(pattern.findall(log.read_text())) >= after, 600, proc):
+        rank = worker_pids(proc.pid).get(victim)
+        core = engine_core_pid(rank) if rank is not None else None
         if core is not None:
             os.kill(core, signal.SIGKILL)
             faults = 1
-    rc = proc.wait(timeout=900)
+    hung: list = []
+    rc = ended(proc, 900, hung)
     text = log.read_text()
     readd = re.search(r"re-added (\d+) requests", text)
-    lost, dup = keys(work / "out" / "out.jsonl", [f"k{i:04d}" for i in range(n)])
-    return {"kind": "vllm-kill9", "seed": seed, "faults": faults, "completed": rc == 0, "lost": lost,
-            "duplicated": dup, "received_twice": received_twice(text), "rc": rc, "victim": victim,
+    keys = keys_report(work / "out" / "out.jsonl", [r["id"] for r in records])
+    return {"kind": "vllm-kill9", "seed": seed, "faults": faults, "completed": rc == 0, **keys,
+            "received_twice": received_twice(text), "rc": rc, "hung": len(hung), "victim": victim,
             "re_added": int(readd.group(1)) if readd else 0}
 
 

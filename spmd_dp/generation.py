@@ -42,7 +42,7 @@ from spmd_dp.control.peers import Peers
 from spmd_dp.output.rows import BAD_RECORD, RowShaper
 from spmd_dp.output.sink import Sink
 from spmd_dp.prompting.options import sampling_kwargs
-from spmd_dp.prompting.prompts import PromptBuilder
+from spmd_dp.prompting.prompts import PromptBuilder, PromptError
 
 TICK_S = 0.2  # how long the loop waits when it has nothing to run but more may come
 IDLE_ROUNDS = 3  # reads of the board with every rank idle after which nothing more can come
@@ -139,7 +139,10 @@ class GenerationLoop:
         """Add one record's request to the engine; a Completion when it is settled at once (skipped, refused)."""
         if record is None:
             return Completion(f"{job.batch.index}:{i}", error=BAD_RECORD)
-        request = job.requests[i] = self.prompts.request(f"{job.batch.index}:{i}", record, self.sampling)
+        try:  # reads the record's images, here: an image gone or unreadable since the scan is this record's fault
+            request = job.requests[i] = self.prompts.request(f"{job.batch.index}:{i}", record, self.sampling)
+        except PromptError as e:
+            return Completion(f"{job.batch.index}:{i}", error=str(e))
         rejected = self.engine.add(request)
         if rejected is not None:
             return rejected

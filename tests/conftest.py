@@ -1,4 +1,5 @@
-"""Fixtures. The helpers tests share are spmd_dp/testing.py's (scripts and benchmarks use the same)."""
+"""Fixtures. The helpers tests share are spmd_dp/testing.py's (scripts and benchmarks use the same) and, for tests
+only, tests/helpers.py."""
 
 from __future__ import annotations
 

@@ -2,25 +2,13 @@
 on_bad_record=skip, nothing lost, never a hang, never a traceback."""
 
 import json
-import os
 import random
 import time
 
 import pytest
 
 from spmd_dp.testing import echo_args, make_records, read_jsonl, spmd, write_jsonl
-
-
-def one_line(p):
-    """The run's stderr holds one spmd_dp line per process and no traceback of spmd_dp's. (When ranks
-    fail, torchrun itself ends with its ChildFailedError report, which shows our line for each rank.)"""
-    assert "/spmd_dp/" not in p.stderr and ("Traceback" not in p.stderr or "ChildFailedError" in p.stderr), \
-        p.stderr[-3000:]
-    lines = [ln for ln in p.stderr.splitlines() if ln.startswith("spmd_dp:")]
-    assert lines and len(set(lines)) == 1, p.stderr[-3000:]
-    if "ChildFailedError" in p.stderr:
-        assert f"traceback : {lines[0]}" in p.stderr  # torchrun's summary names the reason
-    return lines[0]
+from tests.helpers import one_line
 
 
 CASES = {
@@ -120,24 +108,17 @@ def test_misconfiguration_is_one_line_and_exit_2(tmp_path, records_file, overrid
 
 
 def test_environment_errors(tmp_path, records_file):
-    # conftest's spmd() drops torchrun's variables: set them through the command's environment instead
-    import subprocess
-    import sys
-    clean = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
-                                                               "MASTER_ADDR", "MASTER_PORT")}
+    # spmd() drops torchrun's variables (clean_env): half a launcher's set goes in on top of that
     for half_set, missing in [({"RANK": "0", "WORLD_SIZE": "2"},
                                "RANK, WORLD_SIZE set but LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT not"),
                               ({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"},
                                "MASTER_ADDR, MASTER_PORT set but RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE not")]:
-        p = subprocess.run([sys.executable, "-m", "spmd_dp", *echo_args(tmp_path, records_file)],
-                           env={**clean, **half_set}, capture_output=True, text=True, timeout=60)
+        p = spmd(echo_args(tmp_path, records_file), env=half_set, timeout=60)
         assert p.returncode == 2, p.stderr[-2000:]
         assert missing in one_line(p)
         assert not (tmp_path / "out").exists()  # refused before anything was written
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "0"}
-    p = subprocess.run([sys.executable, "-m", "spmd_dp", *[a for a in echo_args(tmp_path, records_file)
-                                                            if a != "inference_engine=echo"]],
-                       env=env, capture_output=True, text=True, timeout=60)
+    p = spmd([a for a in echo_args(tmp_path, records_file) if a != "inference_engine=echo"],
+             env={"CUDA_VISIBLE_DEVICES": "0"}, timeout=60)
     assert p.returncode == 2 and "CUDA_VISIBLE_DEVICES=0 names GPUs but this node has none" in one_line(p)
 
 

@@ -5,7 +5,6 @@ moment; scripts/fault_injection.py runs many more of them and counts faults, run
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
@@ -14,57 +13,12 @@ import signal
 import subprocess
 import sys
 import time
-from collections import Counter
-from pathlib import Path
 
 import pytest
 
-from spmd_dp.testing import (REPO, echo_args, journal_batches, make_records, read_jsonl, spmd, worker_pids,
-                            write_jsonl)
-
-
-def start(args, nproc=None, max_restarts=0):
-    """Start spmd_dp (torchrun when nproc is given) in the background, output to a file."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    cmd = [sys.executable, "-m", "spmd_dp", *args] if nproc is None else [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--rdzv-backend=c10d",
-        "--rdzv-endpoint=localhost:0", f"--max-restarts={max_restarts}", "-m", "spmd_dp", *args]
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-@contextlib.contextmanager
-def running(proc):
-    """Whatever happens in the test, the run ends: SIGTERM (torchrun passes it to its workers), then SIGKILL."""
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-
-
-def wait_for(cond, timeout, proc=None, what=""):
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        assert proc is None or proc.poll() is None, f"the run ended while waiting for {what}: {proc.stdout.read()[-3000:]}"
-        time.sleep(0.05)
-
-
-def keys_report(out_file: Path, records) -> dict:
-    """Keys lost and keys written more than once in the final output."""
-    rows = read_jsonl(out_file) if out_file.exists() else []
-    seen = Counter(r["id"] for r in rows)
-    return {"lost": sum(1 for r in records if r["id"] not in seen), "duplicated": sum(1 for n in seen.values() if n > 1)}
-
-
-def expected_rows(records, name="out", words=4):
-    return [{**r, name: " ".join(r["prompt"].split()[:words])} for r in records]
+from spmd_dp.testing import (REPO, echo_args, engine_core_pid, expected_rows, journal_batches, launch, make_records,
+                             read_jsonl, running, spmd, worker_pids, write_jsonl)
+from tests.helpers import wait_for
 
 
 def metrics(tmp_path, name="out"):
@@ -119,6 +73,7 @@ def test_an_engine_that_keeps_dying_hands_its_work_to_the_others(tmp_path, sched
     assert "ranks [1] stopped generating mid-run (rank 1 at +" in log
 
 
+@pytest.mark.timing
 def test_every_rank_failing_is_one_line_and_a_bounded_exit(tmp_path, records_file):
     t0 = time.monotonic()
     p = spmd(echo_args(tmp_path, records_file, "batch_size=5", "batch_timeout=20", "engine_options.echo_delay_s=0.01",
@@ -131,6 +86,7 @@ def test_every_rank_failing_is_one_line_and_a_bounded_exit(tmp_path, records_fil
     assert "lost the other ranks" not in p.stderr and "gloo" not in p.stderr.lower()
 
 
+@pytest.mark.timing
 def test_a_stalled_engine_hands_its_work_back(tmp_path):
     records = make_records(120)
     inp = write_jsonl(tmp_path / "data" / "in.jsonl", records)
@@ -153,6 +109,7 @@ def test_a_stalled_engine_hands_its_work_back(tmp_path):
     assert metrics(tmp_path)["ranks"][1]["engine_restarts"] == 1  # the new engine ran on
 
 
+@pytest.mark.timing
 def test_a_peer_that_exits_is_named_with_its_reason(tmp_path):
     """Rank 1 stops on a record its engine refuses (on_bad_record=fail): rank 0 names it and its reason,
     not gloo's 'Connection closed by peer'. Then kill -9 of rank 1: rank 0 says it left without a word."""
@@ -170,8 +127,8 @@ def test_a_peer_that_exits_is_named_with_its_reason(tmp_path):
 
     records = make_records(400)
     inp = write_jsonl(tmp_path / "data" / "in2.jsonl", records)
-    with running(start(echo_args(tmp_path, inp, "batch_size=5", "engine_options.echo_delay_s=0.02", "name=killed"),
-                       nproc=2)) as proc:
+    with running(launch(echo_args(tmp_path, inp, "batch_size=5", "engine_options.echo_delay_s=0.02", "name=killed"),
+                        nproc=2)) as proc:
         wait_for(lambda: journal_batches(tmp_path / "out" / "killed.journal.jsonl") >= 3, 120, proc, "3 batches")
         os.kill(worker_pids(proc.pid)[1], signal.SIGKILL)
         out, _ = proc.communicate(timeout=120)
@@ -181,6 +138,8 @@ def test_a_peer_that_exits_is_named_with_its_reason(tmp_path):
 
 # --- drain: SIGTERM, Ctrl-C ---------------------------------------------------------------------------------
 
+@pytest.mark.slow
+@pytest.mark.timing
 @pytest.mark.parametrize("seed", [3])
 def test_sigterm_drains_in_flight_batches_and_the_rerun_resumes(tmp_path, seed):
     rng = random.Random(seed)
@@ -188,7 +147,7 @@ def test_sigterm_drains_in_flight_batches_and_the_rerun_resumes(tmp_path, seed):
     inp = write_jsonl(tmp_path / "data" / "in.jsonl", records)
     args = echo_args(tmp_path, inp, "batch_size=5", "engine_options.echo_delay_s=0.02")
     journal = tmp_path / "out" / "out.journal.jsonl"
-    with running(start(args, nproc=2)) as proc:
+    with running(launch(args, nproc=2)) as proc:
         at = rng.randint(2, 10)
         wait_for(lambda: journal_batches(journal) >= at, 120, proc, f"{at} batches")
         victim = rng.randrange(2)
@@ -212,12 +171,14 @@ def test_sigterm_drains_in_flight_batches_and_the_rerun_resumes(tmp_path, seed):
     assert read_jsonl(tmp_path / "out" / "out.jsonl") == expected_rows(records)  # none twice, none missing
 
 
+@pytest.mark.slow
+@pytest.mark.timing
 def test_ctrl_c_drains_and_a_second_ctrl_c_stops_at_once(tmp_path):
     records = make_records(100, words=8)
     inp = write_jsonl(tmp_path / "data" / "in.jsonl", records)
     # a request takes 8 x 0.5 s: the drain would wait out drain_timeout=120
-    with running(start(echo_args(tmp_path, inp, "batch_size=2", "generation_options.max_tokens=8",
-                               "engine_options.echo_delay_s=0.5", "drain_timeout=120"))) as proc:
+    with running(launch(echo_args(tmp_path, inp, "batch_size=2", "generation_options.max_tokens=8",
+                                "engine_options.echo_delay_s=0.5", "drain_timeout=120"))) as proc:
         wait_for(lambda: journal_batches(tmp_path / "out" / "out.journal.jsonl") >= 1, 120, proc, "a batch")
         proc.send_signal(signal.SIGINT)
         time.sleep(2)
@@ -232,17 +193,6 @@ def test_ctrl_c_drains_and_a_second_ctrl_c_stops_at_once(tmp_path):
 
 
 # --- real vLLM on CPU: kill -9 of rank 1's EngineCore mid-run --------------------------------------------------
-
-def engine_core_pid(rank_pid: int):
-    """The rank's vLLM EngineCore: its child process (vLLM names it VLLM::EngineCore)."""
-    for pid in subprocess.run(["pgrep", "-P", str(rank_pid)], capture_output=True, text=True).stdout.split():
-        try:
-            if "EngineCore" in Path(f"/proc/{pid}/cmdline").read_text() + Path(f"/proc/{pid}/comm").read_text():
-                return int(pid)
-        except OSError:
-            continue
-    return None
-
 
 @pytest.mark.vllm
 @pytest.mark.parametrize("seed", [0])

@@ -1,79 +1,11 @@
 """The generation loop with a stand-in engine: it keeps the engine full, but never claims more work
 than the engine's KV cache can hold (the rest stays claimable by other ranks)."""
 
-from dataclasses import replace
 from typing import List
 
-import torch.distributed as dist
-
-from spmd_dp.control.claims import Claims, dynamic_batches
-from spmd_dp.config import load_config
 from spmd_dp.engines import Completion, Request
-from spmd_dp.generation import GenerationLoop, token_demand
-from spmd_dp.inputs import RecordSpec, scan_input
-from spmd_dp.control.messages import RankEvent, BatchDone, RankState, RankStats
-from spmd_dp.control.outbox import Outbox
-from spmd_dp.control.peers import Peers
-from spmd_dp.output.sink import Sink
-from spmd_dp.prompting.prompts import PromptBuilder
-from spmd_dp.testing import write_jsonl
-
-
-class FakeEngine:
-    """Runs `capacity` requests at a time, each finishing after one step; records what was queued."""
-
-    def __init__(self, capacity, kv_tokens):
-        self.capacity, self.kv_tokens = capacity, kv_tokens
-        self.queue: List = []
-        self.max_queued = 0
-
-    def add(self, request):
-        self.queue.append(request)
-        self.max_queued = max(self.max_queued, len(self.queue))
-        return None
-
-    def step(self):
-        done, self.queue = self.queue[:self.capacity], self.queue[self.capacity:]
-        return [Completion(r.request_id, ["x"], prompt_tokens=1, output_tokens=1) for r in done]
-
-    def close(self):
-        pass
-
-
-class Loopback:
-    """No control thread here: a finished batch counts as committed by rank 0 at once."""
-
-    def __init__(self, peers):
-        self.peers, self.sent = peers, []
-
-    def __call__(self, message):
-        self.sent.append(message)
-        self.peers.view = replace(self.peers.view, committed=self.peers.view.committed + 1)
-
-
-def run_loop(tmp_path, records, batch_size, engine, *overrides):
-    """One rank's generation loop over `records` (dynamic schedule, world of one) on a stand-in engine."""
-    inp = write_jsonl(tmp_path / "in.jsonl", records)
-    cfg = load_config([f"batch_size={batch_size}", *overrides])
-    prompts = PromptBuilder(cfg)
-    index, _ = scan_input(inp, RecordSpec("id", prompts.check), batch_size)
-    batches = dynamic_batches([(0, len(records))], batch_size)
-    claims = Claims(dist.HashStore(), batches, "dynamic", 0, 1)
-    outbox = Outbox()
-    outbox.state = RankState.READY
-    peers = Peers(0, 1, outbox)
-    loopback = Loopback(peers)
-    stats = GenerationLoop(cfg, engine, claims, index, prompts, outbox, peers, Sink(loopback), 0, RankStats(0),
-                           len(batches)).run()
-    events = [outbox.queue.get() for _ in range(outbox.queue.qsize())]
-    assert [e.kind for e in events][:1] == ["generating"]  # the sink took every batch; the loop put only its events
-    assert all(isinstance(e, RankEvent) for e in events)
-    assert all(isinstance(m, BatchDone) for m in loopback.sent)
-    return loopback.sent, stats
-
-
-def token_records(n):
-    return [{"id": i, "prompt": [1] * 20} for i in range(n)]
+from spmd_dp.generation import token_demand
+from tests.helpers import FakeEngine, run_loop, token_records
 
 
 def test_engine_kept_full_across_batch_boundaries(tmp_path):

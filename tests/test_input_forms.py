@@ -12,8 +12,7 @@ from spmd_dp.config import load_config
 from spmd_dp.inputs import RecordSpec, scan_input
 from spmd_dp.prompting.prompts import PromptBuilder
 from spmd_dp.testing import echo_args, make_records, read_jsonl, spmd, write_jsonl
-from tests.input_forms import RECORDS, write_forms
-from tests.test_bad_input import one_line
+from tests.helpers import RECORDS, one_line, write_forms
 
 
 def run_args(tmp_path, data_dir, input_path, *extra, name="out"):
@@ -49,6 +48,7 @@ def test_each_form_under_two_ranks_gives_the_single_jsonl_output(forms, referenc
     assert len(digests) == 1  # both ranks built the same index
 
 
+@pytest.mark.timing
 def test_the_scan_is_shared_by_four_ranks_while_the_engines_start(tmp_path):
     """24000 records (3.3 MB: 4 pieces): each of 4 ranks indexes one piece (the log says which); every rank's
     merged index is the index of a scan by one rank alone; the scan ran while the engines were starting."""

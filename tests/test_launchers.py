@@ -1,12 +1,11 @@
 """The launch scripts for real: one node (run_local.sh) and two torchrun agents forming one world
 over a c10d rendezvous on localhost (run_multinode.sh), as two nodes would."""
 
-import os
 import socket
 import subprocess
 import sys
 
-from spmd_dp.testing import REPO, echo_args, make_records, read_jsonl, spmd, write_jsonl
+from spmd_dp.testing import REPO, clean_env, echo_args, make_records, read_jsonl, spmd, write_jsonl
 
 
 def free_port() -> int:
@@ -20,8 +19,8 @@ def launch_nodes(args, nnodes=2, nproc=2, taskset=None, timeout=600):
     port = free_port()
     procs = []
     for node in range(nnodes):
-        env = {**os.environ, "PYTHON": sys.executable, "NNODES": str(nnodes), "NODE_RANK": str(node),
-               "NPROC_PER_NODE": str(nproc), "RDZV_ID": f"test{port}"}
+        env = clean_env({"PYTHON": sys.executable, "NNODES": str(nnodes), "NODE_RANK": str(node),
+                         "NPROC_PER_NODE": str(nproc), "RDZV_ID": f"test{port}"})
         cmd = ["bash", "scripts/run_multinode.sh", "engine_options.dp_master_ip=127.0.0.1",
                f"engine_options.dp_master_port={port}", *args]
         if taskset:
@@ -51,7 +50,7 @@ def test_two_agents_form_one_world_echo(tmp_path):
 def test_run_local_script(tmp_path):
     records = make_records(20)
     inp = write_jsonl(tmp_path / "data" / "in.jsonl", records)
-    env = {**os.environ, "PYTHON": sys.executable, "NPROC_PER_NODE": "2"}
+    env = clean_env({"PYTHON": sys.executable, "NPROC_PER_NODE": "2"})
     p = subprocess.run(["bash", "scripts/run_local.sh", *echo_args(tmp_path, inp)], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]

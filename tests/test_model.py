@@ -240,3 +240,17 @@ def test_embedded_lora_adapters_are_peft_folders_built_byte_identical(tmp_path: 
     other = Path(m.resolve_model("spmd-dp/tiny-llama-lora-b", str(tmp_path / "one")))
     assert file_hashes(other)["adapter_model.safetensors"] != file_hashes(first)["adapter_model.safetensors"]
     assert m.is_embedded_adapter(name) and not m.is_embedded(name)
+
+
+def test_check_model_refuses_a_local_path_that_does_not_exist(tmp_path: Path) -> None:
+    """spmd_dp/models/check.py: a model path that is not there is one line before anything starts; hub ids, the
+    embedded models, an existing folder and the echo engine pass."""
+    from spmd_dp.config import load_config
+    from spmd_dp.errors import UsageError
+    from spmd_dp.models.check import check_model
+
+    with pytest.raises(UsageError, match=r"model_name='/nonexistent/m' is a path that does not exist"):
+        check_model(load_config(["model_name=/nonexistent/m"]))
+    for ok in (["model_name=org/some-model"], ["model_name=spmd-dp/tiny-llama"], [f"model_name={tmp_path}"],
+               ["model_name=/nonexistent/m", "inference_engine=echo"]):
+        check_model(load_config(ok))

@@ -2,7 +2,6 @@
 Also the `~` regression: every file of a run lands under the expanded output_dir."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ from spmd_dp.config import load_config
 from spmd_dp.errors import UsageError
 from spmd_dp.output.paths import OutputPaths
 from spmd_dp.plan import RankPlan
-from spmd_dp.testing import REPO, echo_args, make_records, read_jsonl, write_jsonl
+from spmd_dp.testing import REPO, echo_args, make_records, read_jsonl, spmd, write_jsonl
 
 TORCHRUN = {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "node0",
             "MASTER_PORT": "29400"}
@@ -80,11 +79,7 @@ def _input_work_home(tmp_path, n):
 
 
 def _run_in(cwd: Path, home: Path, args):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
-                                                             "MASTER_ADDR", "MASTER_PORT")}
-    env.update(HOME=str(home), PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, "-m", "spmd_dp", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=120)
+    return spmd(args, cwd=cwd, env={"HOME": str(home), "PYTHONPATH": str(REPO)}, timeout=120)
 
 
 def test_tilde_output_dir_from_the_command_line(tmp_path):

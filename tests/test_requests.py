@@ -1,5 +1,6 @@
 """Per-record requests with the echo engine and pure logic: options validated during the input scan,
-the long-prompt policies, retries, the OpenAI Batch format's shape, list columns in Parquet.
+the long-prompt policies, retries, the OpenAI Batch format's shape, list columns in Parquet. (The long-prompt
+decision alone: tests/test_context.py; the OpenAI format alone: tests/test_openai_batch.py.)
 (What vLLM itself does with them: tests/test_requests_vllm.py.)"""
 
 import json
@@ -12,10 +13,9 @@ from spmd_dp.config import load_config
 from spmd_dp.errors import UsageError
 from spmd_dp.inputs import RecordSpec, scan_input
 from spmd_dp.prompting.prompts import PromptBuilder
-from spmd_dp.engines.context import fit_context
 from spmd_dp.prompting.options import record_seed
 from spmd_dp.testing import REPO, echo_args, read_jsonl, spmd, write_jsonl
-from tests.test_bad_input import one_line
+from tests.helpers import one_line
 
 SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
 DATA = REPO / "tests" / "data"
@@ -44,7 +44,7 @@ BAD_RECORDS = [
     ({"clamp_max_tokens": "yes"}, "'clamp_max_tokens' must be true or false"),
     ({"pooling_options": {"normalize": True}}, "'pooling_options' must be an object with fields among"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x.png"}}]}]},
-     "images in chat messages are not supported"),
+     "image 1 (x.png): cannot read"),
 ]
 
 
@@ -117,19 +117,6 @@ def test_schema_file_and_config_level_constraint(tmp_path):
     own = PromptBuilder(cfg).request("0:1", {"id": 2, "prompt": "x", "generation_options": {
         "structured_outputs": {"choice": ["a"]}}}, {"structured_outputs": {"json": SCHEMA}})
     assert own.sampling["structured_outputs"] == {"choice": ["a"]}  # the record's own wins
-
-
-def test_fit_context():
-    assert fit_context(10, 5, None, "fail", False).action == "run"
-    assert fit_context(64, 5, 64, "fail", False).action == "refuse"  # no room for one token
-    assert fit_context(60, 16, 64, "fail", False).action == "run"  # vLLM stops at the context end
-    assert fit_context(70, 16, 64, "skip", False).action == "skip"
-    assert fit_context(70, 16, 64, "truncate_left", False) == fit_context(60, 16, 64, "truncate_right", False)
-    assert fit_context(70, 16, 64, "truncate_left", False).keep == 48
-    assert fit_context(60, 16, 64, "fail", True).max_tokens == 4  # clamped
-    assert fit_context(60, 16, 64, "truncate_right", True).max_tokens == 4  # clamped, not truncated
-    assert fit_context(64, 0, 64, "fail", False, generate=False).action == "run"  # pooling: the whole context
-    assert fit_context(65, 0, 64, "truncate_right", False, generate=False).keep == 64
 
 
 def test_long_prompt_policies_and_clamp_with_echo(tmp_path):

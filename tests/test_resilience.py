@@ -5,40 +5,26 @@ import json
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from spmd_dp.testing import (REPO, echo_args, journal_batches, make_records, read_jsonl, spmd, worker_pids,
-                            write_jsonl)
+from spmd_dp.testing import (echo_args, expected_rows, journal_batches, launch, make_records, read_jsonl, spmd,
+                             wait_for_batches, worker_pids, write_jsonl)
 
 
-def expected_rows(records, name="out", words=4):
-    return [{**r, name: " ".join(r["prompt"].split()[:words])} for r in records]
-
-
-def torchrun(args, nproc, max_restarts=1):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--rdzv-backend=c10d",
-           "--rdzv-endpoint=localhost:0", f"--max-restarts={max_restarts}", "-m", "spmd_dp", *args]
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
+@pytest.mark.slow
+@pytest.mark.timing
 @pytest.mark.parametrize("seed", [0, 1, 2, "rank0"])
 def test_kill_9_a_rank_mid_run_and_torchrun_restarts_it(tmp_path, seed):
     rng = random.Random(seed)
     records = make_records(240, words=6)
     inp = write_jsonl(tmp_path / "data" / "in.jsonl", records)
     args = echo_args(tmp_path, inp, "batch_size=6", "engine_options.echo_delay_s=0.01")
-    proc = torchrun(args, nproc=3)
-    journal = tmp_path / "out" / "out.journal.jsonl"
+    proc = launch(args, nproc=3, torchrun_args=["--max-restarts=1"])
     kill_after = rng.randint(2, 12)  # committed batches before the kill: lands mid-run
-    deadline = time.monotonic() + 120
-    while journal_batches(journal) < kill_after and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.05)
+    wait_for_batches(tmp_path / "out" / "out.journal.jsonl", kill_after, proc)
     victim_rank = 0 if seed == "rank0" else rng.randrange(3)
     pids = worker_pids(proc.pid)
     assert victim_rank in pids, f"workers: {pids}"
@@ -49,6 +35,7 @@ def test_kill_9_a_rank_mid_run_and_torchrun_restarts_it(tmp_path, seed):
     assert read_jsonl(tmp_path / "out" / "out.jsonl") == expected_rows(records)
 
 
+@pytest.mark.slow
 def test_an_engine_that_fails_to_start_leaves_its_share_to_the_others(tmp_path):
     records = make_records(47)
     inp = write_jsonl(tmp_path / "data" / "in.jsonl", records)
@@ -63,6 +50,7 @@ def test_an_engine_that_fails_to_start_leaves_its_share_to_the_others(tmp_path):
         assert metrics["ranks"][1]["records"] == 0 and metrics["total"]["failed_ranks"] == [1]
 
 
+@pytest.mark.timing
 def test_no_engine_starts_is_one_line_and_exit_1(tmp_path, records_file):
     t0 = time.monotonic()
     p = spmd(echo_args(tmp_path, records_file, "engine_options.echo_fail_ranks=[0,1,2]"), nproc=3, timeout=120)
@@ -75,6 +63,8 @@ def test_no_engine_starts_is_one_line_and_exit_1(tmp_path, records_file):
     assert single.stderr.strip().splitlines()[-1].startswith("spmd_dp: error: no rank could start its engine")
 
 
+@pytest.mark.slow
+@pytest.mark.timing
 @pytest.mark.parametrize("nproc", [None, 2])
 def test_batch_timeout_names_rank_and_batch_and_keeps_committed_work(tmp_path, nproc):
     records = make_records(40)
@@ -94,14 +84,15 @@ def test_batch_timeout_names_rank_and_batch_and_keeps_committed_work(tmp_path, n
     assert journal_batches(journal) >= 1  # what was committed stays committed
 
 
+@pytest.mark.slow
+@pytest.mark.timing
 def test_resume_after_interruption_and_refusal_of_a_changed_input(tmp_path):
     records = make_records(120)
     inp = write_jsonl(tmp_path / "data" / "in.jsonl", records)
     args = echo_args(tmp_path, inp, "batch_size=4", "engine_options.echo_delay_s=0.01")
-    proc = torchrun(args, nproc=2, max_restarts=0)
+    proc = launch(args, nproc=2)
     journal = tmp_path / "out" / "out.journal.jsonl"
-    while journal_batches(journal) < 5 and proc.poll() is None:
-        time.sleep(0.05)
+    wait_for_batches(journal, 5, proc)
     os.killpg(os.getpgid(proc.pid), 0)  # still there
     proc.send_signal(signal.SIGKILL)
     for pid in worker_pids(proc.pid).values():
@@ -125,6 +116,8 @@ def test_resume_after_interruption_and_refusal_of_a_changed_input(tmp_path):
     assert over.returncode == 0 and read_jsonl(tmp_path / "out" / "out.jsonl") == expected_rows(records[:-1])
 
 
+@pytest.mark.slow
+@pytest.mark.timing
 def test_dynamic_beats_static_on_a_skewed_input(tmp_path):
     # the long records sit together at the start: static gives them all to rank 0
     records = [{"id": i, "prompt": ("x " * (30 if i < 16 else 3)).strip()} for i in range(64)]
@@ -140,6 +133,8 @@ def test_dynamic_beats_static_on_a_skewed_input(tmp_path):
     assert busy["dynamic"] < 0.8 * busy["static"], busy
 
 
+@pytest.mark.slow
+@pytest.mark.timing
 def test_rank0_memory_stays_flat_when_records_grow_10x(tmp_path):
     rss = {}
     for n in (10_000, 100_000):

@@ -9,7 +9,7 @@ import os
 import pytest
 
 from spmd_dp.testing import make_records, spmd
-from tests.test_bad_input import one_line
+from tests.helpers import one_line
 
 pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
@@ -70,6 +70,7 @@ def test_a_bucket_of_shards_gives_the_output_of_the_same_files_on_disk(bucket, t
     assert [json.loads(line)["id"] for line in a.splitlines()] == [r["id"] for r in records]
 
 
+@pytest.mark.slow
 def test_no_credentials_unreachable_storage_and_a_missing_bucket_are_one_line(bucket, tmp_path, monkeypatch):
     endpoint, _, _ = bucket
     for k in [k for k in os.environ if k.startswith("AWS_")]:

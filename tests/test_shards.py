@@ -8,7 +8,6 @@ import os
 import random
 import re
 import signal
-import time
 import zlib
 from pathlib import Path
 
@@ -22,8 +21,8 @@ from spmd_dp.inputs import LocalGroup
 from spmd_dp.output.paths import OutputPaths
 from spmd_dp.output.shards import ShardWriter, finish_shards
 from spmd_dp.output.sink import Output
-from spmd_dp.testing import echo_args, journal_batches, make_records, read_jsonl, spmd, worker_pids, write_jsonl
-from tests.test_resilience import torchrun
+from spmd_dp.testing import (echo_args, expected_rows, launch, make_records, read_jsonl, spmd, wait_for_batches,
+                             wait_until, worker_pids, write_jsonl)
 
 FP = {"input_sha256": "abc", "n_records": 12}
 
@@ -146,10 +145,7 @@ def test_parquet_shards_are_brought_to_one_schema(tmp_path):
 
 # --- real torchrun ------------------------------------------------------------------------------------------
 
-def expected(records, name="out", words=4):
-    return [{**r, name: " ".join(r["prompt"].split()[:words])} for r in records]
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["sharded", "single"])
 def test_sixteen_ranks(tmp_path, mode):
     records = make_records(400)
@@ -159,7 +155,7 @@ def test_sixteen_ranks(tmp_path, mode):
     assert p.returncode == 0, p.stderr[-3000:]
     out = tmp_path / "out"
     rows = shard_rows(out / "out") if mode == "sharded" else read_jsonl(out / "out.jsonl")
-    assert rows == expected(records)  # complete, in input order, each key once
+    assert rows == expected_rows(records)  # complete, in input order, each key once
     ranks = json.loads((out / "out.metrics.json").read_text())["ranks"]
     assert len(ranks) == 16 and sum(r["records"] for r in ranks) == 400
     if mode == "sharded":
@@ -176,6 +172,8 @@ def unjournaled_parts(out: Path):
     return [p for p in (out / "out.parts").glob("part-*") if p.name not in named]
 
 
+@pytest.mark.slow
+@pytest.mark.timing
 @pytest.mark.parametrize("victim", ["a rank", "rank 0, frozen first"])
 def test_kill_9_of_a_rank_in_sharded_mode_gives_every_key_once(tmp_path, victim):
     """A rank killed mid-run under --max-restarts=1; the group restarts and resumes from the journal. Parts written
@@ -184,21 +182,17 @@ def test_kill_9_of_a_rank_in_sharded_mode_gives_every_key_once(tmp_path, victim)
     rng = random.Random(0)
     records = make_records(240, words=6)
     inp = write_jsonl(tmp_path / "data" / "in.jsonl", records)
-    proc = torchrun(echo_args(tmp_path, inp, "batch_size=6", "engine_options.echo_delay_s=0.01",
-                              "output_mode=sharded"), nproc=3)
+    proc = launch(echo_args(tmp_path, inp, "batch_size=6", "engine_options.echo_delay_s=0.01",
+                            "output_mode=sharded"), nproc=3, torchrun_args=["--max-restarts=1"])
     out_dir = tmp_path / "out"
-    deadline, kill_after = time.monotonic() + 120, rng.randint(3, 12)  # committed batches before the kill
-    while journal_batches(out_dir / "out.journal.jsonl") < kill_after and time.monotonic() < deadline \
-            and proc.poll() is None:
-        time.sleep(0.05)
+    kill_after = rng.randint(3, 12)  # committed batches before the kill
+    wait_for_batches(out_dir / "out.journal.jsonl", kill_after, proc)
     pids = worker_pids(proc.pid)
     if victim == "a rank":
         os.kill(pids[rng.randrange(1, 3)], signal.SIGKILL)
     else:
         os.kill(pids[0], signal.SIGSTOP)
-        deadline = time.monotonic() + 30
-        while not unjournaled_parts(out_dir) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: bool(unjournaled_parts(out_dir)), 30)
         orphans = unjournaled_parts(out_dir)
         assert orphans, "no rank wrote a part while rank 0 was stopped"
         os.kill(pids[0], signal.SIGKILL)
@@ -206,7 +200,7 @@ def test_kill_9_of_a_rank_in_sharded_mode_gives_every_key_once(tmp_path, victim)
     assert proc.returncode == 0, out[-4000:]
     assert "resuming:" in out
     folder = out_dir / "out"
-    assert shard_rows(folder) == expected(records)  # every key once, in input order
+    assert shard_rows(folder) == expected_rows(records)  # every key once, in input order
     manifest = json.loads((folder / "_manifest.json").read_text())
     assert sorted(os.listdir(folder)) == ["_manifest.json"] + [s["path"] for s in manifest["shards"]]
     if victim != "a rank":
@@ -218,6 +212,7 @@ def manifest_paths(manifest):
     return {s["path"] for s in manifest["shards"]}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
 def test_the_shard_set_reads_back_as_the_single_file(tmp_path, fmt):
     """pyarrow.dataset, datasets and pandas read the folder of shards as one dataset, equal to the single-file

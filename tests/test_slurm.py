@@ -23,7 +23,7 @@ from typing import Dict, List
 
 import pytest
 
-from spmd_dp.launch.launcher import RankEnv, _expand_nodelist, _expand_tasks_per_node
+from spmd_dp.launch.launcher import TORCHRUN_VARS, RankEnv, _expand_nodelist, _expand_tasks_per_node
 from spmd_dp.errors import UsageError
 from spmd_dp.testing import REPO, echo_args, journal_batches, make_records, read_jsonl, write_jsonl
 
@@ -159,7 +159,7 @@ def _slurm_env(conf: Path) -> Dict[str, str]:
     """This process's environment for Slurm commands: our cluster's config, no outer job or torchrun."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_"))
-           and k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+           and k not in TORCHRUN_VARS}
     env.update(SLURM_CONF=str(conf), PYTHONUNBUFFERED="1", PYTHON=sys.executable)
     return env
 

@@ -2,12 +2,14 @@
 a share of the work instead of nothing, and a sorted skewed workload (longest first) spreads its work evenly.
 Under the fixed claim target of before, the three early ranks claimed everything before the late one came up
 (it got 0 records), and each rank claimed its fair share of records at once, the longest ones on the first ranks
-(work max / mean 1.98; scripts/bench.py tail). The assertions count records and words (the echo engine's work),
+(work max / mean 1.98; python -m scripts.bench tail). The assertions count records and words (the echo engine's work),
 not seconds; the times are printed."""
 
 import json
 import math
 import random
+
+import pytest
 
 from spmd_dp.testing import spmd, write_jsonl
 
@@ -27,6 +29,7 @@ def run(tmp_path, records, *extra):
     return ranks
 
 
+@pytest.mark.timing
 def test_an_engine_that_starts_late_gets_its_share(tmp_path):
     records = [{"id": i, "prompt": "w x y z"} for i in range(512)]  # one engine-full (128) per rank
     ranks = run(tmp_path, records, "engine_options.max_num_seqs=128", "engine_options.echo_delay_s=0.0025",
@@ -36,6 +39,7 @@ def test_an_engine_that_starts_late_gets_its_share(tmp_path):
     assert ranks[3]["records"] < min(r["records"] for r in ranks[:3])  # it came up last: it does the least
 
 
+@pytest.mark.timing
 def test_a_sorted_skewed_workload_spreads_its_work(tmp_path):
     rng = random.Random(0)
     lengths = sorted((int(min(96, max(1, rng.lognormvariate(math.log(8), 1.0)))) for _ in range(2048)), reverse=True)

@@ -48,6 +48,7 @@ def test_seed_split_logged_under_static(tmp_path):
     check_output(tmp_path / "out" / "out.jsonl", records)
 
 
+@pytest.mark.slow
 def test_ranks_without_records_take_part_and_finish(tmp_path):
     records = make_records(2)
     inp = write_jsonl(tmp_path / "data" / "in.jsonl", records)
@@ -59,6 +60,7 @@ def test_ranks_without_records_take_part_and_finish(tmp_path):
                                                    nproc=4).stderr
 
 
+@pytest.mark.slow
 def test_python_m_and_torchrun_give_the_same_file(tmp_path):
     records = make_records(45, words=9)
     inp = write_jsonl(tmp_path / "data" / "in.jsonl", records)

@@ -109,8 +109,15 @@ def test_progress_and_metrics(tmp_path):
     assert [r["rank"] for r in m["ranks"]] == [0, 1, 2]
     assert sum(r["records"] for r in m["ranks"]) == 90 == m["total"]["records"]
     assert all(r["busy_s"] > 0 and r["output_tokens_per_s"] > 0 for r in m["ranks"] if r["records"])
-    for key in ("wall_s", "generation_s", "output_tokens_per_s", "imbalance", "rank0_peak_rss_mb", "merge_mb_per_s"):
-        assert m["total"][key] is not None
+    t, busy = m["total"], [r["busy_s"] for r in m["ranks"] if r["busy_s"] > 0]
+    assert t["output_tokens"] == 90 * 4 == sum(r["output_tokens"] for r in m["ranks"])  # 4 words echoed a record
+    assert 0 < t["generation_s"] <= t["wall_s"]  # the generation span lies inside the run
+    # rates of the unrounded times: equal to those of the rounded ones within their rounding (a ms of 0.1 s at least)
+    assert t["output_tokens_per_s"] == pytest.approx(t["output_tokens"] / t["wall_s"], rel=0.01)
+    assert t["generation_tokens_per_s"] == pytest.approx(t["output_tokens"] / t["generation_s"], rel=0.01)
+    assert t["imbalance"] == round(max(busy) / (sum(busy) / len(busy)), 4) >= 1
+    assert t["output_bytes"] == (tmp_path / "out" / "out.jsonl").stat().st_size
+    assert t["merge_mb_per_s"] > 0 and t["rank0_peak_rss_mb"] > 0
 
 
 

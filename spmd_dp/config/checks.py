@@ -49,6 +49,10 @@ def validate(cfg: RunConfig) -> None:
            "use null (the model's) or an integer >= 1")
     _check(eo.max_num_seqs is None or eo.max_num_seqs >= 1, "engine_options.max_num_seqs", eo.max_num_seqs,
            "use null (vLLM's default) or an integer >= 1")
+    _check(eo.limit_mm_per_prompt is None or eo.limit_mm_per_prompt >= 0, "engine_options.limit_mm_per_prompt",
+           eo.limit_mm_per_prompt, "use null (the model's limit) or the number of images a prompt may hold, e.g. 4")
+    _check(cfg.image_field is None or (isinstance(cfg.image_field, str) and bool(cfg.image_field)), "image_field",
+           cfg.image_field, "name the record field that holds the images, e.g. image_field=image (null: none)")
     _check(eo.device in DEVICES, "engine_options.device", eo.device, f"use one of {', '.join(DEVICES)}")
     _check(eo.cpu_cores_per_dp_rank is None or eo.cpu_cores_per_dp_rank >= 1, "engine_options.cpu_cores_per_dp_rank",
            eo.cpu_cores_per_dp_rank, "use null or an integer >= 1")

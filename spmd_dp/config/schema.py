@@ -49,6 +49,7 @@ class VllmOptions:
     dtype: str = "auto"
     # more engine arguments
     max_num_seqs: Optional[int] = None  # null: vLLM's default
+    limit_mm_per_prompt: Optional[int] = None  # images a prompt may hold (vLLM's limit_mm_per_prompt.image); null: the model's
     vllm_kwargs: Dict[str, Any] = field(default_factory=dict)  # any other vllm.LLM(...) argument
     # the device slice of a rank
     device: str = "auto"  # auto | cuda | cpu
@@ -147,6 +148,9 @@ class RunConfig:
     messages_field: str = "messages"
     chat: bool = False  # send text prompts as one user turn through the model's chat template
     system_prompt: Optional[str] = None  # chat: the system turn before it
+    # a record field holding the prompt's images: a path (relative to data_dir), a URL, a data: URL, image bytes (a
+    # Parquet binary column, a Hugging Face Image feature), or a list of them (spmd_dp/prompting/images.py)
+    image_field: Optional[str] = None
     # seed 000, text_prompt node
     model_name: str = DEFAULT_MODEL
     inference_engine: str = "vllm_dp"

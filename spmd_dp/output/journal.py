@@ -267,4 +267,6 @@ def fingerprint(cfg, input_sha256: str, n_records: int, template: Optional[Path]
         "on_long_prompt": cfg.on_long_prompt,
         "clamp_max_tokens": cfg.clamp_max_tokens,
         "max_model_len": cfg.engine_options.max_model_len,
+        # images (spmd_dp/prompting/images.py): the field they are read from (only when set: older journals agree)
+        **({"image_field": cfg.image_field} if cfg.image_field else {}),
     }

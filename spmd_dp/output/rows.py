@@ -93,6 +93,8 @@ class RowShaper:
                             "output_tokens": c.output_tokens, "rank": self.rank, "batch": batch_index}
                 if c.truncated_from is not None:
                     metadata["truncated_from"] = c.truncated_from
+                if c.images:
+                    metadata["images"] = c.images  # [width, height] of each image the engine was given
                 if tries[i]:
                     metadata["retries"] = tries[i]
             out.rows.append(output_row(record, cfg.name, c, metadata, cfg.return_token_ids))

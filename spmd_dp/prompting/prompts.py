@@ -8,6 +8,9 @@ In order of precedence, per record:
     an error naming the record);
   - the `prompt_field` (default `prompt`): text, or a list of token ids.
 With `chat=true` a text prompt becomes a one-turn conversation (after `system_prompt`).
+Images (spmd_dp/prompting/images.py): a chat's `image_url` parts, and the record's `image_field`, whose images join
+the last user turn of a chat (before its text) or, for a text prompt, go with it as vLLM's multi_modal_data (the
+text then holds the model's own image placeholders). The scan checks them cheaply; `request` reads them.
 With `task=score` the prompt is a `Pair`: the text above and the record's `document_field`.
 A record may carry its own options (`generation_options`, ...: spmd_dp/prompting/options.py); with
 `input_format=openai_batch` a record is an OpenAI request line, mapped first (spmd_dp/prompting/openai_batch.py).
@@ -27,6 +30,7 @@ from spmd_dp.prompting import openai_batch
 from spmd_dp.config import RunConfig
 from spmd_dp.engines.base import Chat, Pair, Request
 from spmd_dp.errors import UsageError
+from spmd_dp.prompting.images import PART_TYPES, ImageError, Images, field_references, image_limit, part_reference
 from spmd_dp.prompting.options import RequestOptions
 
 Messages = List[Dict[str, Any]]
@@ -54,6 +58,7 @@ class PromptBuilder:
         self.cfg = cfg
         self.openai = cfg.input_format == "openai_batch"
         self.options = RequestOptions(cfg)
+        self.images = Images(cfg.data_dir, cfg.storage_options or None, image_limit(cfg))
         self.template_path = None if self.openai else find_template(cfg)
         self.template: Optional[jinja2.Template] = None
         if self.template_path is not None:
@@ -81,10 +86,10 @@ class PromptBuilder:
         if why is not None:
             return why
         try:
-            self.build(record)
+            refs = self.image_references(record, self.build(record))
         except PromptError as e:
             return str(e)
-        return None
+        return self.images.check(refs) if refs else None
 
     def view(self, record: Dict[str, Any]) -> Dict[str, Any]:
         """The record as spmd_dp's record shape (an OpenAI request line is mapped; others are themselves)."""
@@ -98,9 +103,56 @@ class PromptBuilder:
             raise PromptError(f"OpenAI request: {e}") from None
 
     def request(self, request_id: str, record: Dict[str, Any], base: Dict[str, Any]) -> Request:
-        """The engine request of a checked record (`base`: the rank's SamplingParams keyword arguments)."""
+        """The engine request of a checked record (`base`: the rank's SamplingParams keyword arguments). Its images
+        are read here, on the rank that generates it; one that cannot be read raises PromptError."""
         record = self.view(record)
-        return self.options.request(request_id, record, self.build(record), base)
+        prompt = self.build(record)
+        images = []
+        try:
+            if isinstance(prompt, Chat):
+                prompt = self._with_images(prompt, record)
+            elif self.cfg.image_field and record.get(self.cfg.image_field) is not None:
+                images = [self.images.load(ref) for ref in field_references(record[self.cfg.image_field])]
+        except ImageError as e:
+            raise PromptError(f"image: {e}") from None
+        request = self.options.request(request_id, record, prompt, base)
+        request.images = images
+        return request
+
+    def image_references(self, record: Dict[str, Any], prompt: Prompt) -> List[Any]:
+        """The record's image references: its chat's image parts, then its image field's (not read)."""
+        refs = []
+        if isinstance(prompt, Chat):
+            refs = [part_reference(p) for m in prompt.messages if isinstance(m["content"], list) for p in m["content"]
+                    if p.get("type") in PART_TYPES]
+        field = self.cfg.image_field
+        if field:
+            if field not in record and record.get(self.cfg.messages_field) is None:  # a chat may hold its own
+                raise PromptError(f"no image field '{field}' (set image_field=<field>; a record without images holds "
+                                  f"null or [] there)")
+            value = record.get(field)
+            if value is not None:
+                refs += field_references(value)
+            if refs and isinstance(prompt, Pair):
+                raise PromptError("task=score takes two texts, not images; remove the images or image_field")
+        return refs
+
+    def _with_images(self, chat: Chat, record: Dict[str, Any]) -> Chat:
+        """The chat with its image parts read, and the image field's images before the last user turn's text."""
+        messages = []
+        for m in chat.messages:
+            if isinstance(m["content"], list):
+                m = {**m, "content": [self.images.part(part_reference(p)) if p.get("type") in PART_TYPES else p
+                                      for p in m["content"]]}
+            messages.append(m)
+        value = record.get(self.cfg.image_field) if self.cfg.image_field else None
+        if value is not None:
+            extra = [self.images.part(ref) for ref in field_references(value)]
+            last = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=len(messages) - 1)
+            content = messages[last]["content"]
+            text = [{"type": "text", "text": content}] if isinstance(content, str) else content
+            messages[last] = {**messages[last], "content": extra + text}
+        return Chat(messages)
 
     def build(self, record: Dict[str, Any]) -> Prompt:
         prompt = self._build(record)
@@ -145,13 +197,8 @@ class PromptBuilder:
         return text
 
 
-
 class PromptError(ValueError):
     """A record cannot be turned into a prompt."""
-
-
-IMAGES_REFUSED = ("images in chat messages are not supported yet (vLLM 0.32's vision models need a CPU "
-                  "torchvision, which the CPU build lacks: not proven here); send text parts only")
 
 
 def _check_messages(messages: Any, field: str) -> Messages:
@@ -167,9 +214,14 @@ def _check_messages(messages: Any, field: str) -> Messages:
             raise PromptError(f"'{field}'[{i}] must be an object with string 'role' and 'content' (or a list of "
                               f"content parts)")
         for j, part in enumerate(content):
-            if part.get("type") in ("image_url", "input_image", "image"):
-                raise PromptError(f"'{field}'[{i}].content[{j}]: {IMAGES_REFUSED}")
+            if part.get("type") in PART_TYPES:
+                if part_reference(part) is None:
+                    raise PromptError(f"'{field}'[{i}].content[{j}]: an image part holds its image as "
+                                      f"{{\"type\": \"image_url\", \"image_url\": {{\"url\": ...}}}} (a data: URL, a "
+                                      f"URL or a path)")
+                continue
             if part.get("type") != "text" or not isinstance(part.get("text"), str):
                 raise PromptError(f"'{field}'[{i}].content[{j}] must be a text part {{\"type\": \"text\", "
-                                  f"\"text\": ...}}, got type {part.get('type')!r}")
+                                  f"\"text\": ...}} or an image part {{\"type\": \"image_url\", \"image_url\": "
+                                  f"{{\"url\": ...}}}}, got type {part.get('type')!r}")
     return messages

@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """The control plane at scale (issue 15): many echo ranks on one host, the cost per batch against the number of ranks.
 
-  python scripts/bench_scale.py --out DIR [--ranks 2,8,32,64] [--modes single,sharded] [--base-rev REV]
+  python -m scripts.bench scale --out DIR [--ranks 2,8,32,64] [--modes single,sharded] [--base-rev REV]
 
 Each job is `torchrun --nproc-per-node=N -m spmd_dp` with the echo engine, which sleeps `--delay` s per word it
 returns, so ranks sleep as GPU ranks do while their engines work; every rank gets B batches of `--batch-size`
@@ -29,7 +28,6 @@ import json
 import os
 import resource
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -37,8 +35,8 @@ from typing import Any, Dict, List, Tuple
 
 import psutil
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import PY, REPO, baseline_tree, environment, SUITES  # noqa: E402
+from scripts.bench.common import SUITES, baseline_tree, environment, tree_env
+from spmd_dp.testing import REPO, clean_env, torchrun_command
 
 
 class Sampler(threading.Thread):
@@ -103,13 +101,12 @@ def job(tree: Path, out: Path, label: str, n: int, batches: int, mode: str, args
     wl = workload(out / "workloads" / f"{records}x{args.prompt_words}.jsonl", records, args.prompt_words)
     d = out / "runs" / label
     d.mkdir(parents=True, exist_ok=True)
-    cmd = [PY, "-m", "torch.distributed.run", f"--nproc-per-node={n}", "--rdzv-backend=c10d",
-           "--rdzv-endpoint=localhost:0", "-m", "spmd_dp", "inference_engine=echo", f"data_dir={wl.parent}",
-           f"input_data_path={wl.name}", f"output_dir={d}", "name=out", "overwrite=true", "log_level=WARNING",
-           f"batch_size={args.batch_size}", f"generation_options.max_tokens={args.words}",
-           f"engine_options.max_num_seqs={args.batch_size}", f"engine_options.echo_delay_s={args.delay}",
-           f"output_mode={mode}"]
-    env = dict(os.environ, PYTHONPATH=str(tree), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    cmd = torchrun_command(["inference_engine=echo", f"data_dir={wl.parent}", f"input_data_path={wl.name}",
+                            f"output_dir={d}", "name=out", "overwrite=true", "log_level=WARNING",
+                            f"batch_size={args.batch_size}", f"generation_options.max_tokens={args.words}",
+                            f"engine_options.max_num_seqs={args.batch_size}",
+                            f"engine_options.echo_delay_s={args.delay}", f"output_mode={mode}"], n)
+    env = clean_env({**tree_env(tree), "OMP_NUM_THREADS": "1"})
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.time()
     with open(d / "log.txt", "w") as log:
@@ -217,7 +214,7 @@ def store_throughput(clients: List[int], n: int = 4000) -> List[Dict[str, Any]]:
     return res
 
 
-def markdown(results: Dict[str, Any]) -> str:
+def scale_markdown(results: Dict[str, Any]) -> str:
     rows = ["| code | mode | ranks | CPU ms / batch (all ranks) | rank 0 CPU ms / batch | rank 0 ceiling batches/s "
             "(records/s, MB/s) | wall overhead ms / batch | span / ideal | claim ms | RSS MB mean (max) |",
             "|---|---|---|---|---|---|---|---|---|---|"]
@@ -234,21 +231,7 @@ def markdown(results: Dict[str, Any]) -> str:
     return "\n".join(rows) + "\n"
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True)
-    p.add_argument("--ranks", default="2,8,32,64")
-    p.add_argument("--modes", default="single,sharded")
-    p.add_argument("--batches", type=int, default=48, help="batches per rank")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--words", type=int, default=16, help="output words (tokens) a record")
-    p.add_argument("--prompt-words", type=int, default=160, help="prompt words a record (~1.1 KB; the row carries it)")
-    p.add_argument("--delay", type=float, default=0.004, help="the echo engine's sleep per word")
-    p.add_argument("--base-rev", help="also the code of this commit (today's control plane)")
-    p.add_argument("--base-modes", default="sharded")
-    p.add_argument("--timeout", type=float, default=1200)
-    p.add_argument("--store-clients", default="1,4,16", help="also the store's add()s a second with these clients")
-    args = p.parse_args()
+def scale_suite(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     trees = {"new": (REPO, args.modes.split(","))}
@@ -267,9 +250,5 @@ def main() -> None:
     if args.store_clients:
         results["store"] = store_throughput([int(x) for x in args.store_clients.split(",")])
         (out / "scale.json").write_text(json.dumps(results, indent=1))
-    (out / "scale.md").write_text(markdown(results))
+    (out / "scale.md").write_text(scale_markdown(results))
     print((out / "scale.md").read_text())
-
-
-if __name__ == "__main__":
-    main()

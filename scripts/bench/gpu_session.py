@@ -1,9 +1,8 @@
-#!/usr/bin/env python3
 """The new capabilities on real GPUs (issue 18), on a host of 1 or 2 GPUs: jobs side by side, one per GPU.
 
-  python scripts/gpu_session.py --out DIR --phases kill,structured,extras,first
+  python -m scripts.bench gpu-session --out DIR --phases kill,structured,extras,first
 
-Phases (the gpu suite of scripts/bench.py: Llama-3.1-8B shape, dummy weights, 256 in / 256 out):
+Phases (the gpu suite of the bench: Llama-3.1-8B shape, dummy weights, 256 in / 256 out):
   kill        GPU 0: spmd_dp N=1 undisturbed; GPU 1: the same job, its vLLM EngineCore killed (-9) once
               3/16 of its batches are committed. Both outputs: every key once, in order. Time lost = wall
               time difference.
@@ -12,7 +11,7 @@ Phases (the gpu suite of scripts/bench.py: Llama-3.1-8B shape, dummy weights, 25
   extras      GPU 0: logprobs=3 (3 entries per generated token, ids that decode to the text);
               GPU 1: task=embed (vectors of the model's hidden size; equal prompts, equal vectors).
   first       launch to first request for a 1 M-record input against raw vLLM's engine start, one after
-              the other on GPU 0 (scripts/bench.py scan, with the gpu suite's engine arguments).
+              the other on GPU 0 (the bench's scan, with the gpu suite's engine arguments).
   sharded     GPU 0: output_mode=single; GPU 1: output_mode=sharded (same records): tok/s ratio and the time
               from the last token to the job's end.
 Results: DIR/gpu-session.json and one line per check on stdout.
@@ -24,16 +23,15 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any, Dict, List
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import PY, REPO, SUITES, make_workload, raw_engine_start, scan_job, scan_workload  # noqa: E402
-
-from spmd_dp.models.embedded import resolve_model  # noqa: E402
+from scripts.bench.common import SUITES, make_workload, vllm_overrides
+from scripts.bench.scan import raw_engine_start, scan_job, scan_workload
+from spmd_dp.models.embedded import resolve_model
+from spmd_dp.testing import REPO, clean_env, journal_batches, torchrun_command
 
 SUITE = dict(SUITES["gpu"])
 # a rehearsal of the script on this machine's CPUs (2 cores: each job pinned to one), before device time is spent
@@ -54,14 +52,13 @@ def spmd_job(label: str, gpu: int, out: Path, workload: Path, extra: List[str], 
                  f"output_dir={d}", "name=out", "batch_size=32", "generation_options.temperature=0",
                  "generation_options.seed=null", f"generation_options.max_tokens={SUITE['max_tokens']}",
                  f"engine_options.max_model_len={SUITE['max_model_len']}", "log_level=INFO", "overwrite=true",
-                 *[f"+engine_options.vllm_kwargs.{k}={v}" for k, v in SUITE["vllm_kwargs"].items()], *extra]
-    env = dict(os.environ, PYTHONUNBUFFERED="1", GPU_SESSION_JOB=label)  # the job's processes carry its label
-    cmd = [PY, "-m", "torch.distributed.run", f"--nproc-per-node={n}", "--rdzv-backend=c10d",
-           "--rdzv-endpoint=localhost:0", "-m", "spmd_dp", *overrides]
+                 *vllm_overrides(SUITE), *extra]
+    env = clean_env({"GPU_SESSION_JOB": label})  # the job's processes carry its label
     if SUITE["device"] == "cuda":
         env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+        cmd = torchrun_command(overrides, n)
     else:
-        cmd = ["taskset", "-c", str(gpu), *cmd, "engine_options.device=cpu"]
+        cmd = ["taskset", "-c", str(gpu), *torchrun_command([*overrides, "engine_options.device=cpu"], n)]
     t0 = time.time()
     tree = Path(os.environ.get("SPMD_TREE", REPO))  # another checkout of spmd_dp (a branch carried beside this one)
     with open(d / "log.txt", "w") as log:
@@ -112,11 +109,8 @@ def kill_engine_core_when(journal: Path, label: str, batches: int, timeout: floa
 
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if journal.exists():
-            with open(journal) as f:
-                done = sum(len(json.loads(ln).get("batches", [])) for ln in f if ln.strip().endswith("}"))
-            if done >= batches:
-                break
+        if journal_batches(journal) >= batches:
+            break
         time.sleep(0.2)
     for p in psutil.process_iter(["cmdline"]):
         try:
@@ -230,10 +224,9 @@ def phase_extras(out: Path, wl: Path) -> Dict[str, Any]:
 
 def phase_first(out: Path) -> Dict[str, Any]:
     wl = scan_workload(out / "workloads", 1_000_000, 200, 16)
-    args = argparse.Namespace(device_suite="gpu", model=SUITE["model"], vllm_kwargs=json.dumps(SUITE["vllm_kwargs"]))
-    raw = raw_engine_start(args, None)
+    raw = raw_engine_start("gpu", SUITE["model"], SUITE["vllm_kwargs"], None)
     eng = [f"model_name={SUITE['model']}", f"engine_options.max_model_len={SUITE['max_model_len']}",
-           *[f"+engine_options.vllm_kwargs.{k}={v}" for k, v in SUITE["vllm_kwargs"].items()]]
+           *vllm_overrides(SUITE)]
     spmd = scan_job(REPO, out, "first_1m", wl["one"].parent, wl["one"].name, 1, eng, None)
     res = {"raw": raw, "spmd": spmd}
     if "engine_ready_s" in raw and "launch_to_first_request_s" in spmd:
@@ -254,13 +247,7 @@ def phase_sharded(out: Path, wl: Path) -> Dict[str, Any]:
     return res
 
 
-def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--out", required=True)
-    p.add_argument("--phases", default="kill,structured,extras,first")
-    p.add_argument("--prompts", type=int)
-    p.add_argument("--rehearsal", action="store_true", help="on this machine's CPUs, the tiny model: the script's check")
-    args = p.parse_args()
+def gpu_session(args: argparse.Namespace) -> None:
     if args.rehearsal:
         SUITE.clear()
         SUITE.update(REHEARSAL)
@@ -304,6 +291,3 @@ def main() -> None:
                 if "error" in v:
                     print(v["error"][-2500:], flush=True)
 
-
-if __name__ == "__main__":
-    main()

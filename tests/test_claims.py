@@ -1,4 +1,5 @@
-"""The split of records into shares and batches, and claiming batches through a real c10d store."""
+"""The split of records into shares and batches, and claiming batches through a real c10d store (HashStore):
+each batch once, returned batches first, a static share of a rank that is out taken by the others."""
 
 import itertools
 
@@ -116,3 +117,47 @@ def test_the_claim_target_shrinks_with_the_work_left_and_waits_for_the_engines()
     assert c.unclaimed == 0 and c.target(64, 8, reported=4) == 1  # nothing unclaimed: finish what is held
     assert Claims(store, batches, "static", 0, 4).target(64, 8, reported=1) == full  # static: its own share
     assert Claims(_store(), batches, "dynamic", 0, 1).target(64, 8, reported=1) == full  # alone: nothing to share
+
+
+READY3 = [RankState.READY] * 3
+
+
+def test_returned_batches_are_taken_once_before_new_work():
+    store = dist.HashStore()
+    batches = dynamic_batches([(0, 40)], 4)  # 10 batches
+    r0, r1, r2 = (Claims(store, batches, "dynamic", r, 3) for r in range(3))
+    mine = [r1.next(READY3) for _ in range(3)]
+    assert [b.index for b in mine] == [0, 1, 2]
+    r1.give_back(mine[1:])
+    assert r1.next(READY3).index == 3  # the giver leaves its own returned batches to the others
+    assert [r0.next(READY3).index, r2.next(READY3).index] == [1, 2]  # returned first, each once
+    assert r0.next(READY3).index == 4  # then new work
+    r2.give_back([batches[2]])  # rank 2 hands back what it took: rank 1 may take that one
+    assert r1.next(READY3).index == 2
+    assert r0.next(READY3).index == 5
+
+
+def test_a_rank_takes_its_own_returned_batch_only_when_alone():
+    store = dist.HashStore()
+    batches = dynamic_batches([(0, 8)], 4)
+    r0, r1 = Claims(store, batches, "dynamic", 0, 2), Claims(store, batches, "dynamic", 1, 2)
+    b = r1.next([RankState.READY] * 2)
+    r1.give_back([b])
+    assert r1.next([RankState.READY] * 2).index == 1  # new work, its own returned batch left for rank 0
+    assert r1.next([RankState.READY] * 2) is None
+    assert r1.next([RankState.GAVE_UP, RankState.READY]).index == 0  # rank 0 is out: rank 1 takes it back
+    assert r0.next([RankState.READY] * 2) is None
+
+
+def test_static_share_of_a_rank_that_gave_up_goes_to_the_others():
+    store = dist.HashStore()
+    batches = static_batches([(0, 30)], 3, 5)
+    r0, r1 = Claims(store, batches, "static", 0, 3), Claims(store, batches, "static", 1, 3)
+    first = r1.next(READY3)
+    r1.give_back([first])
+    out = [RankState.READY, RankState.GAVE_UP, RankState.READY]
+    got = []
+    while (b := r0.next(out)) is not None:
+        got.append(b.index)
+    assert sorted(got) == [0, 1, 2, 3]  # its own two, rank 1's returned batch 2 (first) and the rest of its share
+    assert got[0] == 2  # returned work first

@@ -1,6 +1,6 @@
-"""Engine supervision without a process group: the supervisor sees a dead, stuck or vanished engine and
-restarts it; the generation loop re-adds its requests or hands its batches back; returned batches are
-taken once, before new work; the drain handler. Stand-in engines and a real c10d HashStore."""
+"""Engine supervision (spmd_dp/engines/supervisor.py) without a process group: the supervisor sees a dead, stuck
+or vanished engine and restarts it on the same slice, up to max_engine_restarts; the generation loop re-adds its
+requests to the new engine, or hands its batches back when the supervisor gives up. Stand-in engines."""
 
 import os
 import signal
@@ -10,17 +10,10 @@ import threading
 import time
 
 import pytest
-import torch.distributed as dist
 
-from spmd_dp.control.claims import Claims, dynamic_batches, static_batches
-from spmd_dp.control.drain import Drain
 from spmd_dp.engines import EngineFailure, EngineGaveUp, EngineStartError
 from spmd_dp.engines.supervisor import SupervisedEngine
-from spmd_dp.control.messages import RankState
-from tests.test_generation import FakeEngine, run_loop, token_records
-
-READY3 = [RankState.READY] * 3
-
+from tests.helpers import FakeEngine, run_loop, token_records
 
 class DyingEngine(FakeEngine):
     """FakeEngine whose step raises after `die_after` steps (as vLLM's raises EngineDeadError)."""
@@ -84,6 +77,7 @@ def test_supervisor_restarts_a_dead_engine_then_gives_up(caplog):
     assert len(sup.faults) == 4
 
 
+@pytest.mark.timing
 def test_supervisor_bounds_a_stuck_step_and_closes_the_engine():
     hung = HangingEngine()
     sup = supervised([hung, FakeEngine(4, None)], stall_s=0.5)
@@ -96,6 +90,7 @@ def test_supervisor_bounds_a_stuck_step_and_closes_the_engine():
     assert hung.closed.is_set()  # the old engine was closed, which released its stuck step
 
 
+@pytest.mark.timing
 def test_supervisor_sees_its_engine_process_vanish():
     """An engine whose process is killed (kill -9) without its frontend noticing: its step would wait
     forever (vLLM 0.32's get_output); the supervisor sees the process gone, by parent pid, in a poll."""
@@ -118,47 +113,6 @@ def test_supervisor_sees_its_engine_process_vanish():
     sup.close()
 
 
-def test_returned_batches_are_taken_once_before_new_work():
-    store = dist.HashStore()
-    batches = dynamic_batches([(0, 40)], 4)  # 10 batches
-    r0, r1, r2 = (Claims(store, batches, "dynamic", r, 3) for r in range(3))
-    mine = [r1.next(READY3) for _ in range(3)]
-    assert [b.index for b in mine] == [0, 1, 2]
-    r1.give_back(mine[1:])
-    assert r1.next(READY3).index == 3  # the giver leaves its own returned batches to the others
-    assert [r0.next(READY3).index, r2.next(READY3).index] == [1, 2]  # returned first, each once
-    assert r0.next(READY3).index == 4  # then new work
-    r2.give_back([batches[2]])  # rank 2 hands back what it took: rank 1 may take that one
-    assert r1.next(READY3).index == 2
-    assert r0.next(READY3).index == 5
-
-
-def test_a_rank_takes_its_own_returned_batch_only_when_alone():
-    store = dist.HashStore()
-    batches = dynamic_batches([(0, 8)], 4)
-    r0, r1 = Claims(store, batches, "dynamic", 0, 2), Claims(store, batches, "dynamic", 1, 2)
-    b = r1.next([RankState.READY] * 2)
-    r1.give_back([b])
-    assert r1.next([RankState.READY] * 2).index == 1  # new work, its own returned batch left for rank 0
-    assert r1.next([RankState.READY] * 2) is None
-    assert r1.next([RankState.GAVE_UP, RankState.READY]).index == 0  # rank 0 is out: rank 1 takes it back
-    assert r0.next([RankState.READY] * 2) is None
-
-
-def test_static_share_of_a_rank_that_gave_up_goes_to_the_others():
-    store = dist.HashStore()
-    batches = static_batches([(0, 30)], 3, 5)
-    r0, r1 = Claims(store, batches, "static", 0, 3), Claims(store, batches, "static", 1, 3)
-    first = r1.next(READY3)
-    r1.give_back([first])
-    out = [RankState.READY, RankState.GAVE_UP, RankState.READY]
-    got = []
-    while (b := r0.next(out)) is not None:
-        got.append(b.index)
-    assert sorted(got) == [0, 1, 2, 3]  # its own two, rank 1's returned batch 2 (first) and the rest of its share
-    assert got[0] == 2  # returned work first
-
-
 def test_loop_re_adds_requests_after_a_restart_and_finishes_every_batch(tmp_path):
     dying = [DyingEngine(3), DyingEngine(5), DyingEngine(1000)]
     engine = supervised(dying)
@@ -176,30 +130,3 @@ def test_loop_hands_its_batches_back_when_the_engine_gives_up(tmp_path):
     returned = stats.handed_back
     assert returned >= 1 and len(done) + returned <= 15
     assert stats.engine_restarts == 1
-
-
-def test_drain_handler_first_ctrl_c_drains_second_stops():
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
-    try:
-        drain = Drain(5.0).install()
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.05)
-        assert drain.requested and drain.why == "SIGINT" and drain.signum == signal.SIGINT
-        with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.05)
-        os.kill(os.getpid(), signal.SIGTERM)  # once draining, a SIGTERM changes nothing
-        time.sleep(0.05)
-        assert drain.why == "SIGINT"
-        drain.restore()  # after a drain the handlers stay: a second SIGTERM must not kill the rank
-        assert signal.getsignal(signal.SIGTERM) == drain._handle
-        slurm = Drain(5.0).install()  # Slurm's notice
-        os.kill(os.getpid(), signal.SIGUSR1)
-        time.sleep(0.05)
-        assert slurm.why == "SIGUSR1" and slurm.signum == signal.SIGUSR1 and not slurm.expired()
-        quiet = Drain(5.0).install()
-        quiet.restore()  # no drain: the previous handlers come back
-        assert signal.getsignal(signal.SIGTERM) == slurm._handle
-    finally:
-        for sig, old in saved.items():
-            signal.signal(sig, old)

@@ -1,9 +1,8 @@
-#!/usr/bin/env python3
 """GPU verification table: for each layout, which physical GPUs each rank got, whether its vLLM
 engine processes really ran there, whether the output is complete and in order, and throughput.
 
-  python scripts/gpu_verify.py --run --out DIR        run the layouts (scripts/bench.py --suite gpu) then write
-  python scripts/gpu_verify.py --out DOC.md RESULTS_DIR...   write the table from bench results
+  python -m scripts.bench gpu-verify --run --out DIR        run the layouts (the gpu suite) then write
+  python -m scripts.bench gpu-verify --out DOC.md RESULTS_DIR...   write the table from bench results
 
 Layouts on a 4-GPU host: 1x1, 2x1, 1x2 (TP 2), 4x1 and the seed's 2x2 (ranks x GPUs per rank).
 A rank's expected GPUs are [r*g, (r+1)*g) of CUDA_VISIBLE_DEVICES; "logged" is what spmd_dp
@@ -20,7 +19,8 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
-REPO = Path(__file__).resolve().parents[1]
+from spmd_dp.testing import REPO
+
 LAYOUT_PHASES = "p1,p2,p3,p4,p8"
 
 
@@ -102,8 +102,8 @@ def section(d: Path) -> List[str]:
 def write_doc(out: Path, inputs: List[Path]) -> str:
     lines = ["# GPU verification", "",
              "Every row is one real `torchrun -m spmd_dp` run with vLLM on NVIDIA GPUs, produced by "
-             "`python scripts/gpu_verify.py` from `scripts/bench.py --suite gpu` results (rerun: "
-             "`python scripts/gpu_verify.py --run --out DIR` on a 4-GPU host; see docs/gpu-notes.md). A rank's "
+             "`python -m scripts.bench gpu-verify` from `python -m scripts.bench suite gpu` results (rerun: "
+             "`python -m scripts.bench gpu-verify --run --out DIR` on a 4-GPU host; see docs/gpu-notes.md). A rank's "
              "expected GPUs are [r*g, (r+1)*g) of the CUDA_VISIBLE_DEVICES its job was given; \"logged\" is what "
              "the rank reported (NVML), \"engine processes\" is where nvidia-smi saw the processes under that rank "
              "while it ran. Each rank's engine scans for ports only inside its own range (VLLM_PORT = base + "
@@ -116,19 +116,10 @@ def write_doc(out: Path, inputs: List[Path]) -> str:
     return text
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", action="store_true", help="run the layouts first (needs 4 GPUs)")
-    p.add_argument("--out", required=True, help="with --run: the bench folder; else the markdown file to write")
-    p.add_argument("inputs", nargs="*")
-    a = p.parse_args()
-    if a.run:
-        subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), "--suite", "gpu", "--out", a.out,
-                        "--phases", LAYOUT_PHASES], check=True)
-        print(write_doc(Path(a.out) / "gpu-verification.md", [Path(a.out)]))
+def gpu_verify(args: argparse.Namespace) -> None:
+    if args.run:
+        subprocess.run([sys.executable, "-m", "scripts.bench", "suite", "gpu", "--out", args.out, "--phases",
+                        LAYOUT_PHASES], cwd=REPO, check=True)
+        print(write_doc(Path(args.out) / "gpu-verification.md", [Path(args.out)]))
     else:
-        print(write_doc(Path(a.out), [Path(x) for x in a.inputs]))
-
-
-if __name__ == "__main__":
-    main()
+        print(write_doc(Path(args.out), [Path(x) for x in args.inputs]))

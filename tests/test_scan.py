@@ -1,13 +1,13 @@
-"""Input scanning: validation in one pass, errors naming file and line, reading batches by offset."""
+"""The input scan (spmd_dp/inputs/scan.py) in a world of one: validation in one pass, errors naming file and line,
+every form a user holds reads the same records, pieces cut anywhere, shares contiguous and balanced, reading batches
+by offset. (Shared by ranks for real: tests/test_input_forms.py.)"""
 
 import json
-import os
 
 import pytest
 
 from spmd_dp.config import load_config
 from spmd_dp.inputs import RecordSpec, read_batch, scan_input
-from spmd_dp.testing import write_jsonl
 from spmd_dp.errors import UsageError
 from spmd_dp.prompting.prompts import PromptBuilder
 
@@ -84,8 +84,7 @@ import shutil  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from spmd_dp.inputs import locations  # noqa: E402
-from tests.input_forms import RECORDS, write_forms  # noqa: E402
+from tests.helpers import RECORDS, write_forms  # noqa: E402
 import spmd_dp.inputs.scan as scan_module  # noqa: E402
 
 TABLE_SPEC = RecordSpec("id", PromptBuilder(load_config([])).check, ("prompt", "messages"))
@@ -195,63 +194,6 @@ def test_bad_input_forms_each_one_line(tmp_path, forms):
     assert f"{d}/bad.jsonl.gz:2: no prompt field 'prompt'" in bad(d / "bad.jsonl.gz")
     pq.write_table(pa.Table.from_pylist([{"id": 1, "prompt": "a"}, {"id": None, "prompt": "b"}]), d / "nullkey.parquet")
     assert f"{d}/nullkey.parquet: row 1: no primary key field 'id'" in bad(d / "nullkey.parquet")
-
-
-def test_locations_expand_home_and_join_urls(monkeypatch):
-    monkeypatch.setenv("HOME", "/home/u")
-    assert locations("~/data", "in.jsonl") == ["/home/u/data/in.jsonl"]
-    assert locations("/d", ["~/a.jsonl", "b/*.parquet", "s3://bkt/x/"]) == ["/home/u/a.jsonl", "/d/b/*.parquet",
-                                                                           "s3://bkt/x/"]
-    assert locations("s3://bkt/data", ["a.jsonl", "hf://datasets/o/n"]) == ["s3://bkt/data/a.jsonl",
-                                                                          "hf://datasets/o/n"]
-    cfg = load_config(["data_dir=~/data", "input_data_path=~/x.jsonl"])  # Hydra takes no unquoted '~': quoted for you
-    assert (cfg.data_dir, cfg.input_data_path) == ("~/data", "~/x.jsonl")
-    assert locations(cfg.data_dir, cfg.input_data_path) == ["/home/u/x.jsonl"]
-    assert load_config(["input_data_path=[a.jsonl,b/*.parquet]"]).input_data_path == ["a.jsonl", "b/*.parquet"]
-
-
-def test_the_fingerprint_follows_content_not_place_or_time(tmp_path):
-    a = write_jsonl(tmp_path / "a" / "in.jsonl", RECORDS[:50])
-    first = scan_input(a, TABLE_SPEC, 8)[0].content_sha256()
-    os.utime(a, (1, 1))
-    b = tmp_path / "b" / "in.jsonl"
-    b.parent.mkdir()
-    shutil.copy(a, b)
-    assert scan_input(b, TABLE_SPEC, 8)[0].content_sha256() == first  # moved, copied, touched: the same input
-    assert scan_input(a, TABLE_SPEC, 32)[0].content_sha256() == first  # another batch_size: the same input
-    b.write_text(b.read_text().replace('"w3 a b c', '"w3 a b x'))
-    assert scan_input(b, TABLE_SPEC, 8)[0].content_sha256() != first  # same size, other content
-    write_jsonl(tmp_path / "b" / "more.jsonl", [{"id": "x", "prompt": "y"}])
-    assert scan_input(tmp_path / "b", TABLE_SPEC, 8)[0].content_sha256() != first  # another file in the set
-
-
-def test_duplicates_found_by_hash_partition_over_simulated_ranks():
-    """Keys scanned by 3 ranks, sent to the rank owning their hash: every later copy is found once, naming the
-    first copy; no rank receives every key."""
-    from spmd_dp.inputs.duplicates import KeyList, find_duplicates, outgoing
-    from spmd_dp.inputs.records import encode_key
-
-    keys = [f"k{i % 97}" if i % 5 == 0 else i for i in range(600)]  # k0..k96 repeat; ints are unique
-    keys[599] = "599"  # a string, not the integer 599 ... which is not there either: unique
-    keys[598] = 7  # the integer 7 again
-    world, per_piece = 3, 50
-    sent = {r: [] for r in range(world)}
-    for piece in range(12):  # pieces of 50 keys; rank = piece // 4
-        kl = KeyList()
-        for j in range(per_piece):
-            kl.add(encode_key(keys[piece * per_piece + j]), j, j + 1)
-        for dst, payload in enumerate(outgoing({piece: kl}, {piece: piece * per_piece}, {piece: 1000 * piece}, world)):
-            sent[dst].append(payload)
-    found = sorted(d for dst in range(world) for d in find_duplicates(sent[dst]))
-    expected, first = [], {}
-    for pos, k in enumerate(keys):
-        line = 1000 * (pos // per_piece) + pos % per_piece + 1
-        if (type(k), k) in first:
-            expected.append((pos, line, *first[(type(k), k)], encode_key(k)))
-        else:
-            first[(type(k), k)] = (pos, line)
-    assert found == expected and len(found) == 120 - 97 + 1
-    assert max(sum(len(p) for p in sent[r]) for r in range(world)) < 0.6 * sum(len(p) for r in sent for p in sent[r])
 
 
 def test_shares_are_contiguous_and_balanced():

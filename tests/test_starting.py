@@ -1,0 +1,83 @@
+"""The engine starting in a thread while the input is scanned (spmd_dp/engines/starting.py): the caller goes on while
+it starts, `result()` hands over the engine or the start's error in the caller's thread, and `stop()` ends an engine
+still starting, its processes included (in a process of its own: stop ends every process the caller started)."""
+
+import json
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from spmd_dp.config import load_config
+from spmd_dp.control.messages import RankStats
+from spmd_dp.engines.cache import EngineCache
+from spmd_dp.engines.starting import EngineStart
+from spmd_dp.launch.devices import DeviceSlice
+from spmd_dp.testing import REPO
+
+
+class Gate(EngineCache):
+    """An engine cache whose start waits for the test to open the gate."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = threading.Event()
+
+    def start(self, *args):
+        assert self.gate.wait(10)
+        return super().start(*args)
+
+
+def test_the_caller_goes_on_while_the_engine_starts():
+    cache = Gate()
+    stats = RankStats(0)
+    start = EngineStart(cache, load_config(["inference_engine=echo"]), DeviceSlice("cpu", (), 1), 0, None, stats)
+    assert start._thread.is_alive() and cache.engine is None  # started, not done: the scan runs meanwhile
+    cache.gate.set()
+    engine = start.result()
+    assert engine is cache.engine and engine.capacity == 32 and stats.engine_failed is None
+    start.stop()  # nothing to run after all: the engine is closed
+    assert cache.engine is None and engine.engine.closed.is_set()
+
+
+def test_the_starts_error_is_raised_in_the_caller():
+    class Broken(EngineCache):
+        def start(self, *args):
+            raise MemoryError("no room for the KV cache")
+
+    start = EngineStart(Broken(), load_config([]), DeviceSlice("cpu", (), 1), 0, None, RankStats(0))
+    with pytest.raises(MemoryError, match="no room"):
+        start.result()
+
+
+STOP_WHILE_STARTING = r"""
+import json, subprocess, sys, time
+from spmd_dp.config import load_config
+from spmd_dp.control.messages import RankStats
+from spmd_dp.engines.cache import EngineCache
+from spmd_dp.engines.starting import EngineStart
+from spmd_dp.launch.devices import DeviceSlice
+
+class Starting(EngineCache):  # as vLLM's start: an engine process, waited for
+    def start(self, *args):
+        self.proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        self.code = self.proc.wait()
+        raise RuntimeError("engine process exited during start")
+
+cache = Starting()
+start = EngineStart(cache, load_config([]), DeviceSlice("cpu", (), 1), 0, None, RankStats(0))
+while not hasattr(cache, "proc"):
+    time.sleep(0.01)
+start.stop()
+import psutil
+print(json.dumps({"pid_left": psutil.pid_exists(cache.proc.pid), "thread_alive": start._thread.is_alive()}))
+"""
+
+
+def test_stop_ends_an_engine_still_starting():
+    p = subprocess.run([sys.executable, "-c", STOP_WHILE_STARTING], cwd=REPO, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    got = json.loads(p.stdout.splitlines()[-1])
+    assert got == {"pid_left": False, "thread_alive": False}  # its process ended (SIGTERM), and so did the start
