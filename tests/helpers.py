@@ -37,6 +37,15 @@ def one_line(p) -> str:
     return lines[0]
 
 
+def free_port() -> int:
+    """A TCP port nobody listens on now (metrics_port in tests)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def wait_for(cond, timeout, proc=None, what="") -> None:
     """Wait (bounded) for cond(); fail the test, with the run's output if it ended, when it does not come."""
     if not wait_until(cond, timeout, proc):

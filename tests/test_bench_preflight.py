@@ -6,7 +6,11 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from spmd_dp.testing import REPO, clean_env
+
+pytestmark = pytest.mark.slow  # a benchmark end to end (~1 min)
 
 
 def test_the_benchmark_runs_preflight_then_the_run_and_tabulates_them(tmp_path):

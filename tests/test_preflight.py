@@ -16,7 +16,7 @@ from spmd_dp.preflight.tokens import Tokens, count_share
 from spmd_dp.prompting.options import sampling_kwargs
 from spmd_dp.prompting.prompts import PromptBuilder
 from spmd_dp.testing import echo_args, spmd, write_jsonl
-from tests.test_bad_input import one_line
+from tests.helpers import one_line
 
 LIMIT, MAX_TOKENS = 40, 8
 
@@ -49,6 +49,7 @@ def expected(records, limit=LIMIT, max_tokens=MAX_TOKENS):
     return fate
 
 
+@pytest.mark.slow
 def test_echo_preflight_counts_exactly_what_does_not_fit_and_writes_only_its_file(tmp_path):
     records = known_lengths()
     inp = write_jsonl(tmp_path / "data" / "in.jsonl", records)
@@ -87,6 +88,7 @@ def test_echo_preflight_counts_exactly_what_does_not_fit_and_writes_only_its_fil
     assert f"{len(fate)} records do not fit max_model_len 40" in p.stdout and "the run stops at the first" in p.stdout
 
 
+@pytest.mark.slow
 def test_a_token_sample_states_its_size_and_the_count_of_what_does_not_fit_stays_exact(tmp_path):
     records = known_lengths()
     inp = write_jsonl(tmp_path / "data" / "in.jsonl", records)

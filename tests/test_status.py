@@ -13,16 +13,13 @@ import urllib.request
 
 import pytest
 
-from spmd_dp.testing import REPO, clean_env, echo_args, launch, make_records, spmd, wait_for_batches, worker_pids, \
-    write_jsonl
+from spmd_dp.testing import REPO, clean_env, echo_args, launch, make_records, running, spmd, wait_for_batches, \
+    worker_pids, write_jsonl
+from tests.helpers import free_port
+
+pytestmark = [pytest.mark.slow, pytest.mark.timing]  # runs over seconds, a kill at a moment
 
 SLOW = ("batch_size=16", "engine_options.echo_delay_s=0.01")  # 600 records: ~12 s on 2 ranks
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def status_cli(*args):
@@ -56,23 +53,24 @@ def committed_records(journal):
 def test_live_status_a_prometheus_scrape_and_the_status_command_during_a_run(tmp_path):
     inp = write_jsonl(tmp_path / "data" / "in.jsonl", make_records(600, words=8))
     port = free_port()
-    p = launch(echo_args(tmp_path, inp, *SLOW, f"metrics_port={port}"), nproc=2, log=tmp_path / "log")
     path = tmp_path / "out" / "out.status.json"
     seen, scraped, shown = [], None, None
-    deadline = time.monotonic() + 240
-    while p.poll() is None and time.monotonic() < deadline:
-        try:
-            s = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            s = None
-        if s is not None and s["phase"] == "generating" and s["records"]["done"] > 0:
-            seen.append((s["records"]["done"], s["eta_s"], s["updated_unix"]))
-            if scraped is None:
-                scraped = metrics(urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode())
-            elif shown is None:
-                shown = status_cli(tmp_path / "out")
-        time.sleep(0.3)
-    assert p.wait(timeout=60) == 0, (tmp_path / "log").read_text()[-3000:]
+    with running(launch(echo_args(tmp_path, inp, *SLOW, f"metrics_port={port}"), nproc=2, log=tmp_path / "log")) as p:
+        deadline = time.monotonic() + 240
+        while p.poll() is None and time.monotonic() < deadline:
+            try:
+                s = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError):
+                s = None
+            if s is not None and s["phase"] == "generating" and s["records"]["done"] > 0:
+                seen.append((s["records"]["done"], s["eta_s"], s["updated_unix"]))
+                if scraped is None:
+                    scraped = metrics(urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics",
+                                                             timeout=10).read().decode())
+                elif shown is None:
+                    shown = status_cli(tmp_path / "out")
+            time.sleep(0.3)
+        assert p.wait(timeout=60) == 0, (tmp_path / "log").read_text()[-3000:]
     dones = [d for d, _, _ in seen]
     assert len(set(u for _, _, u in seen)) >= 2, seen  # rewritten while it ran
     assert dones == sorted(dones) and dones[-1] > dones[0], seen  # done grows
@@ -102,15 +100,15 @@ def test_live_status_a_prometheus_scrape_and_the_status_command_during_a_run(tmp
 
 def test_after_kill_9_of_the_whole_job_the_status_says_not_running_with_the_committed_count(tmp_path):
     inp = write_jsonl(tmp_path / "data" / "in.jsonl", make_records(600, words=8))
-    p = launch(echo_args(tmp_path, inp, *SLOW), nproc=2, log=tmp_path / "log")
     journal = tmp_path / "out" / "out.journal.jsonl"
-    assert wait_for_batches(journal, 6, p) >= 6, (tmp_path / "log").read_text()[-3000:]
-    time.sleep(2.5)  # a status written since
-    pids = worker_pids(p.pid)
-    assert sorted(pids) == [0, 1]
-    for pid in [p.pid, *pids.values()]:  # the whole job: torchrun and its ranks
-        os.kill(pid, signal.SIGKILL)
-    p.wait(timeout=30)
+    with running(launch(echo_args(tmp_path, inp, *SLOW), nproc=2, log=tmp_path / "log")) as p:
+        assert wait_for_batches(journal, 6, p) >= 6, (tmp_path / "log").read_text()[-3000:]
+        time.sleep(2.5)  # a status written since
+        pids = worker_pids(p.pid)
+        assert sorted(pids) == [0, 1]
+        for pid in [p.pid, *pids.values()]:  # the whole job: torchrun and its ranks
+            os.kill(pid, signal.SIGKILL)
+        p.wait(timeout=30)
     for pid in pids.values():
         deadline = time.monotonic() + 30
         while os.path.exists(f"/proc/{pid}") and b"Z" not in _state(pid) and time.monotonic() < deadline:
@@ -170,11 +168,11 @@ def test_the_timeline_of_a_plain_run_a_run_with_an_engine_restart_and_a_drained_
     assert again.returncode == 0 and (tmp_path / "again.png").stat().st_size > 10_000, again.stderr
     assert red_pixels(tmp_path / "again.png", RESTART_RED) > 50
     # a drained run: SIGTERM mid-run
-    p = launch(echo_args(tmp_path, inp, "batch_size=16", "engine_options.echo_delay_s=0.01", name="drained"), nproc=2,
-               log=tmp_path / "drained.log")
-    assert wait_for_batches(out / "drained.journal.jsonl", 4, p) >= 4
-    p.send_signal(signal.SIGTERM)
-    p.wait(timeout=120)
+    with running(launch(echo_args(tmp_path, inp, "batch_size=16", "engine_options.echo_delay_s=0.01", name="drained"),
+                        nproc=2, log=tmp_path / "drained.log")) as p:
+        assert wait_for_batches(out / "drained.journal.jsonl", 4, p) >= 4
+        p.send_signal(signal.SIGTERM)
+        p.wait(timeout=120)
     log = (tmp_path / "drained.log").read_text()
     assert "stopped by SIGTERM after draining" in log, log[-3000:]
     assert red_pixels(out / "drained.timeline.png", DRAIN_PURPLE) > 50 and \

@@ -10,7 +10,7 @@ import os
 import pytest
 
 from spmd_dp.testing import echo_args, make_records, spmd
-from tests.test_bad_input import one_line
+from tests.helpers import one_line
 
 RECORDS = make_records(3000, words=12)
 LINES = "".join(json.dumps(r) + "\n" for r in RECORDS).encode()
@@ -101,6 +101,7 @@ def test_an_unreadable_input_is_one_line_naming_the_file_and_exit_2(tmp_path, ca
         assert part in line, (part, line)
 
 
+@pytest.mark.slow
 def test_a_truncated_gz_shard_under_two_ranks_names_the_file_on_every_rank(tmp_path):
     """The issue's case: a folder of .jsonl.gz shards, one cut short; it was 'the input scan failed on rank 1:
     EOFError' with no file named, exit 1."""
