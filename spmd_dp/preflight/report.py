@@ -104,7 +104,8 @@ def summary(r: Dict[str, Any]) -> str:
     cfg, inp, tok, ctx, proj = r["config"], r["input"], r["prompt_tokens"], r["context"], r["projection"]
     unit = "GPU" if r["device_kind"] == "cuda" else "rank"
     ranks = f"{r['world_size']} rank" + ("s" if r["world_size"] > 1 else "")
-    lines = [f"spmd_dp preflight of {r['name']}: {ranks} on {r['device']} ({cfg['inference_engine']}, "
+    where = f"{ranks} on {r['device']}" if r["world_size"] == 1 else f"{ranks}, rank 0 on {r['device']}"
+    lines = [f"spmd_dp preflight of {r['name']}: {where} ({cfg['inference_engine']}, "
              f"{cfg['model_name']}); took {hms(r['seconds'])}"]
     kinds = ", ".join(f"{k} x{v}" if v > 1 else k for k, v in inp["kinds"].items())
     lines.append(f"  input        {inp['records']:,} records in {inp['files']} files ({kinds}, {inp['bytes'] / 1e6:,.1f} MB)"
@@ -119,8 +120,9 @@ def summary(r: Dict[str, Any]) -> str:
     if limit is None:
         lines.append(f"  context      no limit known ({ctx['source']})")
     elif not ctx["not_fitting"]:
+        own = " (unless a record sets its own)" if r["options"].get("own generation_options") else ""
         lines.append(f"  context      every prompt fits max_model_len {limit:,} ({ctx['source']}) with max_tokens "
-                     f"{ctx['max_tokens']:,}")
+                     f"{ctx['max_tokens']:,}{own}")
     else:
         keys = ", ".join(str(f["key"]) for f in ctx["first"][:5])
         lines.append(f"  context      {ctx['not_fitting']:,} records do not fit max_model_len {limit:,} ({ctx['source']}) "
@@ -139,8 +141,8 @@ def summary(r: Dict[str, Any]) -> str:
     cost = f", cost {_num(proj['cost'])} at {r['config']['preflight']['gpu_hour_price']:g} a {unit}-hour" \
         if proj.get("cost") is not None else ""
     lines.append(f"  projection   {proj['records_to_run']:,} records: generation {hms(proj['generation_s'])} at "
-                 f"{ranks}, wall {hms(proj['wall_s'])} with the start; {_num(proj['device_hours'])} "
-                 f"{unit}-hours{cost}")
+                 f"{ranks}{' (as their engines started)' if r['world_size'] > 1 else ''}, wall {hms(proj['wall_s'])} with the start; "
+                 f"{_num(proj['device_hours'])} {unit}-hours{cost}")
     lines.append(f"  {'ranks':>11}  {'generation':>10}  {'wall':>10}  {unit + '-hours':>10}" +
                  ("  cost" if proj.get("cost") is not None else ""))
     for row in proj["by_world_size"]:
