@@ -9,11 +9,22 @@
 #   GPUS_PER_DP_RANK  GPUs per rank = vLLM tensor_parallel_size [1]; passed as engine_options.gpus_per_dp_rank
 #   NPROC_PER_NODE    ranks [visible GPUs / GPUS_PER_DP_RANK, or 1 without GPUs: `python -m spmd_dp.launch.launcher ranks-per-node`]
 #   MAX_RESTARTS      torchrun restarts after a failure; each restart resumes from the journal [0]
-#   PYTHON            interpreter with spmd_dp installed [python3]
+#   PYTHON            interpreter with spmd_dp installed [the repository's .venv/bin/python if there, else python3]
+#
+# Exit code: the ranks' (0; 2 bad config or input; 1 a failure; 143 after a drain on SIGTERM, 130 on Ctrl-C), not
+# torchrun's own 1: torchrun runs through `python -m spmd_dp.launch.torchrun` (docs/failures.md, "Exit codes").
 set -euo pipefail
+# The interpreter: $PYTHON, else the repository's .venv (make setup), else python3; it must import spmd_dp.
+if [ -z "${PYTHON:-}" ]; then
+    PYTHON=python3
+    [ -x "$(dirname "$0")/../.venv/bin/python" ] && PYTHON="$(dirname "$0")/../.venv/bin/python"
+fi
+"$PYTHON" -c "import spmd_dp" 2>/dev/null || {
+    echo "$(basename "$0"): $PYTHON cannot import spmd_dp; activate its virtualenv (source .venv/bin/activate)" \
+         "or set PYTHON=/path/to/venv/bin/python" >&2; exit 2; }
 GPUS_PER_DP_RANK="${GPUS_PER_DP_RANK:-1}"
-NPROC_PER_NODE=$("${PYTHON:-python3}" -m spmd_dp.launch.launcher ranks-per-node "$GPUS_PER_DP_RANK") || exit 2
-exec "${PYTHON:-python3}" -m torch.distributed.run \
+NPROC_PER_NODE=$("$PYTHON" -m spmd_dp.launch.launcher ranks-per-node "$GPUS_PER_DP_RANK") || exit 2
+exec "$PYTHON" -m spmd_dp.launch.torchrun \
     --nproc-per-node="$NPROC_PER_NODE" \
     --rdzv-backend=c10d --rdzv-endpoint=localhost:0 \
     --max-restarts="${MAX_RESTARTS:-0}" \

@@ -15,8 +15,19 @@
 #   GPUS_PER_DP_RANK  GPUs per rank [1]   NPROC_PER_NODE  ranks per node [visible GPUs / GPUS_PER_DP_RANK, or 1:
 #                                         `python -m spmd_dp.launch.launcher ranks-per-node`, as in run_local.sh and slurm.sbatch]
 #   RDZV_ID           a name for this job, the same on every node [spmd_dp]
-#   MAX_RESTARTS      [0]                 PYTHON  [python3]
+#   MAX_RESTARTS      [0]                 PYTHON  [the repository's .venv/bin/python if there, else python3]
+#
+# Exit code: this node's ranks' (0; 2 bad config or input; 1 a failure; 143 after a drain on SIGTERM), not
+# torchrun's own 1: torchrun runs through `python -m spmd_dp.launch.torchrun` (docs/failures.md, "Exit codes").
 set -euo pipefail
+# The interpreter: $PYTHON, else the repository's .venv (make setup), else python3; it must import spmd_dp.
+if [ -z "${PYTHON:-}" ]; then
+    PYTHON=python3
+    [ -x "$(dirname "$0")/../.venv/bin/python" ] && PYTHON="$(dirname "$0")/../.venv/bin/python"
+fi
+"$PYTHON" -c "import spmd_dp" 2>/dev/null || {
+    echo "$(basename "$0"): $PYTHON cannot import spmd_dp; activate its virtualenv (source .venv/bin/activate)" \
+         "or set PYTHON=/path/to/venv/bin/python" >&2; exit 2; }
 MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
 MASTER_PORT="${MASTER_PORT:-29500}"
 for arg in "$@"; do  # seed 000's dp_master_ip / dp_master_port name the rendezvous
@@ -26,8 +37,8 @@ for arg in "$@"; do  # seed 000's dp_master_ip / dp_master_port name the rendezv
     esac
 done
 GPUS_PER_DP_RANK="${GPUS_PER_DP_RANK:-1}"
-NPROC_PER_NODE=$("${PYTHON:-python3}" -m spmd_dp.launch.launcher ranks-per-node "$GPUS_PER_DP_RANK") || exit 2
-exec "${PYTHON:-python3}" -m torch.distributed.run \
+NPROC_PER_NODE=$("$PYTHON" -m spmd_dp.launch.launcher ranks-per-node "$GPUS_PER_DP_RANK") || exit 2
+exec "$PYTHON" -m spmd_dp.launch.torchrun \
     --nnodes="${NNODES:-1}" --node-rank="${NODE_RANK:-0}" --nproc-per-node="$NPROC_PER_NODE" \
     --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv-id="${RDZV_ID:-spmd_dp}" \
     --max-restarts="${MAX_RESTARTS:-0}" \

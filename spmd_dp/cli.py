@@ -19,6 +19,7 @@ from typing import List, Optional, Sequence
 
 from spmd_dp.config import load_config, to_yaml
 from spmd_dp.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, Drained, RunFailure, UsageError
+from spmd_dp.launch.torchrun import EXIT_DIR_VAR, write_exit_code
 from spmd_dp.log import logger, setup_logging
 from spmd_dp.redact import remember, text as redact_text
 
@@ -72,9 +73,11 @@ def _report_to_torchrun(error_file: Optional[str], message: str) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     setup_logging()
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")  # read now: the run scrubs torchrun's variables
+    exit_dir, rank = os.environ.get(EXIT_DIR_VAR), os.environ.get("RANK")
     code, message = _main(argv)
     if code != EXIT_OK and code < 128 and message:
         _report_to_torchrun(error_file, message)
+    write_exit_code(exit_dir, rank, code)  # for spmd_dp.launch.torchrun (the launch scripts): torchrun exits 1
     return code
 
 

@@ -23,7 +23,7 @@ from spmd_dp.log import logger
 from spmd_dp.node import Node, WorkOrder
 from spmd_dp.output.files import atomic_write
 from spmd_dp.output.final import write_errors
-from spmd_dp.output.journal import fingerprint
+from spmd_dp.output.journal import fingerprint, said_complete
 from spmd_dp.status.live import LiveStatus
 from spmd_dp.status.metrics import Metrics
 from spmd_dp.status.progress import Progress
@@ -43,6 +43,11 @@ class Rank0:
         self.live: Optional[LiveStatus] = None  # ${name}.status.json, the events, the Prometheus metrics
         self.server = None
 
+    def complete_already(self) -> bool:
+        """Before any engine starts: does the journal say this node's output is written (overwrite=true: no)? Then
+        no engine starts; the journal is still checked against the scanned input in `open` (another run's: exit 2)."""
+        return not self.cfg.overwrite and said_complete(self.paths)
+
     def open(self, scanned: ScanResult) -> WorkOrder:
         """Open the journal on the scanned input, say what is left to do (or why not)."""
         cfg, paths = self.cfg, self.paths
@@ -57,12 +62,13 @@ class Rank0:
             self.journal.fingerprint = fingerprint(cfg, index.content_sha256(), index.n_records,
                                                    self.prompts.template_path)
             self.journal.open(overwrite=cfg.overwrite)
-            atomic_write(paths.config, [to_yaml(cfg).encode()])
+            if not self.journal.complete:
+                atomic_write(paths.config, [to_yaml(cfg).encode()])
         except UsageError as e:
             return WorkOrder(error=str(e))
         except OSError as e:
             return WorkOrder(error=f"output error: {e.strerror}: {e.filename}; check that output_dir="
-                                   f"{cfg.output_dir!r} is a writable directory")
+                                   f"{cfg.output_dir!r} ({paths.dir}) is a writable directory")
         if self.journal.complete:
             logger.info("%s is complete already (journal %s); nothing to do", self.output.path, paths.journal)
             return WorkOrder([], True)

@@ -2,7 +2,8 @@
 
   RankPlan (launcher env + config, once) -> rendezvous store
   per workflow node (a `Node`: config, plan, prompts, output):
-    device slice -> the engine starts (a thread) while every rank scans its share of the input; the
+    device slice -> rank 0 reads whether the journal says the output is complete (then no engine starts)
+    -> the engine starts (a thread) while every rank scans its share of the input; the
     shares merge; rank 0 opens the journal (open_node) -> WorkOrder to all
     -> batches and claims -> control thread (outbox -> rank 0's inbox and handler; the board -> peers)
     -> the engine, started -> generation loop -> sink -> outbox ... -> rank 0 writes the output and the metrics
@@ -98,7 +99,12 @@ def run_node(node: Node, world: World, store, keep_engine: bool) -> None:
                                 group.min) if cfg.engine_options.agree_kv_cache else None
     scrub_launcher_env()  # vLLM's workers must form a world of their own, not join ours
     scanners = fork_scanners(node)  # before the engine's thread
-    starting = EngineStart(world.engines, cfg, plan.device, plan.rank, kv_budget, stats)  # while the input is scanned
+    complete = group.broadcast_json(rank0.complete_already() if rank0 else None)  # then no engine starts
+
+    def start() -> EngineStart:
+        return EngineStart(world.engines, cfg, plan.device, plan.rank, kv_budget, stats)
+
+    starting = None if complete else start()  # while the input is scanned
     index = control = None
     try:
         index, order = open_node(node, group, rank0, scanners)
@@ -106,8 +112,10 @@ def run_node(node: Node, world: World, store, keep_engine: bool) -> None:
         if order.error:
             raise UsageError(order.error, quiet=not plan.is_rank0)  # rank 0 prints it
         if order.complete:
-            starting.stop()
+            if starting is not None:
+                starting.stop()
             return
+        starting = starting or start()  # the output said complete is gone: it is made again
         batches = make_batches(cfg.schedule, order.pending, plan.world_size, cfg.batch_size)
         work = substore(store, "work")  # the claim counters and the board (spmd_dp/control/board.py)
         claims = Claims(work, batches, cfg.schedule, plan.rank, plan.world_size)  # logs a static share

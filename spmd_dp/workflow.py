@@ -39,7 +39,8 @@ def read_workflow(path: Path) -> Dict[str, Any]:
     try:
         wf = json.loads(path.read_text())
     except OSError as e:
-        raise _error(path, f"cannot read it ({e.strerror}); give workflow=<path to a JSON file>") from None
+        raise _error(path, f"cannot read it ({e.strerror}); give workflow=<path to a JSON file> (a relative "
+                           f"path is read from the working directory)") from None
     except json.JSONDecodeError as e:
         raise _error(path, f"not JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
     if isinstance(wf, dict) and "type" in wf and "nodes" not in wf:  # a single node, as in seed 000's first example
@@ -80,7 +81,7 @@ def workflow_configs(path: Path, overrides: List[str], config_name: str = "confi
     names (--config-name / --config-path)."""
     wf = read_workflow(path)
     order = ordered_nodes(path, wf)
-    base = compose_config([], config_name, config_dir)
+    base = _open_maps(compose_config([], config_name, config_dir))
     cli = _cli_config(overrides, config_name, config_dir)
     top = {k: wf[k] for k in WORKFLOW_KEYS if wf.get(k) is not None}
     inputs: Dict[str, Dict[str, Any]] = {}  # node id -> input keys its dependents read
@@ -125,6 +126,20 @@ def workflow_configs(path: Path, overrides: List[str], config_name: str = "confi
     if len(set(names)) != len(names):
         raise _error(path, f"text_prompt nodes must have different names (their output files): {names}")
     return configs
+
+
+def _open_maps(cfg: DictConfig) -> DictConfig:
+    """Let the map-valued keys (engine_options.vllm_kwargs, engine_options.lora_adapters, ...) take new keys from a
+    node's params and from the command line (`+engine_options.vllm_kwargs.x=...`), as they do without a workflow;
+    a key the schema does not have is still refused."""
+    for key in cfg.keys():
+        child = cfg._get_node(key)
+        if isinstance(child, DictConfig) and not child._is_none():
+            if OmegaConf.get_type(child) is dict:
+                OmegaConf.set_struct(child, False)
+            else:
+                _open_maps(child)
+    return cfg
 
 
 def _cli_config(overrides: List[str], config_name: str, config_dir: str | None) -> DictConfig:

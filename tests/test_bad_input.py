@@ -88,11 +88,17 @@ def test_a_prompt_too_long_fails_the_run_by_default_naming_the_record(tmp_path):
     assert p.returncode == 1
     line = one_line(p)
     assert "record id='big'" in line and "longer than max_model_len=20" in line and "on_bad_record=skip" in line
+    # the echo engine counts words, and says so; the fix names on_long_prompt too (issue 25)
+    assert "the prompt (50 words)" in line and "set on_long_prompt=truncate_left, truncate_right or skip" in line
+    p = spmd(echo_args(tmp_path, inp, "engine_options.max_model_len=20", "on_long_prompt=skip"), timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    error = read_jsonl(tmp_path / "out" / "out.errors.jsonl")[0]["error"]
+    assert "the prompt (50 words) is longer than max_model_len=20" in error and "tokens" not in error, error
 
 
 @pytest.mark.parametrize("override,expected", [
     ("output_dir=/proc/spmd_dp_cannot_write_here", "output error:"),
-    ("model_name=/nonexistent/model", "model_name='/nonexistent/model' is a path that does not exist"),
+    ("model_name=/nonexistent/model", "model_name='/nonexistent/model' does not exist"),
     ("inference_engine=tgi", "inference_engine='tgi' is not allowed; use one of vllm_dp, echo"),
     ("engine_options.gpus_per_dp_rank=-1", "engine_options.gpus_per_dp_rank=-1 is not allowed"),
     ("batch_timeout=0", "batch_timeout=0.0 is not allowed"),

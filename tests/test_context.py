@@ -19,8 +19,10 @@ def test_fit_context():
 
 def test_why_a_prompt_is_refused_names_the_fix():
     fit = fit_context(64, 5, 64, "fail", False)
-    assert fit.reason == ("the prompt (64 tokens) is longer than the context leaves room for (max_model_len=64); "
-                          "set on_long_prompt=truncate_left (or skip)")
+    assert fit.reason == ("the prompt (64 tokens) is longer than max_model_len=64 allows (no room for an output "
+                          "token); on_long_prompt=fail: set on_long_prompt=truncate_left, truncate_right or skip")
+    assert fit_context(64, 5, 64, "fail", False, unit="words").reason.startswith(  # the echo engine's unit
+        "the prompt (64 words) is longer than max_model_len=64 allows (no room for an output word)")
     assert fit_context(70, 16, 64, "skip", False).reason.endswith("; on_long_prompt=skip")
     no_room = fit_context(70, 64, 64, "truncate_left", False)  # the output asked takes the whole context
     assert no_room.action == "refuse" and "max_tokens=64 leaves no prompt token in max_model_len=64" in no_room.reason

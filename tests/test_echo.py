@@ -64,9 +64,11 @@ def test_logprobs_one_per_word():
 def test_long_prompts_as_vllm_takes_them():
     e = engine("engine_options.max_model_len=5")
     refused = e.add(req("a", "1 2 3 4 5"))  # no room for one word
-    assert refused.error == "the prompt (5 words) is longer than max_model_len=5" and refused.error_kind != SKIPPED
+    assert refused.error == ("the prompt (5 words) is longer than max_model_len=5 allows (no room for an output "
+                             "word); on_long_prompt=fail: set on_long_prompt=truncate_left, truncate_right or skip")
+    assert refused.error_kind != SKIPPED
     skipped = e.add(req("b", "1 2 3 4 5 6", on_long_prompt="skip"))
-    assert skipped.error_kind == SKIPPED and "on_long_prompt=skip" in skipped.error
+    assert skipped.error_kind == SKIPPED and "on_long_prompt=skip" in skipped.error and "(6 words)" in skipped.error
     left, right, clamped, cut = run(e, req("c", "1 2 3 4 5 6 7", 2, on_long_prompt="truncate_left"),
                                     req("d", "1 2 3 4 5 6 7", 2, on_long_prompt="truncate_right"),
                                     req("e", "1 2 3 4", 3, clamp_max_tokens=True), req("f", "1 2 3 4", 3))

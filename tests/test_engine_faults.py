@@ -10,14 +10,12 @@ import os
 import random
 import re
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 
-from spmd_dp.testing import (REPO, echo_args, engine_core_pid, expected_rows, journal_batches, launch, make_records,
-                             read_jsonl, running, spmd, worker_pids, write_jsonl)
+from spmd_dp.testing import (echo_args, expected_rows, journal_batches, launch, make_records, read_jsonl, running, spmd,
+                             worker_pids, write_jsonl)
 from tests.helpers import wait_for
 
 
@@ -194,55 +192,33 @@ def test_ctrl_c_drains_and_a_second_ctrl_c_stops_at_once(tmp_path):
 
 # --- real vLLM on CPU: kill -9 of rank 1's EngineCore mid-run --------------------------------------------------
 
-@pytest.mark.vllm
-@pytest.mark.parametrize("seed", [0])
-def test_kill_9_of_a_vllm_engine_core_mid_run_restarts_it_in_place(tmp_path, seed):
+@pytest.mark.vllm("two_ranks")
+@pytest.mark.timeout(3600)  # it may be the test that waits for all the shared runs (tests/vllm_jobs.py)
+def test_kill_9_of_a_vllm_engine_core_mid_run_restarts_it_in_place(vllm_runs):
     """2 ranks on real vLLM (CPU): rank 1's EngineCore is killed (kill -9, found by parent pid) while it
-    generates. Rank 1 sees it at once, restarts its engine on the same cores and re-adds its requests; the run
-    exits 0 with every key once and the greedy text of an undisturbed run."""
-    rng = random.Random(seed)
-    records = [{"id": f"k{i:04d}", "prompt": f"Tell me about w{i} and the day {i * 7}"} for i in range(256)]
-    inp = write_jsonl(tmp_path / "data" / "in.jsonl", records)
+    generates (the last node, `killed`, of the shared two-rank run: vllm_jobs.kill_engine_core, after a seeded
+    random 1-4 of rank 1's batches). Rank 1 sees it at once, restarts its engine on the same cores and re-adds its
+    requests; the run exits 0 with every key once and the greedy text of an undisturbed run (node `ref`)."""
+    from tests.vllm_jobs import KILL_RECORDS
 
-    def args(name):
-        return [f"data_dir={inp.parent}", f"input_data_path={inp.name}", f"output_dir={tmp_path / 'out'}",
-                f"name={name}", "generation_options.temperature=0", "generation_options.max_tokens=32",
-                "+generation_options.ignore_eos=true", "batch_size=8", "engine_options.max_model_len=512",
-                "engine_options.max_num_seqs=16",  # requests run in waves of 16: batches finish one after another
-                "schedule=static"]  # rank 1 has its half whenever its engine is up (the tiny model is quick)
-
-    log = tmp_path / "killed.log"
-    with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
-                                 "--rdzv-backend=c10d", "--rdzv-endpoint=localhost:0", "-m", "spmd_dp",
-                                 *args("killed")], cwd=REPO, stdout=f, stderr=subprocess.STDOUT, text=True,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    with running(proc):
-        after = rng.randint(1, 4)  # batches rank 1 has finished before the kill
-        wait_for(lambda: len(re.findall(r"Received results for batch \d+ from rank 1", log.read_text())) >= after,
-                 400, proc, f"{after} batches from rank 1")
-        rank1 = worker_pids(proc.pid)[1]
-        core = engine_core_pid(rank1)
-        assert core is not None, subprocess.run(["ps", "-ef", "--forest"], capture_output=True, text=True).stdout
-        os.kill(core, signal.SIGKILL)
-        t_kill = time.time()
-        proc.wait(timeout=500)
-    out = log.read_text()
-    assert proc.returncode == 0, out[-5000:]
-    line = re.search(rf"\[rank 1/2 .*WARNING rank 1 on CPU cores 1 \(tensor_parallel_size=1\): engine died: its process "
-                     rf"{core} \(\S+\) exited; restarting it on the same slice \(restart 1 of 2\)", out)
+    run = vllm_runs["two_ranks"]
+    assert "error" not in run.info, f"{run.info['error'][-3000:]}\n{run.tail()}"
+    core, after = run.info["core"], run.info["after"]
+    assert run.returncode == 0, run.tail()
+    out = run.section("killed")
+    second = run.cores[1 % len(run.cores)]  # rank 1's core: the second of the job's
+    line = re.search(rf"\[rank 1/2 .*WARNING rank 1 on CPU cores {second} \(tensor_parallel_size=1\): engine died: "
+                     rf"its process {core} \(\S+\) exited; restarting it on the same slice \(restart 1 of 2\)", out)
     assert line, out[-5000:]
     readd = re.search(r"rank 1 re-added (\d+) requests of (\d+) unfinished batches", out)
     assert readd and int(readd.group(1)) >= 1, out[-5000:]
     assert "Worker rank 1 is ready (engine restarted in" in out
-    m = metrics(tmp_path, "killed")
+    m = run.metrics("killed")
     assert m["ranks"][1]["engine_restarts"] == 1 and m["total"]["failed_ranks"] == []
     print(f"kill -9 of EngineCore {core} after {after} batches of rank 1; re-added {readd.group(1)} requests; "
-          f"run ended {time.time() - t_kill:.1f}s after the kill")
+          f"run ended {run.info['t_end'] - run.info['t_kill']:.1f}s after the kill")
 
-    ref = spmd(args("ref"), timeout=600)  # the same records on one rank, undisturbed
-    assert ref.returncode == 0, ref.stderr[-4000:]
-    killed, undisturbed = read_jsonl(tmp_path / "out" / "killed.jsonl"), read_jsonl(tmp_path / "out" / "ref.jsonl")
-    assert [r["id"] for r in killed] == [r["id"] for r in records]  # every key once, in input order
+    killed, undisturbed = run.rows("killed"), run.rows("ref")  # ref: the same records on 2 ranks, undisturbed
+    assert [r["id"] for r in killed] == [r["id"] for r in KILL_RECORDS]  # every key once, in input order
     assert all(r["killed"] for r in killed)
     assert [r["killed"] for r in killed] == [r["ref"] for r in undisturbed]  # greedy: identical text

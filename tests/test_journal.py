@@ -77,3 +77,39 @@ def test_existing_output_without_journal_is_never_overwritten(tmp_path):
     with pytest.raises(UsageError, match="exists and no journal"):
         journal(tmp_path).open(overwrite=False)
     assert (tmp_path / "t.jsonl").read_text() == "precious\n"
+
+
+def test_a_journal_with_nothing_committed_binds_no_one(tmp_path):
+    j = journal(tmp_path)
+    j.open(overwrite=False)  # a run that failed before committing anything
+    j.close()
+    (tmp_path / "t.parts" / "part-00000000.jsonl").write_text("never journaled\n")
+    other = {**FP, "model_name": "fixed"}
+    j2 = journal(tmp_path, other)
+    j2.open(overwrite=False)  # the corrected run takes the folder
+    assert json.loads((tmp_path / "t.journal.jsonl").read_text().splitlines()[0])["fingerprint"] == other
+    assert list((tmp_path / "t.parts").iterdir()) == []
+    j2.commit([batch(0, 5)])
+    j2.close()
+    with pytest.raises(UsageError, match=r"different run \(model_name changed\)"):
+        journal(tmp_path).open(overwrite=False)  # bound now
+
+
+def test_a_complete_journal_is_said_complete_and_opening_it_changes_nothing(tmp_path):
+    from spmd_dp.output.journal import said_complete
+
+    j = journal(tmp_path)
+    assert not said_complete(j.paths)
+    j.open(overwrite=False)
+    j.commit([batch(0, 10)])
+    assert not said_complete(j.paths)
+    assemble(j, 10)
+    j.close()
+    assert said_complete(j.paths) and not (tmp_path / "t.parts").exists()
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in tmp_path.iterdir())
+    j2 = journal(tmp_path)
+    j2.open(overwrite=False)
+    j2.close()
+    assert j2.complete and sorted((p.name, p.stat().st_mtime_ns) for p in tmp_path.iterdir()) == before
+    (tmp_path / "t.jsonl").unlink()
+    assert not said_complete(j.paths)  # the output is gone: the run is done again

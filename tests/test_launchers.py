@@ -1,11 +1,14 @@
 """The launch scripts for real: one node (run_local.sh) and two torchrun agents forming one world
 over a c10d rendezvous on localhost (run_multinode.sh), as two nodes would."""
 
+import signal
 import socket
 import subprocess
 import sys
 
-from spmd_dp.testing import REPO, clean_env, echo_args, make_records, read_jsonl, spmd, write_jsonl
+import pytest
+
+from spmd_dp.testing import REPO, clean_env, echo_args, make_records, read_jsonl, spmd, wait_for_batches, write_jsonl
 
 
 def free_port() -> int:
@@ -56,3 +59,40 @@ def test_run_local_script(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     assert "Starting 2 data parallel workers" in p.stderr
     assert [r["id"] for r in read_jsonl(tmp_path / "out" / "out.jsonl")] == [r["id"] for r in records]
+
+
+@pytest.mark.slow
+@pytest.mark.timing
+def test_launch_scripts_exit_with_the_ranks_code(tmp_path):
+    """torchrun exits 1 whatever its ranks did; the launch scripts pass the ranks' code on (issue 25)."""
+    records = make_records(200)
+    inp = write_jsonl(tmp_path / "data" / "in.jsonl", records)
+    env = clean_env({"PYTHON": sys.executable, "NPROC_PER_NODE": "2"})
+    bad = subprocess.run(["bash", "scripts/run_local.sh", *echo_args(tmp_path, inp, "batch_size=0")], cwd=REPO,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2, bad.stderr[-3000:]  # bad config: every rank exits 2
+    assert "spmd_dp: config error: batch_size=0 is not allowed" in bad.stderr
+    assert "ChildFailedError" in bad.stderr  # torchrun's own summary is still there
+    args = echo_args(tmp_path, inp, "batch_size=5", "engine_options.echo_delay_s=0.02")
+    proc = subprocess.Popen(["bash", "scripts/run_local.sh", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        assert wait_for_batches(tmp_path / "out" / "out.journal.jsonl", 3, proc) >= 3
+        proc.send_signal(signal.SIGTERM)  # to the script: what a scheduler or `kill` sends
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, out[-3000:]  # the ranks drained (torchrun alone exits 1)
+    assert "spmd_dp: stopped by SIGTERM after draining" in out and "Traceback" not in out, out[-3000:]
+
+
+def test_ranks_code_is_rank_0s_else_the_first_failure_else_torchruns():
+    from spmd_dp.launch.torchrun import ranks_code
+
+    assert ranks_code({0: 143, 1: 143}, 143) == 143
+    assert ranks_code({0: 0, 1: 0}, 0) == 0
+    assert ranks_code({0: 2, 1: 2}, 1) == 2
+    assert ranks_code({0: 0, 1: 1, 2: 2}, 1) == 1
+    assert ranks_code({1: 0}, 1) == 1  # rank 0 left no code (killed): torchrun's own
+    assert ranks_code({}, 143) == 143

@@ -34,10 +34,11 @@ def test_a_seed_is_the_records_own():
         record_seed(3, "a")  # the record's own seed, made its own too
 
 
-def test_task_and_adapter_fields_are_read_only_when_the_run_has_several():
+def test_task_is_read_only_when_the_run_has_several_and_an_adapter_always_checked():
     single = opts()
-    r = single.request("0:0", {"id": 1, "task": "embed", "lora_adapter": "x"}, "p", {})
-    assert r.task == "generate" and r.lora is None  # the record's own data, not options
+    r = single.request("0:0", {"id": 1, "task": "embed"}, "p", {})
+    assert r.task == "generate" and r.lora is None  # 'task': the record's own data, not an option
+    assert "'lora_adapter' is 'x' but no adapter is configured" in single.check({"id": 1, "lora_adapter": "x"})
     several = opts("task=[generate,embed]", "+engine_options.lora_adapters.pirate=/a", "lora_adapter=pirate")
     r = several.request("0:0", {"id": 1, "task": "embed"}, "p", {"seed": 5})
     assert r.task == "embed" and r.lora == "pirate" and "seed" not in r.sampling  # no sampling seed for pooling

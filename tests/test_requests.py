@@ -73,8 +73,23 @@ def test_lora_adapter_and_task_fields_per_record(tmp_path):
     assert "'lora_adapter' is 'c', not one of engine_options.lora_adapters (a, b)" in verdicts[1]
     assert "prompt_logprobs with LoRA adapters" in verdicts[3]
     assert "needs task=classify; this run serves task=['generate', 'embed']" in verdicts[5]
-    # without adapters or several tasks, 'lora_adapter' and 'task' are the record's own data
-    assert scan_errors(tmp_path, records[:2] + records[4:]) == [None] * 4
+    # with one task, 'task' is the record's own data; an adapter is never served by the base model instead
+    none_set = scan_errors(tmp_path, records[:3] + records[4:])
+    assert none_set[2:] == [None] * 3
+    assert "'lora_adapter' is 'c' but no adapter is configured; name it: +engine_options.lora_adapters.c=" in \
+        none_set[1] and "'lora_adapter' is 'a' but no adapter is configured" in none_set[0]
+
+
+@pytest.mark.slow
+def test_an_unknown_adapter_with_none_configured_is_a_bad_record(tmp_path):
+    records = [{"id": 0, "prompt": "x y"}, {"id": 3, "prompt": "z", "lora_adapter": "nope"}]
+    inp = write_jsonl(tmp_path / "data" / "in.jsonl", records)
+    p = spmd(echo_args(tmp_path, inp))
+    assert p.returncode == 2 and "in.jsonl:2: 'lora_adapter' is 'nope' but no adapter is configured" in one_line(p)
+    p = spmd(echo_args(tmp_path, inp, "on_bad_record=skip"))
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert [r["id"] for r in read_jsonl(tmp_path / "out" / "out.jsonl")] == [0]
+    assert "no adapter is configured" in read_jsonl(tmp_path / "out" / "out.errors.jsonl")[0]["error"]
 
 
 def test_a_schema_that_does_not_compile_is_exit_2_before_any_model(tmp_path):
@@ -140,7 +155,7 @@ def test_long_prompt_policies_and_clamp_with_echo(tmp_path):
     assert rows["cut"]["out"] == "b c d" and rows["cut"]["out_metadata"]["truncated_from"] == 8
     assert rows["clamp"]["out"] == "a b" and "truncated_from" not in rows["clamp"]["out_metadata"]
     errors = {e["key"]: e["error"] for e in read_jsonl(tmp_path / "out" / "out.errors.jsonl")}
-    assert set(errors) == {"fail", "skip"} and "skipped: the prompt (14 tokens)" in errors["skip"]
+    assert set(errors) == {"fail", "skip"} and "skipped: the prompt (14 words)" in errors["skip"]
     assert errors["fail"].startswith("rejected by the engine")
     # on_long_prompt=skip goes to the errors file even when on_bad_record=fail: the run goes on
     p = spmd(echo_args(tmp_path, inp, "generation_options.max_tokens=3", "engine_options.max_model_len=10",

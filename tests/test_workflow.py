@@ -27,6 +27,24 @@ def test_seed_files_map_onto_the_config():
         "spmd-dp/tiny-llama", 4, "bfloat16", 64)
 
 
+def test_map_valued_keys_take_new_keys_from_a_node_and_the_command_line(tmp_path):
+    """engine_options.vllm_kwargs and lora_adapters are maps: a node's params and `+key=` overrides add keys to
+    them, as they do without a workflow; a key the schema lacks is still refused."""
+    params = {"name": "x", "engine_options": {"vllm_kwargs": {"enforce_eager": False},
+                                              "lora_adapters": {"a": "spmd-dp/tiny-llama-lora-a"}}}
+    path = tmp_path / "wf.json"
+    path.write_text(json.dumps({"nodes": [{"id": "gen", "type": "text_prompt", "params": params}]}))
+    (cfg,) = workflow_configs(path, ["+engine_options.vllm_kwargs.seed=7"])
+    assert cfg.engine_options.vllm_kwargs == {"enforce_eager": False, "seed": 7}
+    assert cfg.engine_options.lora_adapters == {"a": "spmd-dp/tiny-llama-lora-a"}
+    with pytest.raises(UsageError, match="unknown key 'engine_options.vllm_kwarg'"):
+        workflow_configs(path, ["+engine_options.vllm_kwarg.seed=7"])
+    params["engine_options"]["lora_adapter"] = {"a": "spmd-dp/tiny-llama-lora-a"}
+    path.write_text(json.dumps({"nodes": [{"id": "gen", "type": "text_prompt", "params": params}]}))
+    with pytest.raises(UsageError, match="Key 'lora_adapter' not in 'EngineOptions'"):
+        workflow_configs(path, [])
+
+
 @pytest.mark.parametrize("change,expected", [
     ({"type": "summarize"}, "has type 'summarize'; spmd_dp runs node types load, text_prompt"),
     ({"dependencies": ["nowhere"]}, "depends on 'nowhere', which is not a node"),

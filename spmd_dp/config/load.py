@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-import os
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -18,8 +17,10 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from spmd_dp.config.checks import validate
+from spmd_dp.config.paths import local_path, looked_in, names_a_path
 from spmd_dp.config.schema import PACKAGE_DIR, RunConfig
 from spmd_dp.errors import UsageError
+from spmd_dp.models.embedded import is_embedded, is_embedded_adapter
 from spmd_dp.redact import scrub_config
 
 LIST_KEYS = "python -m spmd_dp --cfg job"  # prints every key and its value
@@ -81,9 +82,19 @@ def resolve_and_check(cfg: RunConfig) -> RunConfig:
 
 def resolve(cfg: RunConfig) -> RunConfig:
     """A copy of the config with what it names made explicit, once: an OpenAI batch input is keyed by custom_id;
-    structured_outputs.json given as a .json file is the schema it holds (read from the working directory, as
-    every relative file option is)."""
+    structured_outputs.json given as a .json file is the schema it holds; a local model or adapter folder and the
+    workflow file are absolute paths (relative ones: from the working directory, the rule of every file option,
+    spmd_dp/config/paths.py)."""
     changes: Dict[str, Any] = {}
+    if not is_embedded(cfg.model_name) and names_a_path(cfg.model_name):
+        changes["model_name"] = str(local_path(cfg.model_name))
+    adapters = {name: str(local_path(where)) if not is_embedded_adapter(where) and names_a_path(where) else where
+                for name, where in cfg.engine_options.lora_adapters.items() if isinstance(where, str) and where}
+    if any(adapters[n] != cfg.engine_options.lora_adapters[n] for n in adapters):
+        changes["engine_options"] = dataclasses.replace(
+            cfg.engine_options, lora_adapters={**cfg.engine_options.lora_adapters, **adapters})
+    if cfg.workflow:
+        changes["workflow"] = str(local_path(cfg.workflow))
     if cfg.input_format == "openai_batch" and cfg.primary_key == "id":
         changes["primary_key"] = "custom_id"
     so = cfg.generation_options.structured_outputs
@@ -99,13 +110,12 @@ def _read_schema_file(spec: Dict[str, Any]) -> Dict[str, Any]:
     value = spec.get("json")
     if not (isinstance(value, str) and value.strip().endswith(".json") and not value.lstrip().startswith("{")):
         return spec
-    path = Path(value).expanduser()
+    path = local_path(value)
     try:
         schema = json.loads(path.read_text())
     except OSError as e:
-        raise UsageError(f"config error: generation_options.structured_outputs.json={value!r}: {e.strerror} "
-                         f"(relative to {os.getcwd()}); give a JSON schema file that exists, or the schema "
-                         f"itself") from None
+        raise UsageError(f"config error: generation_options.structured_outputs.json={value!r}: {path}: {e.strerror} "
+                         f"({looked_in()}); give a JSON schema file that exists, or the schema itself") from None
     except json.JSONDecodeError as e:
         raise UsageError(f"config error: generation_options.structured_outputs.json={value!r} is not JSON ({e.msg} "
                          f"at line {e.lineno}); fix the schema file") from None

@@ -16,8 +16,8 @@ from spmd_dp.engines.base import Completion, Engine, EngineFailure, EngineGaveUp
 
 
 def set_engine_environment() -> None:
-    """What every engine of the run sees: vLLM V1 (seed 000), quiet logs (VLLM_LOGGING_LEVEL=INFO to debug)."""
-    os.environ["VLLM_USE_V1"] = "1"
+    """What every engine of the run sees: quiet logs (VLLM_LOGGING_LEVEL=INFO to debug; vLLM's known-harmless
+    warnings: spmd_dp/engines/quiet.py). Only variables vLLM knows (vLLM 0.32 has only its V1 engine: no VLLM_USE_V1)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 

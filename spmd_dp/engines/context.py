@@ -1,10 +1,13 @@
 """What a prompt too long for the context becomes (`on_long_prompt`, `clamp_max_tokens`): the one place it is decided,
-for both engines (the echo engine counts words, vLLM tokens)."""
+for both engines (the echo engine counts words, vLLM tokens; the messages say which)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Optional
+
+
+LONG_PROMPT_HINT = "on_long_prompt=fail: set on_long_prompt=truncate_left, truncate_right or skip"
 
 
 @dataclass(frozen=True)
@@ -18,7 +21,7 @@ class Fit:
 
 
 def fit_context(prompt_tokens: int, max_tokens: int, max_model_len: Optional[int], policy: str,
-                clamp: bool, generate: bool = True) -> Fit:
+                clamp: bool, generate: bool = True, unit: str = "tokens") -> Fit:
     """A prompt is too long when it leaves no room for an output token (what vLLM refuses; for pooling
     tasks, when it is longer than the context). on_long_prompt decides then: fail (vLLM refuses it),
     skip, or truncate_left / truncate_right (keep the last / first max_model_len - max_tokens tokens,
@@ -31,8 +34,8 @@ def fit_context(prompt_tokens: int, max_tokens: int, max_model_len: Optional[int
     too_long = room < 1 if generate else room < 0
     if not generate:
         max_tokens = 0
-    reason = (f"the prompt ({prompt_tokens} tokens) is longer than the context leaves room for "
-              f"(max_model_len={max_model_len})")
+    reason = (f"the prompt ({prompt_tokens} {unit}) is longer than max_model_len={max_model_len} allows"
+              + (f" (no room for an output {unit.rstrip('s')})" if generate else ""))
     if too_long or (generate and room < max_tokens and policy.startswith("truncate") and not clamp):
         if policy == "skip":
             return Fit("skip", reason=reason + "; on_long_prompt=skip")
@@ -43,7 +46,7 @@ def fit_context(prompt_tokens: int, max_tokens: int, max_model_len: Optional[int
                                             f"{max_model_len}; lower max_tokens")
             return Fit("truncate", keep=keep)
         if too_long:
-            return Fit("refuse", reason=reason + "; set on_long_prompt=truncate_left (or skip)")
+            return Fit("refuse", reason=reason + f"; {LONG_PROMPT_HINT}")
     if generate and clamp and 1 <= room < max_tokens:
         return Fit("run", max_tokens=room)
     return Fit("run")

@@ -69,10 +69,9 @@ class EchoEngine:
         words = self._words(request.prompt)
         generate = request.task == "generate"
         fit = fit_context(len(words), int(request.sampling.get("max_tokens", 16)), self.max_model_len,
-                          request.on_long_prompt, request.clamp_max_tokens, generate)
+                          request.on_long_prompt, request.clamp_max_tokens, generate, unit="words")
         if fit.action == "refuse":
-            return Completion(request.request_id, error=f"the prompt ({len(words)} words) is longer than "
-                                                        f"max_model_len={self.max_model_len}")
+            return Completion(request.request_id, error=fit.reason)
         if fit.action == "skip":
             return Completion(request.request_id, error=fit.reason, error_kind=SKIPPED)
         if fit.action == "truncate":

@@ -29,7 +29,8 @@ import numpy as np
 
 from spmd_dp.launch.devices import cpu_kvcache_gib
 from spmd_dp.engines.base import FAILED, IMAGE_PART, SKIPPED, Chat, Completion, EngineStartError, Logprobs, Request
-from spmd_dp.engines.context import fit_context
+from spmd_dp.engines.context import LONG_PROMPT_HINT, fit_context
+from spmd_dp.engines.quiet import keep_known_harmless_out
 from spmd_dp.log import logger
 from spmd_dp.models.embedded import is_embedded, resolve_model
 
@@ -110,6 +111,7 @@ class VllmEngine:
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(space)
         if cfg.engine_options.disable_progress_bars:
             os.environ["TQDM_DISABLE"] = "1"  # vLLM's own bars, in its engine processes too (ours pass disable=)
+        keep_known_harmless_out(cfg.log_level, cpu=device_slice.kind == "cpu")  # before vLLM's first import
         try:
             from vllm import LLM, PoolingParams, SamplingParams
             from vllm.lora.request import LoRARequest
@@ -149,8 +151,13 @@ class VllmEngine:
         except Exception as e:  # vLLM validates a request with several exception types (VLLMValidationError, ...)
             if type(e).__name__.startswith("EngineDead") or isinstance(e, (MemoryError, RuntimeError)):
                 raise  # the engine itself is gone: not this record's fault
-            hint = (" (a text prompt's images need the model's image placeholders in its text, e.g. <image>; or "
-                    "set chat=true and let the chat template place them)" if request.images else "")
+            if getattr(e, "parameter", None) == "input_tokens":  # vLLM's renderer: longer than the context
+                hint = f"; {LONG_PROMPT_HINT}"
+            elif request.images:
+                hint = (" (a text prompt's images need the model's image placeholders in its text, e.g. <image>; or "
+                        "set chat=true and let the chat template place them)")
+            else:
+                hint = ""
             return Completion(request.request_id, error=_first_line(e) + hint)
 
     def _add(self, r: Request) -> Optional[Completion]:

@@ -25,6 +25,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from fsspec.core import url_to_fs
 
+from spmd_dp.config.paths import local_path
 from spmd_dp.errors import UsageError
 from spmd_dp.inputs.formats import FOLDER_EXTENSIONS, kind_of
 
@@ -71,7 +72,7 @@ def locations(data_dir: Optional[str], input_data_path: Any) -> List[str]:
         elif is_url(data_dir):
             out.append(posixpath.join(data_dir, os.path.expanduser(entry)))
         else:
-            out.append(os.path.abspath(os.path.join(os.path.expanduser(data_dir), os.path.expanduser(entry))))
+            out.append(str(local_path(entry, data_dir)))  # the rule of every file option (spmd_dp/config/paths.py)
     return out
 
 
@@ -191,8 +192,9 @@ def _expand(fs, loc: str, path: str, input_format: str, notes: List[str]) -> Lis
     try:
         info = fs.info(path)
     except FileNotFoundError:
-        raise UsageError(f"input error: {loc} does not exist; set data_dir= and input_data_path= (absolute "
-                         f"paths and URLs work too)") from None
+        raise UsageError(f"input error: {loc} does not exist; set data_dir= and input_data_path= (a relative "
+                         f"path is read from data_dir if set, else the working directory; absolute paths and URLs "
+                         f"work too)") from None
     if info.get("type") == "directory":
         return _folder(fs, loc, path, input_format, notes)
     return [_file(fs, loc, path, info, input_format, listed=True)]

@@ -191,6 +191,17 @@ def resolve_model(model_name: str, cache_dir: str | None = None) -> str:
     return str(final)
 
 
+def head_config(spec: ModelSpec) -> dict[str, Any]:
+    """The part of the model's config.json that says what it can serve: its architecture and labels (read by
+    spmd_dp/models/check.py without building the model)."""
+    head: dict[str, Any] = {}
+    if spec.num_labels:
+        head = {"num_labels": spec.num_labels,
+                "id2label": {str(i): f"LABEL_{i}" for i in range(spec.num_labels)},
+                "label2id": {f"LABEL_{i}": i for i in range(spec.num_labels)}}
+    return {**head, "architectures": ["LlamaForSequenceClassification" if spec.num_labels else "LlamaForCausalLM"]}
+
+
 def write_model_folder(spec: ModelSpec, out_dir: Path) -> None:
     """Write all files of the model described by ``spec`` into ``out_dir``."""
     out_dir = Path(out_dir)
@@ -204,14 +215,8 @@ def write_model_folder(spec: ModelSpec, out_dir: Path) -> None:
     ids = {tok: tokenizer.token_to_id(tok) for tok in SPECIAL_TOKENS}
     bos, eos, pad, eot = ids[BOS_TOKEN], ids[EOS_TOKEN], ids[PAD_TOKEN], ids[EOT_TOKEN]
 
-    head: dict[str, Any] = {}
-    if spec.num_labels:
-        head = {"num_labels": spec.num_labels,
-                "id2label": {str(i): f"LABEL_{i}" for i in range(spec.num_labels)},
-                "label2id": {f"LABEL_{i}": i for i in range(spec.num_labels)}}
     _write_json(out_dir / "config.json", {
-        **head,
-        "architectures": ["LlamaForSequenceClassification" if spec.num_labels else "LlamaForCausalLM"],
+        **head_config(spec),
         "model_type": "llama",
         "vocab_size": spec.vocab_size,
         "hidden_size": spec.hidden,

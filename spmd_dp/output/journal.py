@@ -15,8 +15,9 @@ a batch delivered twice is journaled once, and the second delivery's shard remov
 output_dir reads the journal, skips the committed spans and finishes the rest; a
 part with no journal line (a crash in between) is removed and its batches redone.
 When the final file is written (spmd_dp/output/files.py) the journal says so, and a
-rerun finds the run complete. A changed input or generation config is refused
-unless `overwrite=true`.
+rerun finds the run complete (rank 0 reads that before any engine starts: `said_complete`), and leaves the
+folder as it is. A changed input or generation config is refused unless `overwrite=true`, once something is
+committed: a journal with nothing committed (a first run that failed) binds no one.
 """
 
 from __future__ import annotations
@@ -73,12 +74,17 @@ class Journal:
         elif p.output.exists():
             raise UsageError(f"output error: {p.output} exists and no journal says it came from this "
                              f"input and config; set overwrite=true, or another output_dir or name")
+        if self.complete:
+            return  # nothing to commit: the folder is left as it is
         if not p.journal.exists():
-            header = {"spmd_dp_journal": JOURNAL_VERSION, "fingerprint": self.fingerprint}
-            atomic_write(p.journal, [json.dumps(header).encode() + b"\n"])
+            self._write_header()
         p.parts.mkdir(parents=True, exist_ok=True)
         self._remove_orphan_parts()
         self._file = open(p.journal, "ab")
+
+    def _write_header(self) -> None:
+        header = {"spmd_dp_journal": JOURNAL_VERSION, "fingerprint": self.fingerprint}
+        atomic_write(self.paths.journal, [json.dumps(header).encode() + b"\n"])
 
     def _wipe(self) -> None:
         for path in (self.paths.journal, self.paths.final):
@@ -106,6 +112,11 @@ class Journal:
         old = entries[0]["fingerprint"]
         if old != self.fingerprint:
             changed = sorted(k for k in set(old) | set(self.fingerprint) if old.get(k) != self.fingerprint.get(k))
+            if len(entries) == 1:  # nothing was committed (a run that failed first): the folder is not bound yet
+                logger.info("%s had nothing committed: it now belongs to this run (%s changed)", path,
+                            ", ".join(changed))
+                self._write_header()
+                return
             raise UsageError(f"output error: {path} was written for a different run ({', '.join(changed)} "
                              f"changed); rerun with the same settings to resume, or set overwrite=true to start over")
         if good < os.path.getsize(path):  # a torn last line from a crash mid-append
@@ -237,6 +248,19 @@ def read_entries(path: Path) -> List[Dict[str, Any]]:
             except json.JSONDecodeError:
                 break
     return out
+
+
+def said_complete(paths) -> bool:
+    """Does the journal end by saying the output is written, and is it there? Read before any engine starts (its
+    last line only); whether it was written for this run is decided when the journal is opened on the scanned
+    input (`Journal.open`)."""
+    try:
+        with open(paths.journal, "rb") as f:
+            f.seek(max(0, os.path.getsize(paths.journal) - 4096))
+            last = f.read().rstrip(b"\n").rsplit(b"\n", 1)[-1]
+        return bool(json.loads(last).get("complete")) and paths.output.exists()
+    except (OSError, ValueError, AttributeError):  # no journal, a torn or foreign last line
+        return False
 
 
 def fingerprint(cfg, input_sha256: str, n_records: int, template: Optional[Path] = None) -> Dict[str, Any]:

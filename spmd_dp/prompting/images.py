@@ -25,6 +25,7 @@ import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+from spmd_dp.config.paths import local_path
 from spmd_dp.engines.base import IMAGE_PART, Image
 
 PART_TYPES = ("image_url", "input_image")
@@ -116,13 +117,12 @@ class Images:
 
     def __init__(self, data_dir: Optional[str], storage_options: Optional[Dict[str, Any]] = None,
                  limit: Optional[int] = None) -> None:
-        self.base = Path(data_dir).expanduser() if data_dir else None
+        self.data_dir = data_dir  # a relative path is read from it, else from the working directory
         self.storage_options = storage_options or {}
         self.limit = limit  # images a prompt may have (engine_options.limit_mm_per_prompt); None: no limit here
 
     def _path(self, ref: str) -> Path:
-        path = Path(ref[len("file://"):] if ref.startswith("file://") else ref).expanduser()
-        return path if path.is_absolute() else (self.base or Path.cwd()) / path
+        return local_path(ref[len("file://"):] if ref.startswith("file://") else ref, self.data_dir)  # the one rule
 
     def _inline(self, ref: Any, head_only: bool) -> Tuple[Optional[bytes], Optional[str]]:
         """(bytes, None) for an inline image (head only if asked), (None, location) for one to read."""

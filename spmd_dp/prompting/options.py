@@ -5,7 +5,7 @@ Each option has a config key (all records) and a record field of the same name (
 
   generation_options  SamplingParams fields, merged over the config's (structured_outputs, logprobs, ...)
   task                generate | embed | classify | score | reward: read when the run has several (task=[...])
-  lora_adapter        a name in engine_options.lora_adapters (null: the base model); read when adapters are set
+  lora_adapter        a name in engine_options.lora_adapters (null: the base model); any other name is a bad record
   pooling_options     PoolingParams fields (dimensions, use_activation), merged over the config's
   on_long_prompt      fail | skip | truncate_left | truncate_right
   clamp_max_tokens    true: max_tokens is lowered to what the context leaves after the prompt
@@ -68,8 +68,12 @@ class RequestOptions:
         if self.read_task and task is not None and task not in self.tasks:
             return (f"the request needs task={task}; this run serves task={self.tasks}: set "
                     f"task=[{','.join(self.tasks + [str(task)])}] (one engine per task)")
-        if self.adapters and record.get("lora_adapter") is not None and record["lora_adapter"] not in self.adapters:
-            return (f"'lora_adapter' is {record['lora_adapter']!r}, not one of engine_options.lora_adapters "
+        adapter = record.get("lora_adapter")
+        if adapter is not None and adapter not in self.adapters:  # also with none configured: never the base model
+            if not self.adapters:
+                return (f"'lora_adapter' is {adapter!r} but no adapter is configured; name it: "
+                        f"+engine_options.lora_adapters.{adapter}=<folder or hub id> (or drop the field)")
+            return (f"'lora_adapter' is {adapter!r}, not one of engine_options.lora_adapters "
                     f"({', '.join(sorted(self.adapters))})")
         pooling = record.get("pooling_options")
         if pooling is not None and not (isinstance(pooling, dict) and set(pooling) <= set(POOLING_OPTIONS)):

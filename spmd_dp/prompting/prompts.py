@@ -28,6 +28,7 @@ from jinja2.sandbox import SandboxedEnvironment
 
 from spmd_dp.prompting import openai_batch
 from spmd_dp.config import RunConfig
+from spmd_dp.config.paths import local_path, looked_in
 from spmd_dp.engines.base import Chat, Pair, Request
 from spmd_dp.errors import UsageError
 from spmd_dp.prompting.images import PART_TYPES, ImageError, Images, field_references, image_limit, part_reference
@@ -38,16 +39,20 @@ Prompt = Union[str, List[int], "Chat", "Pair"]
 
 
 def find_template(cfg: RunConfig) -> Optional[Path]:
+    """prompt_template (relative: from prompts_dir if given, else the working directory), else
+    ${prompts_dir}/${name}.jinja|.txt if there is one."""
+    if cfg.prompts_dir and not local_path(cfg.prompts_dir).is_dir():
+        raise UsageError(f"config error: prompts_dir={cfg.prompts_dir!r}: {local_path(cfg.prompts_dir)} is not a "
+                         f"folder ({looked_in()}); give the folder of the templates")
     if cfg.prompt_template:
-        path = Path(cfg.prompt_template).expanduser()
-        if not path.is_absolute() and cfg.prompts_dir:
-            path = Path(cfg.prompts_dir).expanduser() / path
+        path = local_path(cfg.prompt_template, cfg.prompts_dir)
         if not path.is_file():
-            raise UsageError(f"config error: prompt_template={cfg.prompt_template!r}: {path} does not exist")
+            raise UsageError(f"config error: prompt_template={cfg.prompt_template!r}: {path} does not exist "
+                             f"({looked_in('prompts_dir', cfg.prompts_dir)}); give a template file that exists")
         return path
     if cfg.prompts_dir:
         for suffix in (".jinja", ".txt"):
-            path = Path(cfg.prompts_dir).expanduser() / f"{cfg.name}{suffix}"
+            path = local_path(f"{cfg.name}{suffix}", cfg.prompts_dir)
             if path.is_file():
                 return path
     return None
