@@ -19,6 +19,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from spmd_dp.output.journal import read_entries
 from spmd_dp.output.paths import OutputPaths
 from spmd_dp.status.live import STATUS_EVERY_S, TERMINAL
+from spmd_dp.status.show import hms
 
 STALE_S = max(30.0, 10 * STATUS_EVERY_S)  # a status from another host not updated for this long: the run is gone
 
@@ -116,10 +117,10 @@ def running(status: Optional[Dict[str, Any]], now: Optional[float] = None) -> Tu
     pid, host = status.get("pid"), status.get("host")
     if host == socket.gethostname() and pid:
         if not _alive(int(pid)):
-            return False, f"its rank 0 (pid {pid} on {host}) is gone; its last status is {age:.0f} s old"
+            return False, f"its rank 0 (pid {pid} on {host}) is gone; its last status is {hms(age)} old"
         return True, ""
     if age > STALE_S:
-        return False, f"its status has not been updated for {age:.0f} s (rank 0 was pid {pid} on {host})"
+        return False, f"its status has not been updated for {hms(age)} (rank 0 was pid {pid} on {host})"
     return True, ""
 
 

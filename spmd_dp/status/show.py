@@ -53,7 +53,12 @@ def table(s: Dict[str, Any], now: Optional[float] = None) -> str:
     if s.get("started_unix"):
         hosts = s.get("hosts") or []
         when = time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(s['started_unix']))
-        ran = f"{hms(now - s['started_unix'])} ago" if s.get("running", True) else f"ran {hms(s.get('elapsed_s'))}"
+        if s.get("running", True):
+            ran = f"{hms(now - s['started_unix'])} ago"
+        elif "not_running" in s:
+            ran = f"its last status at +{hms(s.get('elapsed_s'))}"
+        else:
+            ran = f"ran {hms(s.get('elapsed_s'))}"
         world = s.get("world_size")
         lines.append(f"started {when} ({ran}); {world} rank{'' if world == 1 else 's'} on "
                      f"{len(hosts)} host{'' if len(hosts) == 1 else 's'}{': ' + ', '.join(hosts[:4]) if hosts else ''}"
