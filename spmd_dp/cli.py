@@ -21,6 +21,7 @@ from spmd_dp.config import load_config, to_yaml
 from spmd_dp.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, Drained, RunFailure, UsageError
 from spmd_dp.launch.torchrun import EXIT_DIR_VAR, write_exit_code
 from spmd_dp.log import logger, setup_logging
+from spmd_dp.redact import remember, text as redact_text
 
 USAGE = """usage: torchrun --nproc-per-node=N -m spmd_dp [--cfg job] [-cn NAME] [-cp DIR] [key=value ...]
        python -m spmd_dp [...]                      (one process)
@@ -84,11 +85,14 @@ def _main(argv: Optional[Sequence[str]]) -> tuple[int, str]:
     try:
         overrides, cfg_what, name, path = _parse(sys.argv[1:] if argv is None else argv)
         cfg = load_config(overrides, config_name=name, config_dir=path)
+        remember(cfg)  # its secrets are masked in every line from now on
         cfgs = [cfg]
         if cfg.workflow:
             from spmd_dp.workflow import workflow_configs
 
             cfgs = workflow_configs(Path(cfg.workflow), overrides, name, path)
+            for c in cfgs:
+                remember(c)
         if cfg_what == "job":
             print("\n---\n".join(to_yaml(c) for c in cfgs), end="")
             return EXIT_OK, ""
@@ -97,7 +101,7 @@ def _main(argv: Optional[Sequence[str]]) -> tuple[int, str]:
         return run(cfgs), ""
     except UsageError as e:
         if e.quiet:
-            return EXIT_USAGE, f"spmd_dp: {e}"
+            return EXIT_USAGE, redact_text(f"spmd_dp: {e}")
         message, code = f"spmd_dp: {e}", EXIT_USAGE
     except RunFailure as e:
         logger.error("%s", e)
@@ -107,8 +111,9 @@ def _main(argv: Optional[Sequence[str]]) -> tuple[int, str]:
     except KeyboardInterrupt:
         message, code = "spmd_dp: interrupted; rerun with the same output_dir to resume", 130
     except Exception as e:  # a bug or an engine crash: keep the traceback for the report
-        traceback.print_exc()
+        print(redact_text(traceback.format_exc()), file=sys.stderr, end="")
         message, code = f"spmd_dp: error: {type(e).__name__}: {e}", EXIT_FAILURE
+    message = redact_text(message)
     if message:
         print(message, file=sys.stderr, flush=True)
     return code, message

@@ -36,7 +36,8 @@ from spmd_dp.errors import RunFailure
 from spmd_dp.inputs import InputIndex
 from spmd_dp.inputs.order import RecordOrder
 from spmd_dp.log import logger
-from spmd_dp.control.messages import BatchDone, RankState, RankStats
+from spmd_dp.control.messages import (DRAINING, GAVE_UP, GENERATING, HANDED_BACK, READY, RESTARTING, BatchDone,
+                                      RankState, RankStats)
 from spmd_dp.control.outbox import Outbox
 from spmd_dp.control.peers import Peers
 from spmd_dp.output.rows import BAD_RECORD, RowShaper
@@ -54,6 +55,7 @@ class _InFlight:
     records: List[Optional[Dict[str, Any]]]  # None: a bad record, skipped
     claimed_at: float
     since: float  # when its requests went into the current engine (batch_timeout runs from here)
+    claimed_unix: float = 0.0  # the claim's wall clock (the timeline)
     done: List[Optional[Completion]] = field(default_factory=list)
     remaining: int = 0
     demands: List[int] = field(default_factory=list)  # KV tokens each request may need (0: not in the engine)
@@ -95,6 +97,7 @@ class GenerationLoop:
         self.idle_from: Optional[int] = None  # the control round from which every rank was idle
         self.last_emit: Optional[float] = None
         self.drained = 0  # batches finished during a drain
+        self.won = 0  # claims that found a batch
 
     def _has_room(self) -> bool:
         """Room for another batch: fewer requests queued than the claims' target (an engine-full and a batch, less
@@ -126,7 +129,10 @@ class GenerationLoop:
             return False
         records = self.order.read(self.index, batch.start, batch.stop)
         now, n = time.monotonic(), len(records)
-        job = _InFlight(batch, records, now, now, [None] * n, n, [0] * n, [None] * n, [0] * n)
+        if not self.won:
+            self.outbox.event(GENERATING)
+        self.won += 1
+        job = _InFlight(batch, records, now, now, round(time.time(), 3), [None] * n, n, [0] * n, [None] * n, [0] * n)
         self.inflight[batch.index] = job
         settled = [c for i, record in enumerate(records) if (c := self._submit(job, i, record)) is not None]
         for c in settled:  # skipped bad records and requests the engine refused
@@ -195,7 +201,8 @@ class GenerationLoop:
             shaped.in_input_order()
         self.sink.put(BatchDone(b.index, b.start, b.stop, self.rank, [], shaped.errors, shaped.prompt_tokens,
                                 shaped.output_tokens, round(time.monotonic() - job.claimed_at, 3),
-                                positions=shaped.positions if self.order.permuted else None), shaped.rows)
+                                positions=shaped.positions if self.order.permuted else None,
+                                claimed_unix=job.claimed_unix), shaped.rows)
         self.last_emit = time.monotonic()
         self.drained += self.drain.requested
         s = self.stats
@@ -227,16 +234,20 @@ class GenerationLoop:
         if failure.stalled:  # batch_timeout has passed already: the others need not wait for a restart
             self._hand_back(f"its engine stalled: {failure.cause}")
         self.outbox.heartbeat = None  # an engine start may take minutes: the control thread does not count it
+        self.outbox.event(RESTARTING, detail=failure.cause)
+        t0 = time.monotonic()
         try:
             self.engine.restart(failure)
         except EngineGaveUp as e:
             self._hand_back(str(e))
             self.stats.engine_failed, self.stats.failed_at_unix = str(e), round(time.time(), 3)
             self.outbox.state = RankState.GAVE_UP
+            self.outbox.event(GAVE_UP, detail=str(e))
             return False
         finally:
             self.stats.engine_restarts = self.engine.restarts
             self.stats.engine_faults = list(self.engine.faults)
+        self.outbox.event(READY, detail="restarted", value=round(time.monotonic() - t0, 3))
         self._readd()
         return True
 
@@ -249,6 +260,8 @@ class GenerationLoop:
         if not given:
             return
         self.stats.handed_back += len(given)
+        self.outbox.event(HANDED_BACK, detail=why, value=len(given),
+                          batches=[[job.batch.index, job.claimed_unix] for job in jobs])
         logger.warning("rank %d handed back %d batches (%s; %d records) to the other ranks: %s", self.rank,
                        len(given), ", ".join(str(b.index) for b in given), sum(b.size for b in given), why)
 
@@ -289,6 +302,7 @@ class GenerationLoop:
         start = time.monotonic()
         self.stats.gen_start_unix = time.time()
         cut = f"within drain_timeout={self.drain.timeout_s:g}s"
+        said_drain = False
         while True:
             self.peers.check()
             self.sink.check()
@@ -296,8 +310,12 @@ class GenerationLoop:
             try:
                 if not self.drain.requested:
                     self._fill()
-                elif not self.inflight or self.drain.expired():
-                    break
+                else:
+                    if not said_drain:
+                        said_drain = True
+                        box.event(DRAINING, detail=self.drain.why or "")
+                    if not self.inflight or self.drain.expired():
+                        break
                 if not self.inflight:
                     if self._nothing_left():
                         break

@@ -1,4 +1,4 @@
-"""The one logger of spmd_dp: `[rank R/W +ELAPSEDs] LEVEL message` on stderr.
+"""The one logger of spmd_dp: `[rank R/W +ELAPSEDs] LEVEL message` on stderr, secrets masked (spmd_dp/redact.py).
 
 Every module logs through `logger`; `setup_logging` is called once per process,
 first without a rank (`[rank ?]`), then again once the rank is known.
@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import sys
 import time
+
+from spmd_dp.redact import text as redact_text
 
 logger = logging.getLogger("spmd_dp")
 
@@ -26,7 +28,7 @@ class _RankFormatter(logging.Formatter):
         msg = f"{head} {record.getMessage()}"
         if record.exc_info:
             msg += "\n" + self.formatException(record.exc_info)
-        return msg
+        return redact_text(msg)  # no secret in a log line (spmd_dp/redact.py)
 
 
 class _TqdmHandler(logging.StreamHandler):

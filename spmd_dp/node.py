@@ -17,7 +17,7 @@ from typing import List, Optional, Tuple
 from spmd_dp.config import RunConfig
 from spmd_dp.control.claims import Span
 from spmd_dp.errors import UsageError
-from spmd_dp.inputs import InputIndex, RecordSpec, locations, shared_scan
+from spmd_dp.inputs import InputIndex, RecordSpec, ScanResult, locations, shared_scan
 from spmd_dp.inputs.order import RecordOrder
 from spmd_dp.inputs.scanners import Scanners, scan_processes
 from spmd_dp.output.sink import Output
@@ -73,16 +73,21 @@ def fork_scanners(node: Node) -> Scanners:
                     scan_processes(kind, plan.env.local_world_size))
 
 
+def scan_node(node: Node, group, scanners: Optional[Scanners]) -> ScanResult:
+    """The input scan every rank shares (spmd_dp/inputs/scan.py), with this node's config (also preflight's)."""
+    cfg = node.cfg
+    return shared_scan(locations(cfg.data_dir, cfg.input_data_path), cfg.input_format, node.record_spec(),
+                       cfg.batch_size, cfg.on_bad_record == "skip", group, cfg.storage_options or None, scanners,
+                       node.order_mode)
+
+
 def open_node(node: Node, group, rank0, scanners: Optional[Scanners]
               ) -> Tuple[Optional[InputIndex], Optional[RecordOrder], WorkOrder]:
     """Every rank: scan a share of the input (merged over `group`, a spmd_dp.control.comm.Group) in its scanners,
     then rank 0 (`rank0`, None elsewhere) opens the journal; the WorkOrder is rank 0's, on every rank. The record
     order (spmd_dp/inputs/order.py) says which records a span of the WorkOrder's slots holds."""
-    cfg = node.cfg
     try:
-        result = shared_scan(locations(cfg.data_dir, cfg.input_data_path), cfg.input_format, node.record_spec(),
-                             cfg.batch_size, cfg.on_bad_record == "skip", group, cfg.storage_options or None,
-                             scanners, node.order_mode)
+        result = scan_node(node, group, scanners)
     except UsageError as e:
         return None, None, WorkOrder(error=str(e))
     work = WorkOrder(**group.broadcast_json(asdict(rank0.open(result)) if rank0 else None))

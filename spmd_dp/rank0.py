@@ -10,6 +10,7 @@ metrics. `finish()` checks that every record is committed, has the output writte
 
 from __future__ import annotations
 
+import socket
 import time
 from typing import Any, Dict, List, Optional
 
@@ -23,6 +24,7 @@ from spmd_dp.node import Node, WorkOrder
 from spmd_dp.output.files import atomic_write
 from spmd_dp.output.final import write_errors
 from spmd_dp.output.journal import fingerprint, said_complete
+from spmd_dp.status.live import LiveStatus
 from spmd_dp.status.metrics import Metrics
 from spmd_dp.status.progress import Progress
 
@@ -39,6 +41,8 @@ class Rank0:
         self.failed: Dict[int, RankStats] = {}  # ranks whose engine failed at start or mid-run
         self.todo = 0  # records to generate in this run
         self.order = None  # the record order (spmd_dp/inputs/order.py): its stats go to the metrics
+        self.live: Optional[LiveStatus] = None  # ${name}.status.json, the events, the Prometheus metrics
+        self.server = None
 
     def complete_already(self) -> bool:
         """Before any engine starts: does the journal say this node's output is written (overwrite=true: no)? Then
@@ -78,12 +82,34 @@ class Rank0:
                         index.n_records, todo)
         self.progress = Progress(todo)
         self.todo = todo
+        error = self._watch(index.n_records, todo)
+        if error:
+            return WorkOrder(error=error)
         return WorkOrder(pending, shared=self.output.share())
+
+    def _watch(self, total: int, todo: int) -> Optional[str]:
+        """The live status (spmd_dp/status/live.py), and its Prometheus server on metrics_port; a UsageError's line."""
+        self.live = LiveStatus(self.paths, self.cfg, self.node.plan.world_size, total, todo, len(self.bad))
+        if self.cfg.metrics_port is not None:
+            from spmd_dp.status.prometheus import MetricsServer
+
+            try:
+                self.server = MetricsServer(self.cfg.metrics_port, self.live.snapshot)
+            except UsageError as e:
+                return str(e)
+            self.live.port = self.server.port
+            logger.info("metrics: http://%s:%d/metrics (Prometheus)", socket.gethostname(), self.server.port)
+        self.live.start()
+        logger.info("status: %s (python -m spmd_dp.status %s%s)", self.paths.status, self.paths.dir,
+                    "" if self.cfg.name == "generate_responses" else f" {self.cfg.name}")
+        return None
 
     def handle(self, messages: List[Message]) -> int:
         """Called by the control thread with the messages of a round, from every rank (one journal line for all);
         returns how many batches were committed (a batch that came twice counts once)."""
         batches = [m for m in messages if isinstance(m, BatchDone)]
+        seen = set(self.journal.spans)
+        fresh = [b for b in batches if b.start not in seen and not seen.add(b.start)]  # a batch sent twice counts once
         committed = self.journal.commit(batches) if batches else 0
         for m in messages:
             if isinstance(m, BatchDone):
@@ -93,6 +119,8 @@ class Rank0:
                 self.metrics.add_rank(m)
                 if m.engine_failed:
                     self.failed[m.rank] = m
+        if self.live is not None:
+            self.live.note(messages, fresh)
         return committed
 
     def finish(self, drain: Optional[Drain] = None, control: Optional[Dict[str, Any]] = None) -> None:
@@ -105,6 +133,7 @@ class Rank0:
         if missing and drain is not None and drain.requested:
             left = sum(b - a for a, b in missing)
             self._report(final=False)
+            self._end("drained", f"stopped by {drain.why}")
             raise Drained(f"stopped by {drain.why} after draining: {self.n_records - left} of {self.n_records} "
                           f"records committed ({self.todo - left} in this run), {left} to go; rerun with the same "
                           f"output_dir to resume", drain.signum)
@@ -121,6 +150,22 @@ class Rank0:
                 logger.warning("%d records skipped: see %s", skipped, self.paths.errors)
         self._report(final=True, merge_s=round(merge_s, 3), output_bytes=size, skipped_records=skipped,
                      merge_mb_per_s=round(size / 1e6 / merge_s, 1) if merge_s > 0 else None)
+        self._end("done")
+
+    def _end(self, phase: str, reason: str = "") -> None:
+        """The last status, and the timeline picture beside the output (spmd_dp/status/timeline.py)."""
+        if self.live is None:
+            return
+        self.live.end(phase, reason)
+        from spmd_dp.status.timeline import draw_run
+
+        draw_run(self.paths)
+
+    def stopped(self, error: BaseException) -> None:
+        """The run stops on an error (this rank's, or a peer's): the status says so."""
+        if self.live is not None:
+            text = str(error).strip()
+            self.live.end("failed", text.splitlines()[0] if text else type(error).__name__)
 
     def _report(self, final: bool, **total: Any) -> None:
         """metrics.json and the summary table (also after a drain: what this run did)."""
@@ -145,3 +190,7 @@ class Rank0:
         self.journal.close()
         if self.progress is not None:
             self.progress.close()
+        if self.live is not None:
+            self.live.close()
+        if self.server is not None:
+            self.server.close()

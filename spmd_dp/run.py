@@ -72,7 +72,12 @@ def run(cfgs: Sequence[RunConfig]) -> int:
             after = nodes[i + 1] if i + 1 < len(nodes) else None
             keep = after is not None and engine_key(after.cfg, after.plan.device.ids) == \
                 engine_key(node.cfg, node.plan.device.ids)
-            run_node(node, world, substore(store, f"job{i}"), keep)
+            if node.cfg.preflight.enabled:  # the run's own command, checked and timed instead (spmd_dp/preflight/)
+                from spmd_dp.preflight import preflight_node
+
+                preflight_node(node, world, substore(store, f"job{i}"))
+            else:
+                run_node(node, world, substore(store, f"job{i}"), keep)
             world.drain.stop_before(after.cfg.name if after is not None else None)
     finally:
         world.drain.restore()
@@ -114,14 +119,14 @@ def run_node(node: Node, world: World, store, keep_engine: bool) -> None:
         batches = make_batches(cfg.schedule, work_order.pending, plan.world_size, cfg.batch_size, order.sharing)
         work = substore(store, "work")  # the claim counters and the board (spmd_dp/control/board.py)
         claims = Claims(work, batches, cfg.schedule, plan.rank, plan.world_size)  # logs a static share
-        outbox = Outbox(Board(work, plan.rank, plan.world_size, plan.is_rank0))
+        outbox = Outbox(Board(work, plan.rank, plan.world_size, plan.is_rank0), plan.rank)
         peers = Peers(plan.rank, plan.world_size, outbox, world.drain)
         control = ControlPlane(Group(substore(store, "control"), plan.rank, plan.world_size, world.timeout,
                                      plan.is_rank0, lazy=True),
                                outbox, peers, rank0.handle if rank0 else None, cfg.batch_timeout)
         control.start()
         engine = starting.result()
-        outbox.state = RankState.FAILED if engine is None else RankState.READY
+        outbox.engine_started(engine is not None, stats.engine_start_s, stats.engine_failed)
         if engine is not None:
             sink = node.output.sink(plan.rank, outbox.put)
             GenerationLoop(cfg, engine, claims, index, node.prompts, outbox, peers, sink, plan.rank, stats,
@@ -137,6 +142,8 @@ def run_node(node: Node, world: World, store, keep_engine: bool) -> None:
     except (Exception, KeyboardInterrupt) as e:
         if control is not None:
             control.leaving(e)  # for the other ranks to say why this one left
+        if rank0:
+            rank0.stopped(e)  # the live status says so
         raise
     finally:
         scanners.close()

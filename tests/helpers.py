@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from spmd_dp.config import load_config
 from spmd_dp.control.claims import Claims, dynamic_batches
-from spmd_dp.control.messages import BatchDone, RankState, RankStats
+from spmd_dp.control.messages import BatchDone, RankEvent, RankState, RankStats
 from spmd_dp.control.outbox import Outbox
 from spmd_dp.control.peers import Peers
 from spmd_dp.engines import Completion
@@ -35,6 +35,15 @@ def one_line(p) -> str:
     if "ChildFailedError" in p.stderr:
         assert f"traceback : {lines[0]}" in p.stderr  # torchrun's summary names the reason
     return lines[0]
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (metrics_port in tests)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def wait_for(cond, timeout, proc=None, what="") -> None:
@@ -125,7 +134,9 @@ def run_loop(tmp_path, records, batch_size, engine, *overrides):
     loopback = Loopback(peers)
     stats = GenerationLoop(cfg, engine, claims, index, prompts, outbox, peers, Sink(loopback), 0, RankStats(0),
                            len(batches)).run()
-    assert outbox.queue.empty()  # the sink took every batch, the loop put nothing else
+    events = [outbox.queue.get() for _ in range(outbox.queue.qsize())]
+    assert [e.kind for e in events][:1] == ["generating"]  # the sink took every batch; the loop put only its events
+    assert all(isinstance(e, RankEvent) for e in events)
     assert all(isinstance(m, BatchDone) for m in loopback.sent)
     return loopback.sent, stats
 

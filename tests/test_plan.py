@@ -89,8 +89,9 @@ def test_tilde_output_dir_from_the_command_line(tmp_path):
     p = _run_in(work, home, [*args, "output_dir='~/somewhere'"])
     assert p.returncode == 0, p.stderr[-3000:]
     out = home / "somewhere"
-    assert sorted(x.name for x in out.iterdir()) == ["out.config.yaml", "out.journal.jsonl", "out.jsonl",
-                                                     "out.metrics.json"]
+    assert sorted(x.name for x in out.iterdir()) == ["out.config.yaml", "out.events.jsonl", "out.journal.jsonl",
+                                                     "out.jsonl", "out.metrics.json", "out.status.json",
+                                                     "out.timeline.png"]
     assert [r["id"] for r in read_jsonl(out / "out.jsonl")] == [r["id"] for r in records]
     assert list(work.iterdir()) == []  # nothing under the working directory, no folder named '~'
     again = _run_in(work, home, [*args, "output_dir='~/somewhere'"])  # the journal is found again: nothing to do

@@ -117,6 +117,14 @@ def validate(cfg: RunConfig) -> None:
         _check(go.max_tokens < eo.max_model_len, "generation_options.max_tokens", go.max_tokens,
                f"on_long_prompt={cfg.on_long_prompt} keeps max_model_len - max_tokens prompt tokens: use "
                f"max_tokens < engine_options.max_model_len={eo.max_model_len}")
+    pf = cfg.preflight
+    _check(pf.sample_records is None or pf.sample_records >= 1, "preflight.sample_records", pf.sample_records,
+           "use null (two engine-fulls a rank) or an integer >= 1")
+    _check(pf.token_sample >= 1, "preflight.token_sample", pf.token_sample, "use an integer >= 1")
+    _check(pf.gpu_hour_price is None or pf.gpu_hour_price >= 0, "preflight.gpu_hour_price", pf.gpu_hour_price,
+           "use null or a price >= 0 (per GPU-hour)")
+    _check(cfg.metrics_port is None or 0 <= cfg.metrics_port < 65536, "metrics_port", cfg.metrics_port,
+           "use null (no metrics server), 0 (any free port) or a port in 1..65535")
     fields = [f for f in GenerationOptions.__dataclass_fields__ if f != "extra"]
     overlap = set(go.extra) & set(fields)
     _check(not overlap, "generation_options.extra", sorted(overlap), "set these fields directly under generation_options")

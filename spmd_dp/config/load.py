@@ -21,6 +21,7 @@ from spmd_dp.config.paths import local_path, looked_in, names_a_path
 from spmd_dp.config.schema import PACKAGE_DIR, RunConfig
 from spmd_dp.errors import UsageError
 from spmd_dp.models.embedded import is_embedded, is_embedded_adapter
+from spmd_dp.redact import scrub_config
 
 LIST_KEYS = "python -m spmd_dp --cfg job"  # prints every key and its value
 
@@ -41,9 +42,15 @@ def _quote_home(override: str) -> str:
     return override
 
 
+def _short_preflight(override: str) -> str:
+    """preflight=true -> preflight.enabled=true (preflight is a group: preflight.sample_records=..., ...)."""
+    key, eq, value = override.partition("=")
+    return f"preflight.enabled={value}" if eq and key in ("preflight", "+preflight") else override
+
+
 def compose_config(overrides: List[str], config_name: str = "config", config_dir: str | None = None) -> DictConfig:
     """Hydra composition of `<config_dir>/<config_name>.yaml` + overrides (not validated)."""
-    overrides = [_quote_home(o) for o in overrides]
+    overrides = [_quote_home(_short_preflight(o)) for o in overrides]
     cdir = Path(config_dir).resolve() if config_dir else find_config_dir()
     if not (cdir / f"{config_name}.yaml").is_file():
         raise UsageError(f"config error: no config file {cdir / (config_name + '.yaml')}; pass -cp/--config-path DIR and -cn/--config-name NAME")
@@ -166,4 +173,5 @@ def _reject_unknown(cfg: DictConfig, schema: DictConfig, prefix: str = "") -> No
 
 
 def to_yaml(cfg: RunConfig) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    """The config as YAML, as the run writes (config.yaml) and prints it (--cfg job): secrets masked (spmd_dp/redact.py)."""
+    return OmegaConf.to_yaml(OmegaConf.create(scrub_config(cfg)))

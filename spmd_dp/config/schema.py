@@ -116,6 +116,17 @@ class GenerationOptions:
 
 
 @dataclass
+class PreflightOptions:
+    """`preflight=true` (short for preflight.enabled=true): the run's own command checks the input, counts its prompt
+    tokens and times each rank's engine on a sample, writes only ${name}.preflight.json (spmd_dp/preflight/)."""
+
+    enabled: bool = False
+    sample_records: Optional[int] = None  # records each rank's engine runs to measure its speed; null: two engine-fulls
+    token_sample: int = 1_000_000  # prompts tokenized for the length distribution (all ranks); more: a uniform sample
+    gpu_hour_price: Optional[float] = None  # price of a GPU-hour (a rank's device-hour on CPU): the projection's cost
+
+
+@dataclass
 class RunConfig:
     # seed 000, workflow level
     name: str = "generate_responses"
@@ -180,6 +191,9 @@ class RunConfig:
     max_retries: int = 0  # requests the engine failed (not bad input) are tried again up to this many times
     on_long_prompt: str = "fail"  # a prompt longer than the context: fail | skip | truncate_left | truncate_right
     clamp_max_tokens: bool = False  # lower max_tokens to what the context leaves after the prompt
+    # what a run tells about itself (spmd_dp/status/, spmd_dp/preflight/)
+    preflight: PreflightOptions = field(default_factory=PreflightOptions)
+    metrics_port: Optional[int] = None  # rank 0 serves the live status as Prometheus metrics on this port (0: any free)
 
 
 ConfigStore.instance().store(name="spmd_dp_schema", node=RunConfig)

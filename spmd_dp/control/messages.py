@@ -2,7 +2,9 @@
 
 Typed dataclasses, sent as JSON (nothing received is unpickled): `BatchDone` is a
 finished batch with its output lines (one output file) or the metadata of the part
-its rank wrote (sharded), `RankStats` a rank's totals at its end.
+its rank wrote (sharded), `RankStats` a rank's totals at its end, `RankEvent` a change
+of the rank's state (a handful a run: engine ready, restarting, handing back, draining)
+or its heartbeat, for rank 0's live status and the timeline (spmd_dp/status/).
 `encode`/`decode` turn a list of them into bytes and back, each tagged with its type.
 """
 
@@ -42,6 +44,7 @@ class BatchDone:
     prompt_tokens: int = 0
     output_tokens: int = 0
     elapsed_s: float = 0.0  # claim to last finished request
+    claimed_unix: float = 0.0  # wall clock of the claim (the timeline's span: claim to commit)
     # output_mode=sharded: the part its rank wrote (spmd_dp/output/shards.py) instead of the lines: name (None: no rows),
     # bytes, crc32, rows, schema (Parquet: its digest)
     part: Optional[Dict[str, Any]] = None
@@ -97,8 +100,30 @@ class RankStats:
         return 0
 
 
-Message = Union[BatchDone, RankStats]
-_TYPES = {"batch": BatchDone, "stats": RankStats}
+# RankEvent.kind
+READY, FAILED_START, GENERATING, RESTARTING, GAVE_UP, HANDED_BACK, DRAINING, BEAT = (
+    "ready", "failed", "generating", "restarting", "gave up", "handed back", "draining", "beat")
+
+
+@dataclass
+class RankEvent:
+    """A change on a rank, as it happens (rare), or its heartbeat (BEAT: its control thread's, every few seconds)."""
+
+    rank: int
+    kind: str  # READY (again after a restart), FAILED_START, GENERATING, RESTARTING, GAVE_UP, HANDED_BACK, DRAINING, BEAT
+    unix: float
+    detail: str = ""  # the cause (RESTARTING, GAVE_UP, FAILED_START), the signal (DRAINING)
+    value: float = 0.0  # READY: engine start seconds; HANDED_BACK: batches; BEAT: seconds since its loop went round
+    host: str = ""  # READY, FAILED_START and the first BEAT: the rank's host
+    batches: List[List[float]] = field(default_factory=list)  # HANDED_BACK: [batch index, claimed_unix] each
+
+    @property
+    def nbytes(self) -> int:
+        return 0
+
+
+Message = Union[BatchDone, RankStats, RankEvent]
+_TYPES = {"batch": BatchDone, "stats": RankStats, "event": RankEvent}
 _TAGS = {cls: tag for tag, cls in _TYPES.items()}
 
 

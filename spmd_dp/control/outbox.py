@@ -9,16 +9,17 @@ peer sees this rank idle while it claims) and a heartbeat the control thread wat
 from __future__ import annotations
 
 import queue
+import socket
 import time
 from typing import Optional
 
-from spmd_dp.control.messages import Message, RankState
+from spmd_dp.control.messages import FAILED_START, READY, Message, RankEvent, RankState
 
 
 class Outbox:
-    def __init__(self, board=None) -> None:
+    def __init__(self, board=None, rank: int = 0) -> None:
         """board: the run's Board (spmd_dp/control/board.py); None for a world of one without a store (tests)."""
-        self.board = board
+        self.board, self.rank = board, rank
         self.queue: "queue.Queue[Message]" = queue.Queue()
         self._state = RankState.STARTING  # this rank's engine
         self._idle = False  # the loop holds no batch and found none to claim
@@ -51,6 +52,15 @@ class Outbox:
 
     def put(self, message: Message) -> None:
         self.queue.put(message)
+
+    def event(self, kind: str, **fields) -> None:
+        """Tell rank 0 that this rank's state changed (spmd_dp/control/messages.py: RankEvent)."""
+        self.queue.put(RankEvent(self.rank, kind, round(time.time(), 3), **fields))
+
+    def engine_started(self, up: bool, start_s: float, why: Optional[str] = None) -> None:
+        """The rank's engine is up (READY) or could not start (FAILED): on the board, and an event for rank 0."""
+        self.state = RankState.READY if up else RankState.FAILED
+        self.event(READY if up else FAILED_START, detail=why or "", value=start_s, host=socket.gethostname())
 
     def finish(self) -> None:
         self.heartbeat = None

@@ -38,6 +38,7 @@ import os
 import queue
 import resource
 import signal
+import socket
 import sys
 import threading
 import time
@@ -48,7 +49,7 @@ from spmd_dp.control.board import View
 from spmd_dp.control.comm import Group
 from spmd_dp.errors import Drained, PeerLost, RunFailure, UsageError
 from spmd_dp.log import logger
-from spmd_dp.control.messages import Message, RankStats, decode, encode
+from spmd_dp.control.messages import BEAT, Message, RankEvent, RankStats, decode, encode
 from spmd_dp.control.outbox import Outbox
 from spmd_dp.control.peers import Peers
 from spmd_dp.launch.procs import terminate_children
@@ -58,6 +59,7 @@ STUCK_GRACE_S = 30.0  # a rank whose generation loop does not react to its own f
 READS_PER_S = 2000.0  # the board's reads a second, all ranks together (poll_s = world / READS_PER_S)
 MESSAGES_PER_S = 250.0  # messages to rank 0 a second, all ranks together (flush_s = world / MESSAGES_PER_S)
 GOODBYE_WAIT_S = 10.0  # at the end, how long rank 0 waits for every rank to have read the end
+HEARTBEAT_S = 5.0  # every rank sends a heartbeat this often (or every 4 flushes): rank 0's live status
 DONE = 1  # a message's flag: the sender's last
 RESUME = "rerun with the same output_dir (or torchrun --max-restarts) to resume"
 
@@ -82,6 +84,7 @@ class ControlPlane(threading.Thread):
         # how long a rank holds finished batches before it sends them (rank 0: before it commits what it holds)
         self.flush_s = self.poll_s if self.root else max(tick_s, group.world / MESSAGES_PER_S)
         self.stuck_s = batch_timeout + STUCK_GRACE_S
+        self.heartbeat_s = max(HEARTBEAT_S, 4 * self.flush_s)  # (most ride with a flush: at most 1/4 of rank 0's messages)
         self.all_done = threading.Event()
         self.peers_done: Set[int] = set()  # rank 0: the ranks whose last message came
         self.peer = (group.rank + 1) % group.world  # the rank this one watches
@@ -99,7 +102,7 @@ class ControlPlane(threading.Thread):
                 threading.Thread(target=self._watch_peer, name="spmd_dp-watch", daemon=True).start()
                 if root:
                     threading.Thread(target=self._receive, name="spmd_dp-receive", daemon=True).start()
-            sent_done, next_read, next_flush = False, 0.0, 0.0
+            sent_done, next_read, next_flush, next_beat = False, 0.0, 0.0, 0.0
             pending: List[Message] = []  # held until the next flush: one message (one journal line) for many batches
             while True:
                 finished = box.finished  # read before draining: everything put before it is drained now
@@ -112,6 +115,9 @@ class ControlPlane(threading.Thread):
                 done = finished and box.queue.empty()
                 pending += items
                 now = time.monotonic()
+                if now >= next_beat and not done:
+                    pending.append(self._beat(now))
+                    next_beat = now + self.heartbeat_s
                 if done or now >= next_flush or sum(m.nbytes for m in pending) >= MAX_MESSAGE_BYTES:
                     next_flush = now + self.flush_s
                     if root:
@@ -142,6 +148,14 @@ class ControlPlane(threading.Thread):
             self.stats["control_cpu_s"] = time.thread_time()
             self.all_done.set()
         self._exit_if_stuck()
+
+    def _beat(self, now: float) -> RankEvent:
+        """This rank's heartbeat for rank 0: how long ago its generation loop last went round (-1: not in it); the
+        first names its host."""
+        beat, first = self.outbox.heartbeat, not self.stats.get("beats")
+        self.stats["beats"] = self.stats.get("beats", 0) + 1
+        return RankEvent(self.group.rank, BEAT, round(time.time(), 3), value=round(now - beat, 1) if beat else -1.0,
+                         host=socket.gethostname() if first else "")
 
     def _failed(self, error: BaseException) -> RunFailure:
         """An error in this thread: a send to rank 0 that failed (rank 0 is gone), the store gone, ..."""

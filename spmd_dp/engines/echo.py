@@ -57,6 +57,7 @@ class EchoEngine:
         self.truncated: Dict[str, int] = {}  # request id -> prompt words before truncation
         self.sizes: Dict[str, List[List[int]]] = {}  # request id -> [width, height] of each of its images
         self.capacity = options.max_num_seqs or batch_size  # what it holds at once (as vLLM's max_num_seqs)
+        self.concurrency = 1 if self.delay else self.capacity  # what it runs at once: with a delay, one after another
         self.kv_tokens = None
         self.queue: Deque[Request] = deque()
 

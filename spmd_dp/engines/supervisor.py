@@ -84,6 +84,11 @@ class SupervisedEngine:
     def kv_tokens(self) -> Optional[int]:
         return self.engine.kv_tokens
 
+    @property
+    def concurrency(self) -> int:
+        """Requests it runs at once (the echo engine with a delay: one); else its capacity."""
+        return getattr(self.engine, "concurrency", self.engine.capacity)
+
     def _launch(self, attempt: int) -> None:
         before = {p.pid for p in descendants()}
         self.engine = self._start(attempt)

@@ -18,7 +18,7 @@ from array import array
 from typing import Any, Dict, List, Optional
 
 from spmd_dp.inputs.records import encode_key, parse_line
-from spmd_dp.inputs.sources import InputFile, open_file
+from spmd_dp.inputs.sources import InputFile, is_read_error, open_file, read_error
 
 READ_BLOCK = 1 << 20  # object stores: bytes fetched per request when reading batches
 
@@ -35,42 +35,50 @@ def scan_piece(f: InputFile, start: int, stop: int, spec, offset_every: int, key
     blob, add_end, add_record, add_line = keys.blob, keys.ends.append, keys.records.append, keys.lines.append
     n = lines = 0
     crc = 0
-    with open_file(f, storage_options, block_size=8 << 20) as fh:
-        pos = start
-        if start > 0:
-            fh.seek(start - 1)
-            pos = start - 1 + len(fh.readline())  # the rest of the line that started before this piece
-        begin = pos
-        readline = fh.readline
-        while pos < stop:
-            raw = readline()
-            if not raw:
-                break
-            here, pos = pos, pos + len(raw)
-            crc = zlib.crc32(raw, crc)
-            lines += 1
-            if raw.isspace():
-                continue
-            if n % offset_every == 0:
-                offsets.append(here)
-            record, err = parse_line(raw)
-            if err is None:
-                if add_prefix is None:
-                    err = check(record)
+    pos = start
+    try:
+        with open_file(f, storage_options, block_size=8 << 20) as fh:
+            if start > 0:
+                fh.seek(start - 1)
+                pos = start - 1 + len(fh.readline())  # the rest of the line that started before this piece
+            begin = pos
+            readline = fh.readline
+            while pos < stop:
+                raw = readline()
+                if not raw:
+                    break
+                here, pos = pos, pos + len(raw)
+                crc = zlib.crc32(raw, crc)
+                lines += 1
+                if raw.isspace():
+                    continue
+                if n % offset_every == 0:
+                    offsets.append(here)
+                record, err = parse_line(raw)
+                if err is not None and not raw.endswith(b"\n"):
+                    err += "; the file ends in the middle of this line: is it truncated?"
+                if err is None:
+                    if add_prefix is None:
+                        err = check(record)
+                    else:
+                        err, data = check_keyed(record)
+                if err is None:
+                    key = record[pk]  # keys.add(encode_key(key), n, lines), inlined: this loop is the scan's cost
+                    blob += b"s" + key.encode("utf-8", "surrogatepass") if isinstance(key, str) else encode_key(key)
+                    add_end(len(blob))
+                    add_record(n)
+                    add_line(lines)
+                    if add_prefix is not None:
+                        add_prefix(n, data)
                 else:
-                    err, data = check_keyed(record)
-            if err is None:
-                key = record[pk]  # keys.add(encode_key(key), n, lines), inlined: this loop is the scan's cost
-                blob += b"s" + key.encode("utf-8", "surrogatepass") if isinstance(key, str) else encode_key(key)
-                add_end(len(blob))
-                add_record(n)
-                add_line(lines)
-                if add_prefix is not None:
-                    add_prefix(n, data)
-            else:
-                key = record.get(pk) if isinstance(record, dict) else None
-                bad.append((n, lines, key if isinstance(key, (str, int)) and not isinstance(key, bool) else None, err))
-            n += 1
+                    key = record.get(pk) if isinstance(record, dict) else None
+                    bad.append((n, lines, key if isinstance(key, (str, int)) and not isinstance(key, bool) else None, err))
+                n += 1
+    except Exception as e:  # decompression, truncation, I/O: the file is named, with where it broke
+        if not is_read_error(e):
+            raise
+        where = f" past line {lines}" if f.compression else f" at byte {pos}"  # (decompressing reads ahead)
+        raise read_error(f.url, e, where) from None
     return {"records": n, "lines": lines, "locator": offsets, "crc": crc, "nbytes": max(pos - begin, 0),
             "schema": None}
 
@@ -99,6 +107,14 @@ class JsonlReader:
 
     def read(self, offsets, offset_every: int, first: int, count: int) -> List[Optional[Dict[str, Any]]]:
         """Records first..first+count-1 of a piece (numbered from 0 in the piece) whose locator is offsets."""
+        try:
+            return self._read(offsets, offset_every, first, count)
+        except Exception as e:  # the file changed since the scan, or storage failed: name it
+            if not is_read_error(e):
+                raise
+            raise read_error(self.f.url, e, " while reading a batch") from None
+
+    def _read(self, offsets, offset_every: int, first: int, count: int) -> List[Optional[Dict[str, Any]]]:
         self._seek(int(offsets[first // offset_every]))
         skip = first % offset_every
         out: List[Any] = []

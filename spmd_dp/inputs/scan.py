@@ -35,7 +35,7 @@ from spmd_dp.inputs.index import IndexedPiece, InputIndex, locator_from_json, lo
 from spmd_dp.inputs.order import RecordOrder, shared_order
 from spmd_dp.inputs.prefixes import PrefixList, payload
 from spmd_dp.inputs.records import BadRecord, RecordSpec, decode_key
-from spmd_dp.inputs.sources import InputFile, locations, resolve
+from spmd_dp.inputs.sources import InputFile, is_read_error, locations, read_error, resolve
 from spmd_dp.log import logger
 
 MIN_PIECE, MAX_PIECE, TARGET_PIECES = 1 << 20, 64 << 20, 4096
@@ -127,10 +127,16 @@ def _scan_piece(piece: Piece, f: InputFile, spec: RecordSpec, offset_every: int,
                 storage_options) -> Tuple[Dict[str, Any], Optional[PrefixList]]:
     """The piece's summary, and its records' prefix keys (None: none are taken, prefix_affinity=false)."""
     prefixes = PrefixList(spec.whole_key) if spec.prompt_key is not None else None
-    if f.kind == "jsonl":
-        stop = (1 << 62) if piece.whole else piece.stop
-        return jsonl.scan_piece(f, piece.start, stop, spec, offset_every, keys, bad, storage_options, prefixes), prefixes
-    return tables.scan_piece(f, piece.start, piece.stop, spec, keys, bad, storage_options, prefixes), prefixes
+    try:
+        if f.kind == "jsonl":
+            stop = (1 << 62) if piece.whole else piece.stop
+            return (jsonl.scan_piece(f, piece.start, stop, spec, offset_every, keys, bad, storage_options, prefixes),
+                    prefixes)
+        return tables.scan_piece(f, piece.start, piece.stop, spec, keys, bad, storage_options, prefixes), prefixes
+    except Exception as e:  # any form's read error names its file (jsonl.py and tables.py say where in it)
+        if isinstance(e, UsageError) or not is_read_error(e):
+            raise
+        raise read_error(f.url, e) from None
 
 
 def _error_of(e: BaseException, rank: int) -> List[Any]:

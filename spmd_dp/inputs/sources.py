@@ -13,10 +13,13 @@ unreachable endpoint.
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
+import lzma
 import os
 import posixpath
+import zlib
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -108,6 +111,35 @@ def storage_error(url: str, e: BaseException) -> UsageError:
         return UsageError(f"input error: {url}: cannot reach the storage ({text}); check the network and "
                           f"{endpoint}")
     return UsageError(f"input error: {url}: cannot read it ({type(e).__name__}: {text}); {credentials}")
+
+
+def read_error(url: str, e: BaseException, where: str = "") -> UsageError:
+    """One line for an input file that could not be read through (decompression, truncation, I/O), naming it and
+    where (`where`: ' past line 1230', ' at byte 4096', ' while reading a batch'). A truncated or corrupt file cannot
+    be skipped record by record: the line says so."""
+    if isinstance(e, UsageError):
+        return e
+    text = " ".join(str(e).split())[:200] or type(e).__name__
+    if _broken_file(e):
+        return UsageError(f"input error: {url}: cannot read it{where}: {type(e).__name__}: {text}; the file is "
+                          f"truncated or corrupt: replace it (compress it again from the original) or leave it out of "
+                          f"input_data_path (on_bad_record=skip skips bad records, not unreadable files)")
+    error = storage_error(url, e)
+    return UsageError(str(error).replace(f"{url}:", f"{url}{where}:", 1) if where else str(error))
+
+
+def is_read_error(e: BaseException) -> bool:
+    """An error of reading a file (I/O, decompression, truncation), as opposed to a bug."""
+    return isinstance(e, (OSError, EOFError, zlib.error, lzma.LZMAError)) or _broken_file(e)
+
+
+def _broken_file(e: BaseException) -> bool:
+    """A decompression or truncation error (not the storage's: permissions, network)."""
+    if isinstance(e, (EOFError, zlib.error, lzma.LZMAError, gzip.BadGzipFile)) or "zstd" in type(e).__name__.lower():
+        return True
+    text = str(e).lower()
+    return any(w in text for w in ("crc check", "invalid data stream", "not a gzipped", "compressed", "corrupt",
+                                   "end-of-stream", "truncated"))
 
 
 def _url(fs, path: str, like: str) -> str:
@@ -244,6 +276,40 @@ class _Layers(io.BufferedReader):
             self._under.close()
 
 
+class _Zstd(io.RawIOBase):
+    """zstd, decompressed frame after frame, that raises EOFError at a stream cut inside a frame (as gzip, bz2 and
+    xz do; zstandard's stream reader just ends there, and a truncated file would pass for a short one)."""
+
+    def __init__(self, raw) -> None:
+        try:
+            import zstandard
+        except ImportError:
+            raise UsageError("input error: reading .zst files needs zstandard: pip install 'spmd_dp[zstd]'") from None
+        self.raw, self.new = raw, zstandard.ZstdDecompressor().decompressobj
+        self.d, self.fed, self.out = self.new(), False, b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        while not self.out:
+            chunk = self.raw.read(1 << 16)
+            if not chunk:
+                if self.fed and not self.d.eof:
+                    raise EOFError("Compressed file ended before the end-of-stream marker was reached")
+                return 0
+            while chunk:
+                if self.d.eof:  # the next frame
+                    self.d, self.fed = self.new(), False
+                self.out += self.d.decompress(chunk)
+                self.fed = True
+                chunk = self.d.unused_data if self.d.eof else b""
+        n = min(len(b), len(self.out))
+        b[:n] = self.out[:n]
+        self.out = self.out[n:]
+        return n
+
+
 def open_file(f: InputFile, storage_options: Optional[Dict[str, Any]] = None, block_size: Optional[int] = None):
     """A buffered binary file object of an input file: local ones are Python's own (the fastest to read lines
     from); others are fsspec's (decompressed with fsspec's codecs when the name says so), behind
@@ -254,6 +320,8 @@ def open_file(f: InputFile, storage_options: Optional[Dict[str, Any]] = None, bl
     raw = fs.open(path, "rb", **({"block_size": block_size} if block_size and is_url(f.url) else {}))
     if f.compression is None:
         return io.BufferedReader(raw, buffer_size=1 << 16)
+    if f.compression == "zstd":
+        return _Layers(_Zstd(raw), raw)
     from fsspec.compression import compr
 
     try:

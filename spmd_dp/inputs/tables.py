@@ -101,10 +101,12 @@ def _source(f: InputFile, storage_options):
     return pa.PythonFile(fs.open(path, "rb"), mode="r")
 
 
-def _corrupt(f: InputFile, what: str, e: BaseException) -> UsageError:
+def _corrupt(f: InputFile, what: str, e: BaseException, where: str = "") -> UsageError:
+    """where: ' in row group 3', ' in record batch 2' (where known)."""
     text = " ".join(str(e).split())[:200]
-    return UsageError(f"input error: {f.url} is not a readable {what} file ({type(e).__name__}: {text}); replace "
-                      f"or remove it")
+    return UsageError(f"input error: {f.url} is not a readable {what} file{where} ({type(e).__name__}: {text}); "
+                      f"replace it or leave it out of input_data_path (on_bad_record=skip skips bad records, not "
+                      f"unreadable files)")
 
 
 # -- Parquet --------------------------------------------------------------------------------------
@@ -143,7 +145,7 @@ class ParquetUnits:
         try:
             return self.pf.read_row_group(i)
         except (pa.ArrowException, OSError, ValueError) as e:
-            raise _corrupt(self.f, "Parquet", e) from None
+            raise _corrupt(self.f, "Parquet", e, f" in row group {i} (of {self.md.num_row_groups})") from None
 
     def unit(self, i: int):
         if self.last[0] != i:
@@ -175,10 +177,11 @@ class ArrowUnits:
     def scan(self, start: int, stop: int) -> Iterator[Tuple[int, int, Any]]:
         """(unit, first row, table) of every record batch of the file (an Arrow file is one piece), checksumming
         its messages. A stream's unit is the byte offset of the batch's message, a file's the batch number."""
-        row = 0
+        row = batches = 0
         try:
             if self.file_format:
                 for i in range(self.reader.num_record_batches):
+                    batches = i
                     batch = self.reader.get_batch(i)
                     self.crc = zlib.crc32(memoryview(batch.serialize()), self.crc)
                     yield i, row, pa.Table.from_batches([batch])
@@ -197,8 +200,9 @@ class ArrowUnits:
                     batch = pa.ipc.read_record_batch(msg, self.schema)
                     yield offset, row, pa.Table.from_batches([batch])
                     row += batch.num_rows
+                    batches += 1
         except (pa.ArrowException, OSError, ValueError) as e:
-            raise _corrupt(self.f, "Arrow", e) from None
+            raise _corrupt(self.f, "Arrow", e, f" in record batch {batches} (after row {row})") from None
 
     def unit(self, u: int):
         if self.last[0] != u:
@@ -209,7 +213,7 @@ class ArrowUnits:
                     self.src.seek(u)
                     batch = pa.ipc.read_record_batch(pa.ipc.read_message(self.src), self.schema)
             except (pa.ArrowException, OSError, ValueError, EOFError) as e:
-                raise _corrupt(self.f, "Arrow", e) from None
+                raise _corrupt(self.f, "Arrow", e, " while reading a batch") from None
             self.last = (u, pa.Table.from_batches([batch]))
         return self.last[1]
 

@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
@@ -179,7 +180,7 @@ class Journal:
             offset += len(data)
         errors = [err for b in batches for err in b.errors]
         atomic_write(self.paths.parts / name, chunks)
-        self._append({"part": name, "batches": entries, **({"errors": errors} if errors else {})})
+        self._append({"part": name, "batches": entries, **({"errors": errors} if errors else {}), **timing(batches)})
         self.errors += errors
         for start, stop, off, length, *positions in entries:
             self.spans[start] = (stop, name, off, length)
@@ -190,7 +191,7 @@ class Journal:
     def _commit_shards(self, batches: List[BatchDone]) -> int:
         """One journal line (one fsync) for a round of shards. The first delivery of a batch wins; the shard of a
         second one is removed: a part that is not in the journal is not output."""
-        entries, errors = [], []
+        entries, errors, new = [], [], []
         for b in batches:
             part = b.part or {}
             if b.start in self.spans:
@@ -203,13 +204,14 @@ class Journal:
             entry = [b.start, b.stop, part.get("name"), part.get("bytes", 0), part.get("crc32", 0),
                      part.get("rows", 0), part.get("schema")] + ([b.positions] if b.positions is not None else [])
             entries.append(entry)
+            new.append(b)
             errors += b.errors
             self.spans[b.start] = (b.stop, entry[2], 0, entry[3])
             self.shard_info[b.start] = (entry[4], entry[5], entry[6])
             if b.positions is not None:
                 self.positions[b.start] = b.positions
         if entries:
-            self._append({"shards": entries, **({"errors": errors} if errors else {})})
+            self._append({"shards": entries, **({"errors": errors} if errors else {}), **timing(new)})
             self.errors += errors
         return len(entries)
 
@@ -242,6 +244,25 @@ class Journal:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def timing(batches: List[BatchDone]) -> Dict[str, Any]:
+    """What a journal line keeps for the timeline (spmd_dp/status/timeline.py), beside its batches and in their order:
+    when it was committed, and each batch's [index, rank, claimed_unix, output_tokens]."""
+    return {"t": round(time.time(), 3),
+            "timing": [[b.index, b.rank, b.claimed_unix, b.output_tokens] for b in batches]}
+
+
+def read_entries(path: Path) -> List[Dict[str, Any]]:
+    """A journal's lines, read only (the header first; a torn last line left out): for the status and the timeline."""
+    out = []
+    with open(path, "rb") as f:
+        for raw in f.read().split(b"\n")[:-1]:
+            try:
+                out.append(json.loads(raw))
+            except json.JSONDecodeError:
+                break
+    return out
 
 
 def said_complete(paths) -> bool:
