@@ -102,24 +102,27 @@ def test_a_changed_grouping_is_refused_on_resume(tmp_path):
     assert spmd(echo_args(tmp_path, inp), timeout=120).returncode == 0  # the same settings: complete already
 
 
-@pytest.mark.vllm
-def test_vllm_prefix_cache_hit_rate_rises_with_affinity(tmp_path):
-    """Two ranks of real vLLM CPU on a shuffled doc-QA sample whose documents' KV exceeds the cache (8 blocks of 128
-    tokens; a document is 160 tokens): with affinity a document's questions come one after another and find it
-    cached; without they come after other documents evicted it. The rate is the engine's own num_cached_tokens."""
-    records = doc_qa_records(12, 6, doc_len=160, question_len=8, seed=4, vocab=1000)
-    inp = write_jsonl(tmp_path / "data" / "qa.jsonl", records)
-    common = ["model_name=spmd-dp/tiny-llama", "generation_options.temperature=0", "generation_options.max_tokens=4",
-              "batch_size=4", "engine_options.max_model_len=256", "+engine_options.vllm_kwargs.num_gpu_blocks_override=8"]
+@pytest.mark.vllm("two_ranks")
+@pytest.mark.timeout(3600)  # it may wait for the shared runs
+def test_vllm_prefix_cache_hit_rate_rises_with_affinity(vllm_runs):
+    """Two ranks of real vLLM CPU (nodes pfx_on, then pfx_off, of the shared job two_ranks: tests/vllm_jobs.py) on a
+    shuffled doc-QA sample whose documents' KV exceeds the cache (8 blocks of 128 tokens; a document is 160 tokens):
+    with affinity a document's questions come one after another and find it cached; without they come after other
+    documents evicted it. The rate is the engine's own num_cached_tokens."""
+    from tests.vllm_jobs import PREFIX, PREFIX_RECORDS
+
+    assert PREFIX["engine_options"]["vllm_kwargs"] == {"num_gpu_blocks_override": 8}
+    run = vllm_runs["two_ranks"]
     rates, outputs = {}, {}
-    for name, mode in (("on", "true"), ("off", "false")):
-        p = spmd([f"data_dir={inp.parent}", f"input_data_path={inp.name}", f"output_dir={tmp_path / 'out'}",
-                  f"name={name}", f"prefix_affinity={mode}", *common], nproc=2, timeout=900)
-        assert p.returncode == 0, p.stderr[-4000:]
-        m = metrics(tmp_path, name)
+    for name in ("pfx_on", "pfx_off"):
+        rows = run.rows(name)
+        m = run.metrics(name)
         rates[name] = m["total"]["prefix_cache_hit_rate"]
         assert all(r["prefix_cache_queries"] > 0 for r in m["ranks"] if r["records"])  # every engine that ran said
-        assert "cache hit" in p.stderr
-        outputs[name] = [r[name] for r in read_jsonl(tmp_path / "out" / f"{name}.jsonl")]
-    assert rates["on"] > rates["off"] + 0.05, rates
-    assert outputs["on"] == outputs["off"]  # greedy: the same text, record for record
+        assert "cache hit" in run.section(name)
+        assert [r["id"] for r in rows] == [r["id"] for r in PREFIX_RECORDS]
+        outputs[name] = [r[name] for r in rows]
+    assert "record order: grouped by prompt prefix" in run.section("pfx_on")
+    assert "record order" not in run.section("pfx_off")
+    assert rates["pfx_on"] > rates["pfx_off"] + 0.05, rates
+    assert outputs["pfx_on"] == outputs["pfx_off"]  # greedy: the same text, record for record
