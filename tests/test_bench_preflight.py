@@ -1,4 +1,4 @@
-"""scripts/bench_preflight.py end to end on the echo engine (no timing asserted: the table is the benchmark's):
+"""python -m scripts.bench preflight end to end on the echo engine (no timing asserted: the table is the benchmark's):
 preflight then the real run at N = 1 and 2, the results table, and the projected output tokens of a workload with
 a skewed max_tokens equal to the run's (the max_tokens of every record are counted, not sampled)."""
 
@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow  # a benchmark end to end (~1 min)
 
 
 def test_the_benchmark_runs_preflight_then_the_run_and_tabulates_them(tmp_path):
-    p = subprocess.run([sys.executable, "scripts/bench_preflight.py", "--suite", "echo", "--out", str(tmp_path),
+    p = subprocess.run([sys.executable, "-m", "scripts.bench", "preflight", "--suite", "echo", "--out", str(tmp_path),
                         "--prompts", "600"], cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]

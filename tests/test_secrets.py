@@ -23,7 +23,7 @@ NO_METADATA = {"AWS_EC2_METADATA_DISABLED": "true", "AWS_SHARED_CREDENTIALS_FILE
 
 @pytest.fixture(scope="module")
 def bucket():
-    """A real S3-protocol server (moto's, on localhost) with s3://inputs/data/: two JSONL shards."""
+    """A real S3-protocol server (moto's, on localhost) with s3://secret-inputs/data/: two JSONL shards."""
     import logging
 
     import s3fs
@@ -35,9 +35,9 @@ def bucket():
     endpoint = f"http://{host}:{port}"
     records = make_records(900, words=5)
     fs = s3fs.S3FileSystem(endpoint_url=endpoint, key=KEY_ID, secret=SECRET)
-    fs.mkdir("inputs")
+    fs.mkdir("secret-inputs")  # moto keeps its buckets per process: test_s3 made "inputs"
     for k in range(2):
-        fs.pipe(f"inputs/data/part-{k}.jsonl", "".join(json.dumps(r) + "\n" for r in records[k * 450:(k + 1) * 450])
+        fs.pipe(f"secret-inputs/data/part-{k}.jsonl", "".join(json.dumps(r) + "\n" for r in records[k * 450:(k + 1) * 450])
                 .encode())
     yield endpoint, None, records
     server.stop()
@@ -70,7 +70,7 @@ def test_a_storage_secret_is_in_no_file_and_no_log_line(bucket, tmp_path, monkey
              f"+storage_options.secret={SECRET}"]
     port = free_port()
     scraped = ""
-    with running(launch(args(tmp_path, "s3://inputs/data/", *given, f"metrics_port={port}",
+    with running(launch(args(tmp_path, "s3://secret-inputs/data/", *given, f"metrics_port={port}",
                              "engine_options.echo_delay_s=0.01"), nproc=2, env=NO_METADATA, log=tmp_path / "run.log")) as p:
         while p.poll() is None and not scraped:
             try:
@@ -82,11 +82,11 @@ def test_a_storage_secret_is_in_no_file_and_no_log_line(bucket, tmp_path, monkey
     assert (tmp_path / "out" / "out.jsonl").read_text().count("\n") == len(records)  # the key was used: it read S3
     config = (tmp_path / "out" / "out.config.yaml").read_text()
     assert "secret: '***'" in config and "key: '***'" in config and f"endpoint_url: {endpoint}" in config
-    pre = spmd(args(tmp_path, "s3://inputs/data/", *given, "preflight=true", name="pre"), nproc=2, env=NO_METADATA)
+    pre = spmd(args(tmp_path, "s3://secret-inputs/data/", *given, "preflight=true", name="pre"), nproc=2, env=NO_METADATA)
     assert pre.returncode == 0 and "spmd_dp preflight of pre" in pre.stdout, pre.stderr[-3000:]
-    bad = spmd(args(tmp_path, "s3://inputs/nothing-here/*.jsonl", *given, name="bad"), env=NO_METADATA)
+    bad = spmd(args(tmp_path, "s3://secret-inputs/nothing-here/*.jsonl", *given, name="bad"), env=NO_METADATA)
     assert bad.returncode == 2 and "nothing-here/*.jsonl does not exist" in bad.stderr
-    job = spmd(["--cfg", "job", *args(tmp_path, "s3://inputs/data/", *given)], env=NO_METADATA)
+    job = spmd(["--cfg", "job", *args(tmp_path, "s3://secret-inputs/data/", *given)], env=NO_METADATA)
     assert job.returncode == 0 and "secret: '***'" in job.stdout
     no_secret_in(tmp_path, {"run's output": (tmp_path / "run.log").read_text(), "metrics": scraped,
                             "preflight's stdout": pre.stdout, "preflight's stderr": pre.stderr,

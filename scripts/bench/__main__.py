@@ -112,15 +112,27 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="with --run: the bench folder; else the markdown file to write")
     s.add_argument("inputs", nargs="*")
     s.set_defaults(handler=gpu_verify.gpu_verify)
+    # three suites with command lines of their own: the rest of the line is theirs (`... images --help`)
+    from scripts.bench import images, prefix, preflight
+    for name, module, what in (("images", images, "images in prompts: spmd_dp N=1 against raw vLLM (issue 23)"),
+                               ("prefix", prefix, "prefix affinity against input-order claims (issue 24)"),
+                               ("preflight", preflight, "preflight's projection against the real run (issue 22)")):
+        s = sub.add_parser(name, help=what, add_help=False)
+        s.set_defaults(handler=module.main, own_args=True)
     return p
 
 
-def main(argv=None) -> None:
-    args = parser().parse_args(argv)
+def main(argv=None) -> int:
+    args, rest = parser().parse_known_args(argv)
+    if getattr(args, "own_args", False):
+        return args.handler(rest) or 0
+    if rest:
+        parser().error(f"unrecognized arguments: {' '.join(rest)}")
     handler = args.handler
     del args.handler, args.command  # the subcommand's own arguments only (scale records them with its results)
     handler(args)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -4,7 +4,7 @@
 #   .gpu/wheels/   spmd_dp's pure-Python dependencies missing there (hydra-core, omegaconf, antlr4)
 #   .gpu/models.tar.xz   weight-less model folders for load_format=dummy: Llama-3.1-8B/70B shapes (SHAPES=, default
 #                        "llama8b llama70b") and vision-language ones (VLM_SHAPES=, e.g. qwen2vl-7b: spmd_dp.models.vision)
-#   For the images benchmark alone (scripts/bench_images.py): SHAPES= VLM_SHAPES=qwen2vl-7b bash scripts/gpu/prepare.sh
+#   For the images benchmark alone (scripts/bench/images.py): SHAPES= VLM_SHAPES=qwen2vl-7b bash scripts/gpu/prepare.sh
 # Then carry them to the host (one bundle part per call) and run scripts/gpu/setup_device.sh there.
 set -euo pipefail
 cd "$(dirname "$0")/../.."

@@ -22,6 +22,9 @@ OUTPUT_FORMATS = ("jsonl", "parquet")
 OUTPUT_MODES = ("single", "sharded")  # one file written by rank 0 | a folder of shards written by every rank
 ON_BAD_RECORD = ("fail", "skip")
 ECHO_FAULTS = ("die", "hang")
+# the keys a run's status shows beside its figures (spmd_dp/status/live.py: ${name}.status.json)
+SUMMARY_KEYS = ("model_name", "inference_engine", "data_dir", "input_data_path", "output_dir", "schedule", "batch_size",
+                "output_mode", "output_format", "task", "metrics_port")
 DEFAULT_MODEL = "spmd-dp/tiny-llama"
 TASKS = ("generate", "embed", "classify", "score", "reward")  # generate: vLLM's generate runner; the rest: pooling
 INPUT_FORMATS = ("auto", "jsonl", "parquet", "hf_dataset", "openai_batch")  # auto: by extension (inputs/formats.py)

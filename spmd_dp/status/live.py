@@ -20,6 +20,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Deque, Dict, List, Optional, Tuple
 
+from spmd_dp.config.schema import SUMMARY_KEYS
 from spmd_dp.control.messages import (BEAT, DRAINING, FAILED_START, GAVE_UP, GENERATING, HANDED_BACK, READY,
                                       RESTARTING, BatchDone, Message, RankEvent, RankStats)
 from spmd_dp.log import logger
@@ -73,9 +74,7 @@ class LiveStatus:
         self.phase, self.reason = "starting", ""
         self.errors: List[str] = []
         self.bad_records = bad_records
-        self.config = {k: v for k, v in scrub(cfg).items() if k in (
-            "model_name", "inference_engine", "data_dir", "input_data_path", "output_dir", "schedule", "batch_size",
-            "output_mode", "output_format", "task", "metrics_port")}
+        self.config = {k: v for k, v in scrub(cfg).items() if k in SUMMARY_KEYS}
         self.config["max_tokens"] = cfg.generation_options.max_tokens
         self.port: Optional[int] = None  # the Prometheus server's, once it listens
         self._events = open(paths.events, "a")

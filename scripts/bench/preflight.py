@@ -3,9 +3,9 @@ command without it (real torchrun, real vLLM), and the error of the projected ge
 against what metrics.json measured. Also the projection for N read from the first world size's table (meaningful
 where every rank has the same device at every N: one core per rank on CPU, one GPU per rank on GPU).
 
-    python scripts/bench_preflight.py --suite cpu --out DIR            # vLLM CPU, spmd-dp/small-llama, N=1 and 2
-    python scripts/bench_preflight.py --suite echo --out DIR           # the echo engine: a rehearsal, a minute
-    python scripts/bench_preflight.py --suite gpu --out DIR --ns 1 2 4 --model /path/to/model
+    python -m scripts.bench preflight --suite cpu --out DIR            # vLLM CPU, spmd-dp/small-llama, N=1 and 2
+    python -m scripts.bench preflight --suite echo --out DIR           # the echo engine: a rehearsal, a minute
+    python -m scripts.bench preflight --suite gpu --out DIR --ns 1 2 4 --model /path/to/model
                                      [--extra +engine_options.vllm_kwargs.load_format=dummy ...]
 
 Writes DIR/results.json and DIR/results.md (the table for docs/benchmarks.md). Each job's log is DIR/<job>/log.
@@ -23,11 +23,9 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from spmd_dp.preflight.project import finish_after, rank_speed  # noqa: E402
-from spmd_dp.testing import clean_env, torchrun_command  # noqa: E402
+from spmd_dp.preflight.project import finish_after, rank_speed
+from spmd_dp.testing import REPO, clean_env, torchrun_command
 
 SUITES: Dict[str, Dict[str, Any]] = {
     # the echo engine (a rehearsal of the script, and the estimator on an engine whose speed does not wander):
@@ -75,8 +73,8 @@ def run(job: Path, n: int, overrides: List[str], timeout: float) -> float:
     return time.monotonic() - t0
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m scripts.bench preflight", description=__doc__.splitlines()[0])
     ap.add_argument("--suite", choices=sorted(SUITES), default="cpu")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--model")
@@ -85,7 +83,7 @@ def main() -> int:
     ap.add_argument("--workloads", nargs="+", default=["uniform", "skewed"], choices=["uniform", "skewed"])
     ap.add_argument("--extra", nargs="*", default=[], help="more overrides for every job")
     ap.add_argument("--timeout", type=float, default=3600)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     s = dict(SUITES[args.suite])
     s.update({k: v for k, v in (("model", args.model), ("ns", args.ns), ("prompts", args.prompts)) if v})
     out = args.out.resolve()
@@ -150,6 +148,3 @@ def main() -> int:
     print("\n".join(lines))
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

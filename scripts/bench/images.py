@@ -1,9 +1,8 @@
-#!/usr/bin/env python3
 """Images in prompts: spmd_dp N=1 against raw vLLM on the same device, one after the other (issue 23).
 
-  python scripts/bench_images.py --out DIR [--data DIR] [--model DIR] [--records 1536] [--forms chat,generate]
-  python scripts/bench_images.py --out DIR --rehearsal      (CPU: a tiny Idefics3 on vLLM CPU, 48 records)
-  python scripts/bench_images.py --out DIR --rehearsal --engine echo   (spmd_dp's side only, the echo engine)
+  python -m scripts.bench images --out DIR [--data DIR] [--model DIR] [--records 1536] [--forms chat,generate]
+  python -m scripts.bench images --out DIR --rehearsal      (CPU: a tiny Idefics3 on vLLM CPU, 48 records)
+  python -m scripts.bench images --out DIR --rehearsal --engine echo   (spmd_dp's side only, the echo engine)
 
 The workload (spmd_dp.testing.write_image_records): one JPEG file per record, of a few sizes in turn, each image
 unique (vLLM's processor cache never hits), the same question for every record. Two forms, each run by both:
@@ -28,10 +27,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from spmd_dp.testing import clean_env, read_jsonl, torchrun_command, write_image_records, write_jsonl  # noqa: E402
+from spmd_dp.testing import REPO, clean_env, read_jsonl, torchrun_command, write_image_records, write_jsonl
 
 QUESTION = "Describe this image in one sentence."
 PLACEHOLDERS = {  # the model family's text prompt around one image (what its chat template writes)
@@ -99,7 +96,7 @@ def _env(a: argparse.Namespace) -> Dict[str, str]:
 
 def raw_job(a: argparse.Namespace, form: str, wl: Path, out: Path) -> Dict[str, Any]:
     result, log = out / f"raw-{form}.json", out / f"raw-{form}.log"
-    cmd = [sys.executable, __file__, "raw", "--workload", str(wl), "--form", form, "--result", str(result),
+    cmd = [sys.executable, "-m", "scripts.bench", "images", "raw", "--workload", str(wl), "--form", form, "--result", str(result),
            "--max-tokens", str(a.max_tokens), "--engine-kwargs", json.dumps(engine_kwargs(a))]
     t0 = time.time()
     with open(log, "w") as f:
@@ -140,8 +137,8 @@ def rates(r: Dict[str, Any]) -> Dict[str, Any]:
     return {**r, "images_per_s": round(r["images"] / r["gen_s"], 2), "tok_per_s": round(r["output_tokens"] / r["gen_s"], 1)}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m scripts.bench images", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("cmd", nargs="?", default="bench", choices=["bench", "raw"])
     ap.add_argument("--out", type=Path)
     ap.add_argument("--data", type=Path, help="where the image records are written (default: OUT/data); kept for reruns")
@@ -155,7 +152,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--rehearsal", action="store_true", help="CPU: tiny Idefics3 on vLLM CPU, 48 small images")
     ap.add_argument("--workload"), ap.add_argument("--form"), ap.add_argument("--result"), ap.add_argument("--engine-kwargs")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     if a.cmd == "raw":
         return raw_main(a)
     a.out.mkdir(parents=True, exist_ok=True)
@@ -188,6 +185,3 @@ def main() -> None:
     if any(r.get("exit_code") for r in results):
         sys.exit(1)
 
-
-if __name__ == "__main__":
-    main()

@@ -1,13 +1,12 @@
-#!/usr/bin/env python3
 """Prefix affinity against today's claims (issue 24): the same workload, one job after the other on the same device,
 with `prefix_affinity=false` (today's order and claims) and with the default (`auto`).
 
-  python scripts/bench_prefix.py run --suite cpu --out DIR [--jobs docqa,docqa_evict,uniform] [--repeat 2]
-  python scripts/bench_prefix.py run --suite gpu --out DIR [--jobs n1,n1_evict,uniform] [--gpus 0]   (a GPU host)
-  python scripts/bench_prefix.py run --suite gpu --gpus 0,1 --jobs n2 --out DIR                       (two GPUs)
-  python scripts/bench_prefix.py run --suite gpu --rehearsal --out DIR    (the gpu suite's jobs, scaled down, on CPU)
-  python scripts/bench_prefix.py scan --out DIR [--records 20000]   (the input scan with and without prefix keys)
-  python scripts/bench_prefix.py report --out DIR RESULTS...         (merge results.json files into one table)
+  python -m scripts.bench prefix run --suite cpu --out DIR [--jobs docqa,docqa_evict,uniform] [--repeat 2]
+  python -m scripts.bench prefix run --suite gpu --out DIR [--jobs n1,n1_evict,uniform] [--gpus 0]   (a GPU host)
+  python -m scripts.bench prefix run --suite gpu --gpus 0,1 --jobs n2 --out DIR                       (two GPUs)
+  python -m scripts.bench prefix run --suite gpu --rehearsal --out DIR    (the gpu suite's jobs, scaled down, on CPU)
+  python -m scripts.bench prefix scan --out DIR [--records 20000]   (the input scan with and without prefix keys)
+  python -m scripts.bench prefix report --out DIR RESULTS...         (merge results.json files into one table)
 
 Workloads: *doc-QA*: D documents x Q questions, shuffled; a prompt is its document (L token ids) then its question
 (16 token ids); short greedy outputs (`max_tokens`, `ignore_eos`). *uniform*: today's benchmark workload, random
@@ -27,17 +26,14 @@ import os
 import platform
 import random
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from spmd_dp.testing import clean_env, doc_qa_records, read_jsonl, torchrun_command, write_jsonl  # noqa: E402
+from spmd_dp.testing import REPO, clean_env, doc_qa_records, read_jsonl, torchrun_command, write_jsonl
 
 JOB_TIMEOUT_S = float(os.environ.get("BENCH_JOB_TIMEOUT_S", "1800"))
 
@@ -260,8 +256,8 @@ def cmd_report(args) -> None:
     print(text)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m scripts.bench prefix", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run")
     r.add_argument("--suite", choices=list(SUITES), default="cpu")
@@ -277,9 +273,6 @@ def main() -> None:
     p = sub.add_parser("report")
     p.add_argument("--out", required=True)
     p.add_argument("results", nargs="+")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     {"run": cmd_run, "scan": cmd_scan, "report": cmd_report}[args.cmd](args)
 
-
-if __name__ == "__main__":
-    main()
