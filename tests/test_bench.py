@@ -25,7 +25,8 @@ def bench(*args, timeout=600):
 
 def test_one_cli_with_a_subcommand_per_benchmark():
     sub = next(a for a in parser()._actions if a.dest == "command")
-    assert set(sub.choices) == {"suite", "raw", "report", "scan", "tail", "scale", "gpu-session", "gpu-verify"}
+    assert set(sub.choices) == {"suite", "raw", "report", "scan", "tail", "scale", "gpu-session", "gpu-verify", "images",
+                                "prefix", "preflight"}
     p = bench("suite", "tpu", "--out", "x", timeout=60)
     assert p.returncode == 2 and "invalid choice: 'tpu'" in p.stderr  # argparse's one line, no run started
 

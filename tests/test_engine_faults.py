@@ -16,6 +16,7 @@ import pytest
 
 from spmd_dp.testing import (echo_args, expected_rows, journal_batches, launch, make_records, read_jsonl, running, spmd,
                              worker_pids, write_jsonl)
+from tests.echo_jobs import echo_node, run_echo_workflow
 from tests.helpers import wait_for
 
 
@@ -25,44 +26,63 @@ def metrics(tmp_path, name="out"):
 
 # --- the echo engine: an engine that dies, keeps dying, hangs; every rank failing ---------------------------
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_an_engine_that_dies_is_restarted_and_its_requests_re_added(tmp_path, seed):
+FAULT_RECORDS = make_records(150)
+
+
+def dies(seed):
+    """Rank `victim`'s engine raises after `after` steps, once (seeded)."""
     rng = random.Random(seed)
-    victim, after = rng.randrange(3), rng.randint(2, 12)
-    records = make_records(150)
-    inp = write_jsonl(tmp_path / "data" / "in.jsonl", records)
-    p = spmd(echo_args(tmp_path, inp, "batch_size=5", "engine_options.echo_delay_s=0.005",
-                       f"engine_options.echo_fault_ranks=[{victim}]", f"engine_options.echo_fault_after_steps={after}"),
-             nproc=3, timeout=180)
-    assert p.returncode == 0, p.stderr[-4000:]
-    assert read_jsonl(tmp_path / "out" / "out.jsonl") == expected_rows(records)  # every key once, in order
-    log = p.stderr
+    return rng.randrange(3), rng.randint(2, 12)
+
+
+@pytest.fixture(scope="module")
+def faults(tmp_path_factory):
+    """One run of 3 ranks (tests/echo_jobs.py), 150 records a node: an engine that dies once (nodes dies_<seed>), then
+    one that keeps dying on rank 1 (nodes keeps_<schedule>). Each node starts its own engines (their switches
+    differ)."""
+    folder = tmp_path_factory.mktemp("faults")
+    common = dict(batch_size=5)
+    nodes = []
+    for seed in (0, 1):
+        victim, after = dies(seed)
+        nodes.append(echo_node(folder, f"dies_{seed}", FAULT_RECORDS, **common, engine_options={
+            "echo_delay_s": 0.005, "echo_fault_ranks": [victim], "echo_fault_after_steps": after}))
+    for schedule in ("dynamic", "static"):
+        nodes.append(echo_node(folder, f"keeps_{schedule}", FAULT_RECORDS, **common, schedule=schedule,
+                               engine_options={"echo_delay_s": 0.005, "echo_fault_ranks": [1],
+                                               "echo_fault_after_steps": 6, "echo_fault_times": 3}))
+    t0 = time.time()
+    return t0, run_echo_workflow(folder, nodes, 3)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_an_engine_that_dies_is_restarted_and_its_requests_re_added(faults, seed):
+    _, run = faults
+    victim, _ = dies(seed)
+    name = f"dies_{seed}"
+    assert run.rows(name) == expected_rows(FAULT_RECORDS, name)  # every key once, in order
+    log = run.section(name)
     assert re.search(rf"\[rank {victim}/3 .*WARNING rank {victim} on no device \(echo engine\): engine died: it raised "
                      rf"RuntimeError: echo engine died .*; restarting it on the same slice \(restart 1 of 2\)", log)
     assert re.search(rf"rank {victim} re-added \d+ requests of \d+ unfinished batches to the new engine", log)
-    m = metrics(tmp_path)
+    m = run.metrics(name)
     assert m["ranks"][victim]["engine_restarts"] == 1 and m["total"]["failed_ranks"] == []
     assert "handed back" not in log
 
 
 @pytest.mark.parametrize("schedule", ["dynamic", "static"])
-def test_an_engine_that_keeps_dying_hands_its_work_to_the_others(tmp_path, schedule):
-    records = make_records(150)
-    inp = write_jsonl(tmp_path / "data" / "in.jsonl", records)
-    t0 = time.time()
-    p = spmd(echo_args(tmp_path, inp, "batch_size=5", "engine_options.echo_delay_s=0.005", f"schedule={schedule}",
-                       "engine_options.echo_fault_ranks=[1]", "engine_options.echo_fault_after_steps=6",
-                       "engine_options.echo_fault_times=3"), nproc=3, timeout=180)
-    assert p.returncode == 0, p.stderr[-4000:]
-    assert read_jsonl(tmp_path / "out" / "out.jsonl") == expected_rows(records)
-    log = p.stderr
+def test_an_engine_that_keeps_dying_hands_its_work_to_the_others(faults, schedule):
+    t0, run = faults
+    name = f"keeps_{schedule}"
+    assert run.rows(name) == expected_rows(FAULT_RECORDS, name)
+    log = run.section(name)
     assert "(restart 2 of 2)" in log and "max_engine_restarts=2 used: giving up" in log
     handed = re.search(r"rank 1 handed back (\d+) batches \(([\d, ]+);", log)
     assert handed, log[-3000:]
     back = [int(b) for b in handed.group(2).split(", ")]
     taken = re.findall(r"\[rank (\d)/3 .*Assigned \d+ prompts to rank \d \(batch (\d+), handed back by rank 1\)", log)
     assert sorted(int(b) for _, b in taken) == sorted(back) and {r for r, _ in taken} <= {"0", "2"}
-    m = metrics(tmp_path)
+    m = run.metrics(name)
     r1 = m["ranks"][1]
     assert m["total"]["failed_ranks"] == [1] and r1["engine_restarts"] == 2 and r1["handed_back"] == len(back)
     assert r1["engine_failed"].startswith("engine died") and "after 2 restarts" in r1["engine_failed"]

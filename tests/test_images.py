@@ -15,6 +15,7 @@ from spmd_dp.inputs import RecordSpec, scan_input
 from spmd_dp.prompting.prompts import PromptBuilder
 from spmd_dp.testing import (image_bytes, launch, read_jsonl, running, spmd, wait_for_batches,
                              write_image_records, write_jsonl)
+from tests.echo_jobs import run_echo_workflow
 from tests.test_bad_input import one_line
 
 SIZES = ((64, 48), (20, 30), (96, 96))
@@ -66,16 +67,29 @@ def sizes_of(rows, name="out"):
     return [row[f"{name}_metadata"]["images"] for row in rows]
 
 
-@pytest.mark.parametrize("form", ["paths.jsonl", "binary.parquet", "hf"])
-def test_an_image_field_in_each_form_reaches_the_engines_of_two_ranks(data, tmp_path, form):
+FORMS = {"paths": "paths.jsonl", "binary": "binary.parquet", "hf": "hf"}
+
+
+@pytest.fixture(scope="module")
+def forms_run(data, tmp_path_factory):
+    """One run of 2 ranks (tests/echo_jobs.py) over the records in each form (a node each, named for the form)."""
+    d, _ = data
+    folder = tmp_path_factory.mktemp("forms")
+    nodes = [{"id": name, "type": "text_prompt", "dependencies": [], "params": {
+        "name": name, "data_dir": str(d), "input_data_path": form, "inference_engine": "echo",
+        "generation_options": {"max_tokens": 4}, "batch_size": 4, "return_metadata": True, "image_field": "image",
+        "schedule": "static"}} for name, form in FORMS.items()]
+    return run_echo_workflow(folder, nodes, 2)
+
+
+@pytest.mark.parametrize("name", list(FORMS))
+def test_an_image_field_in_each_form_reaches_the_engines_of_two_ranks(data, forms_run, name):
     d, recs = data
-    p = spmd(run_args(tmp_path, d, form, "schedule=static"), nproc=2)
-    assert p.returncode == 0, p.stderr[-3000:]
-    rows = read_jsonl(tmp_path / "out" / "out.jsonl")
+    rows = forms_run.rows(name)
     assert [r["id"] for r in rows] == [r["id"] for r in recs]  # every record once, in input order
-    assert sizes_of(rows) == [[[r["width"], r["height"]]] for r in recs]  # each record's own image, as generated
-    assert {row["out_metadata"]["rank"] for row in rows} == {0, 1}  # read and opened by both ranks, each its own
-    assert rows[3]["out"] == "Describe this image in"
+    assert sizes_of(rows, name) == [[[r["width"], r["height"]]] for r in recs]  # each record's own image, as generated
+    assert {row[f"{name}_metadata"]["rank"] for row in rows} == {0, 1}  # read and opened by both ranks, each its own
+    assert rows[3][name] == "Describe this image in"
 
 
 def test_chat_image_parts_data_urls_and_several_images_per_prompt(data, tmp_path):

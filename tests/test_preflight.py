@@ -17,6 +17,7 @@ from spmd_dp.prompting.options import sampling_kwargs
 from spmd_dp.prompting.prompts import PromptBuilder
 from spmd_dp.testing import echo_args, spmd, write_jsonl
 from tests.helpers import one_line
+from tests.vllm_jobs import PREFLIGHT, tokenizer_records
 
 LIMIT, MAX_TOKENS = 40, 8
 
@@ -117,22 +118,6 @@ def test_preflight_of_a_bad_config_or_input_is_exit_2_and_writes_nothing(tmp_pat
 
 
 # -- the model's tokenizer, in one process ------------------------------------------------------------------------
-def tokenizer_records():
-    rng = random.Random(7)
-    words = ["rain", "über", "naïve", "日本語", "🙂", "x", "longerword", "a"]
-    out = []
-    for i in range(120):
-        n = rng.randint(2, 40)
-        if i % 5 == 0:
-            out.append({"id": i, "messages": [{"role": "system", "content": "Be brief."},
-                                              {"role": "user", "content": " ".join(rng.choices(words, k=n))}]})
-        elif i % 7 == 0:
-            out.append({"id": i, "prompt": [rng.randint(6, 900) for _ in range(n * 2)]})
-        else:
-            out.append({"id": i, "prompt": " ".join(rng.choices(words, k=n))})
-    return out
-
-
 def true_tokens(tok, record):
     if "messages" in record:
         text = tok.apply_chat_template(record["messages"], tokenize=False, add_generation_prompt=True)
@@ -172,33 +157,29 @@ def test_the_models_tokenizer_counts_and_the_bound_never_misses_a_record_that_do
     assert Tokens(load_config([])).limit == 2048
 
 
-@pytest.mark.vllm
-def test_vllm_preflight_counts_what_the_engine_then_skips(tmp_path):
-    """preflight=true on vLLM CPU, then the same command without it: the records preflight says on_long_prompt=skip
-    skips are the ones the engine skipped (the errors file), and the projection is within reach of the run."""
+@pytest.mark.vllm("one_rank_b")
+@pytest.mark.timeout(3600)  # it may wait for the shared runs
+def test_vllm_preflight_counts_what_the_engine_then_skips(vllm_runs):
+    """preflight=true on vLLM CPU (node pf of the shared job one_rank_b, tests/vllm_jobs.py), then the same job
+    without it (node pfrun): the records preflight says on_long_prompt=skip skips are the ones the engine skipped
+    (the errors file), and the projection is within reach of the run."""
     from transformers import AutoTokenizer
 
     from spmd_dp.models.embedded import resolve_model
 
+    run = vllm_runs["one_rank_b"]
+    assert PREFLIGHT["engine_options"]["max_model_len"] == 64 and PREFLIGHT["on_long_prompt"] == "skip"
+    assert run.finished("pf"), run.tail()
+    assert sorted(x.name for x in run.out.glob("pf.*")) == ["pf.preflight.json"]  # nothing else of node pf
+    r = json.loads((run.out / "pf.preflight.json").read_text())
     records = tokenizer_records()
-    inp = write_jsonl(tmp_path / "data" / "in.jsonl", records)
-    args = [f"data_dir={inp.parent}", "input_data_path=in.jsonl", f"output_dir={tmp_path / 'out'}", "name=v",
-            "engine_options.max_model_len=64", "generation_options.max_tokens=16", "generation_options.temperature=0",
-            "on_long_prompt=skip", "batch_size=8", "engine_options.max_num_seqs=8"]
-    pf = spmd([*args, "preflight=true"], timeout=900)
-    assert pf.returncode == 0, pf.stderr[-4000:]
-    out = tmp_path / "out"
-    assert sorted(x.name for x in out.iterdir()) == ["v.preflight.json"]
-    r = json.loads((out / "v.preflight.json").read_text())
     tok = AutoTokenizer.from_pretrained(resolve_model("spmd-dp/tiny-llama"))
     truth = [true_tokens(tok, x) for x in records]
     skipped = {records[i]["id"] for i, n in enumerate(truth) if n >= 64}
     assert r["context"]["actions"]["skipped"] == len(skipped) and r["context"]["not_fitting"] == \
         sum(1 for n in truth if n + 16 > 64)
     assert r["calibration"]["ranks"][0]["records"] > 0 and r["projection"]["generation_s"] > 0
-    run = spmd(args, timeout=900)
-    assert run.returncode == 0, run.stderr[-4000:]
-    errors = [json.loads(x) for x in (out / "v.errors.jsonl").read_text().splitlines()]
+    errors = run.rows("pfrun", "errors.jsonl")
     assert {e["key"] for e in errors} == skipped  # what vLLM's own renderer found too long
 
 

@@ -12,6 +12,7 @@ import pytest
 
 from spmd_dp.testing import (echo_args, expected_rows, journal_batches, launch, make_records, read_jsonl, spmd,
                              wait_for_batches, worker_pids, write_jsonl)
+from tests.echo_jobs import echo_node, run_echo_workflow
 
 
 @pytest.mark.slow
@@ -121,13 +122,11 @@ def test_resume_after_interruption_and_refusal_of_a_changed_input(tmp_path):
 def test_dynamic_beats_static_on_a_skewed_input(tmp_path):
     # the long records sit together at the start: static gives them all to rank 0
     records = [{"id": i, "prompt": ("x " * (30 if i < 16 else 3)).strip()} for i in range(64)]
-    inp = write_jsonl(tmp_path / "data" / "in.jsonl", records)
-    busy = {}
-    for schedule in ("static", "dynamic"):
-        p = spmd(echo_args(tmp_path, inp, f"schedule={schedule}", "batch_size=4", "generation_options.max_tokens=30",
-                           "engine_options.echo_delay_s=0.01", f"name={schedule}"), nproc=2, timeout=120)
-        assert p.returncode == 0, p.stderr[-3000:]
-        busy[schedule] = json.loads((tmp_path / "out" / f"{schedule}.metrics.json").read_text())["total"]["max_busy_s"]
+    nodes = [echo_node(tmp_path, schedule, records, max_tokens=30, schedule=schedule, batch_size=4,
+                       engine_options={"echo_delay_s": 0.01}) for schedule in ("static", "dynamic")]
+    run = run_echo_workflow(tmp_path, nodes, 2, timeout=120)  # one torchrun (tests/echo_jobs.py), a node each
+    assert run.returncode == 0, run.tail()
+    busy = {schedule: run.metrics(schedule)["total"]["max_busy_s"] for schedule in ("static", "dynamic")}
     # total work 6.2 s: static's rank 0 has 5.3 s of it, dynamic splits it ~3.1 s each
     print(f"max busy s: {busy}; static / dynamic = {busy['static'] / busy['dynamic']:.2f}")
     assert busy["dynamic"] < 0.8 * busy["static"], busy

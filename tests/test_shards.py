@@ -21,8 +21,9 @@ from spmd_dp.inputs import LocalGroup
 from spmd_dp.output.paths import OutputPaths
 from spmd_dp.output.shards import ShardWriter, finish_shards
 from spmd_dp.output.sink import Output
-from spmd_dp.testing import (echo_args, expected_rows, launch, make_records, read_jsonl, spmd, wait_for_batches,
-                             wait_until, worker_pids, write_jsonl)
+from spmd_dp.testing import (echo_args, expected_rows, launch, make_records, read_jsonl, wait_for_batches, wait_until,
+                             worker_pids, write_jsonl)
+from tests.echo_jobs import echo_node, run_echo_workflow
 
 FP = {"input_sha256": "abc", "n_records": 12}
 
@@ -145,25 +146,34 @@ def test_parquet_shards_are_brought_to_one_schema(tmp_path):
 
 # --- real torchrun ------------------------------------------------------------------------------------------
 
+@pytest.fixture(scope="module")
+def sixteen(tmp_path_factory):
+    """One run of 16 ranks (tests/echo_jobs.py), 400 records to a folder of shards (node sharded), then to one file
+    (node single)."""
+    folder = tmp_path_factory.mktemp("sixteen")
+    nodes = [echo_node(folder, mode, SIXTEEN, output_mode=mode, batch_size=8, engine_options={"echo_delay_s": 0.002})
+             for mode in ("sharded", "single")]
+    return run_echo_workflow(folder, nodes, 16, "log_level=WARNING")
+
+
+SIXTEEN = make_records(400)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["sharded", "single"])
-def test_sixteen_ranks(tmp_path, mode):
-    records = make_records(400)
-    inp = write_jsonl(tmp_path / "data" / "in.jsonl", records)
-    p = spmd(echo_args(tmp_path, inp, f"output_mode={mode}", "batch_size=8", "engine_options.echo_delay_s=0.002",
-                       "log_level=WARNING"), nproc=16, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
-    out = tmp_path / "out"
-    rows = shard_rows(out / "out") if mode == "sharded" else read_jsonl(out / "out.jsonl")
-    assert rows == expected_rows(records)  # complete, in input order, each key once
-    ranks = json.loads((out / "out.metrics.json").read_text())["ranks"]
+def test_sixteen_ranks(sixteen, mode):
+    assert sixteen.returncode == 0, sixteen.tail()
+    out = sixteen.out
+    rows = shard_rows(out / mode) if mode == "sharded" else read_jsonl(out / f"{mode}.jsonl")
+    assert rows == expected_rows(SIXTEEN, mode)  # complete, in input order, each key once
+    ranks = sixteen.metrics(mode)["ranks"]
     assert len(ranks) == 16 and sum(r["records"] for r in ranks) == 400
     if mode == "sharded":
-        manifest = json.loads((out / "out" / "_manifest.json").read_text())
+        manifest = json.loads((out / mode / "_manifest.json").read_text())
         assert len(manifest["shards"]) == 50 and manifest["records"] == 400
         writers = {s["path"].split("-")[3] for s in manifest["shards"]}
         assert len(writers) > 1  # the ranks wrote their own shards
-        assert not (out / "out.jsonl").exists() and not (out / "out.parts").exists()
+        assert not (out / f"{mode}.jsonl").exists() and not (out / f"{mode}.parts").exists()
 
 
 def unjournaled_parts(out: Path):
@@ -212,40 +222,58 @@ def manifest_paths(manifest):
     return {s["path"] for s in manifest["shards"]}
 
 
+READ_BACK = make_records(90)
+
+
+@pytest.fixture(scope="module")
+def read_back(tmp_path_factory):
+    """One run of 3 ranks (tests/echo_jobs.py): for each format, the single file (node <fmt>_single), the folder of
+    shards (<fmt>_sharded) and the shards merged (<fmt>_merged), with the per-record columns of issue 16."""
+    folder = tmp_path_factory.mktemp("read_back")
+    modes = {"single": {}, "sharded": {"output_mode": "sharded"}, "merged": {"output_mode": "sharded", "merge": True}}
+    nodes = [echo_node(folder, f"{fmt}_{mode}", READ_BACK, output_format=fmt, batch_size=8,
+                       generation_options={"logprobs": 2}, **extra)
+             for fmt in ("jsonl", "parquet") for mode, extra in modes.items()]
+    return run_echo_workflow(folder, nodes, 3)
+
+
+def renamed(table, name, to):
+    """The table with the columns of node `name` (name, name_logprobs, ...) named as node `to`'s."""
+    return table.rename_columns([to + c[len(name):] if c.startswith(name) else c for c in table.column_names])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
-def test_the_shard_set_reads_back_as_the_single_file(tmp_path, fmt):
+def test_the_shard_set_reads_back_as_the_single_file(read_back, fmt):
     """pyarrow.dataset, datasets and pandas read the folder of shards as one dataset, equal to the single-file
     output record for record (with the per-record columns of issue 16: token ids, logprobs as float32, metadata);
-    merge=true writes that single file from the shards."""
+    merge=true writes that single file from the shards. The nodes' names differ (the output column is the name):
+    the single file's columns are compared under the sharded node's names."""
     import datasets
     import pandas as pd
     import pyarrow.dataset as ds
     import pyarrow.parquet as pq
 
-    records = make_records(90)
-    inp = write_jsonl(tmp_path / "data" / "in.jsonl", records)
-    common = [f"output_format={fmt}", "batch_size=8", "generation_options.logprobs=2"]
-    for name, extra in (("single", []), ("sharded", ["output_mode=sharded"]),
-                        ("merged", ["output_mode=sharded", "merge=true"])):
-        p = spmd(echo_args(tmp_path, inp, *common, *extra, name="x", ) + [f"output_dir={tmp_path / name}"], nproc=3)
-        assert p.returncode == 0, p.stderr[-3000:]
-    folder = tmp_path / "sharded" / "x"
+    assert read_back.returncode == 0, read_back.tail()
+    out = read_back.out
+    one, sh, merged = f"{fmt}_single", f"{fmt}_sharded", f"{fmt}_merged"
+    folder = out / sh
     files = sorted(glob.glob(str(folder / f"*.{fmt}")))
     if fmt == "jsonl":
-        single = ds.dataset(tmp_path / "single" / "x.jsonl", format="json").to_table()
+        single = renamed(ds.dataset(out / f"{one}.jsonl", format="json").to_table(), one, sh)
         table = ds.dataset(folder, format="json").to_table()
-        assert (tmp_path / "merged" / "x.jsonl").read_bytes() == (tmp_path / "single" / "x.jsonl").read_bytes()
+        assert (out / f"{merged}.jsonl").read_text().replace(f'"{merged}', f'"{one}') == \
+            (out / f"{one}.jsonl").read_text()
     else:
-        single = pq.read_table(tmp_path / "single" / "x.parquet")
+        single = renamed(pq.read_table(out / f"{one}.parquet"), one, sh)
         table = ds.dataset(folder).to_table()
-        assert pq.read_table(tmp_path / "merged" / "x.parquet").equals(single)
-        assert str(table.schema.field("x_logprobs").type.field("logprobs").type) == "list<element: float>"
+        assert renamed(pq.read_table(out / f"{merged}.parquet"), merged, sh).equals(single)
+        assert str(table.schema.field(f"{sh}_logprobs").type.field("logprobs").type) == "list<element: float>"
     assert table.equals(single)
     assert table.to_pylist() == single.to_pylist() and len(single) == 90
     hf = datasets.load_dataset("json" if fmt == "jsonl" else "parquet", data_files=files, split="train")
     assert hf.to_list() == single.to_pylist()
     frame = pd.read_parquet(folder) if fmt == "parquet" else pd.concat([pd.read_json(f, lines=True, dtype=False)
                                                                          for f in files], ignore_index=True)
-    assert frame["id"].tolist() == [r["id"] for r in records]
-    assert frame["x"].tolist() == [r["x"] for r in single.to_pylist()]
+    assert frame["id"].tolist() == [r["id"] for r in READ_BACK]
+    assert frame[sh].tolist() == [r[sh] for r in single.to_pylist()]

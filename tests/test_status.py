@@ -13,8 +13,9 @@ import urllib.request
 
 import pytest
 
-from spmd_dp.testing import REPO, clean_env, echo_args, launch, make_records, running, spmd, wait_for_batches, \
+from spmd_dp.testing import REPO, clean_env, echo_args, launch, make_records, running, wait_for_batches, \
     worker_pids, write_jsonl
+from tests.echo_jobs import echo_node, run_echo_workflow
 from tests.helpers import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timing]  # runs over seconds, a kill at a moment
@@ -147,18 +148,18 @@ RESTART_RED, DRAIN_PURPLE = (0xd6, 0x27, 0x28), (0x7b, 0x32, 0x94)
 
 def test_the_timeline_of_a_plain_run_a_run_with_an_engine_restart_and_a_drained_run(tmp_path):
     pytest.importorskip("matplotlib")
-    inp = write_jsonl(tmp_path / "data" / "in.jsonl", make_records(400, words=8))
-    base = ("batch_size=16", "engine_options.echo_delay_s=0.003")
-    plain = spmd(echo_args(tmp_path, inp, *base, name="plain"), nproc=2)
-    assert plain.returncode == 0, plain.stderr[-3000:]
-    fault = spmd(echo_args(tmp_path, inp, *base, "engine_options.echo_fault_ranks=[1]",
-                           "engine_options.echo_fault_after_steps=40", name="fault"), nproc=2)
-    assert fault.returncode == 0, fault.stderr[-3000:]
+    records = make_records(400, words=8)
+    inp = write_jsonl(tmp_path / "data" / "in.jsonl", records)
+    # plain, then fault: one torchrun (tests/echo_jobs.py), a node each
+    nodes = [echo_node(tmp_path, name, records, batch_size=16, engine_options={"echo_delay_s": 0.003, **faults})
+             for name, faults in (("plain", {}), ("fault", {"echo_fault_ranks": [1], "echo_fault_after_steps": 40}))]
+    run = run_echo_workflow(tmp_path, nodes, 2)
+    assert run.returncode == 0, run.tail()
     out = tmp_path / "out"
-    for name, log in (("plain", plain.stderr), ("fault", fault.stderr)):
+    for name in ("plain", "fault"):
         png = out / f"{name}.timeline.png"
-        assert f"timeline: {png}" in log and png.stat().st_size > 10_000
-    assert "restarting it on the same slice" in fault.stderr
+        assert f"timeline: {png}" in run.section(name) and png.stat().st_size > 10_000
+    assert "restarting it on the same slice" in run.section("fault")
     assert red_pixels(out / "fault.timeline.png", RESTART_RED) > 50  # the restart drawn (and in the legend)
     assert red_pixels(out / "plain.timeline.png", RESTART_RED) == 0
     events = [json.loads(x) for x in (out / "fault.events.jsonl").read_text().splitlines()]

@@ -1,15 +1,42 @@
-"""Real torchrun, real gloo, the echo engine: output complete and ordered, the seed's log lines."""
+"""Real torchrun, real gloo, the echo engine: output complete and ordered, the seed's log lines. The runs are shared
+(tests/echo_jobs.py): one torchrun per number of ranks, of a workflow whose nodes are the tests' jobs; each test reads
+its node."""
 
-import json
 import re
 
 import pytest
 
-from spmd_dp.testing import echo_args, make_records, read_jsonl, spmd, write_jsonl
+from spmd_dp.testing import echo_args, make_records, spmd, write_jsonl
+from tests.echo_jobs import echo_node, run_echo_workflow
+
+RECORDS, SPLIT, FEW = make_records(61), make_records(33), make_records(2)
 
 
-def check_output(out_path, records, name="out", words=4):
-    rows = read_jsonl(out_path)
+def nodes(folder, nproc):
+    """static and dynamic over 61 records (batch_size 8) on any number of ranks; on 4, also 33 records (static, the
+    default batch_size) and 2 records (fewer than the ranks) under static and dynamic."""
+    out = [echo_node(folder, s, RECORDS, schedule=s, batch_size=8) for s in ("static", "dynamic")]
+    if nproc == 4:
+        out += [echo_node(folder, "split", SPLIT, schedule="static"),
+                echo_node(folder, "few_static", FEW, schedule="static"),
+                echo_node(folder, "few_dynamic", FEW, schedule="dynamic")]
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The shared run of `nproc` ranks, made on first use."""
+    made = {}
+
+    def get(nproc):
+        if nproc not in made:
+            folder = tmp_path_factory.mktemp(f"echo{nproc}")
+            made[nproc] = run_echo_workflow(folder, nodes(folder, nproc), nproc)
+        return made[nproc]
+    return get
+
+
+def check_output(rows, records, name="out", words=4):
     assert [r["id"] for r in rows] == [r["id"] for r in records]  # complete, in input order, each key once
     for got, rec in zip(rows, records):
         assert got["prompt"] == rec["prompt"]
@@ -18,46 +45,38 @@ def check_output(out_path, records, name="out", words=4):
 
 @pytest.mark.parametrize("nproc", [1, 2, 4])
 @pytest.mark.parametrize("schedule", ["static", "dynamic"])
-def test_torchrun_echo(tmp_path, nproc, schedule):
-    records = make_records(61)
-    inp = write_jsonl(tmp_path / "data" / "in.jsonl", records)
-    p = spmd(echo_args(tmp_path, inp, f"schedule={schedule}", "batch_size=8"), nproc=nproc)
-    assert p.returncode == 0, p.stderr[-3000:]
-    check_output(tmp_path / "out" / "out.jsonl", records)
-    log = p.stderr
-    assert f"[rank 0/{nproc} " in log and f"Starting {nproc} data parallel workers" in log
+def test_torchrun_echo(runs, nproc, schedule):
+    run = runs(nproc)
+    assert run.returncode == 0, run.tail()
+    check_output(run.rows(schedule), RECORDS, schedule)
+    assert f"[rank 0/{nproc} " in run.log and f"Starting {nproc} data parallel workers" in run.log
+    log = run.section(schedule)
     for r in range(nproc):
         assert re.search(rf"\[rank {r}/{nproc} .*Worker rank {r} is ready", log)
     received = re.findall(r"Received results for batch (\d+) from rank (\d+)", log)
     assert sorted(int(b) for b, _ in received) == list(range(8))  # 61 records / 8 = 8 batches, each once
     assigned = [int(n) for n in re.findall(r"Assigned (\d+) prompts to rank \d+", log)]
     assert sum(assigned) == 61
-    metrics = json.loads((tmp_path / "out" / "out.metrics.json").read_text())
+    metrics = run.metrics(schedule)
     assert metrics["total"]["records"] == 61 and len(metrics["ranks"]) == nproc
     assert sum(r["records"] for r in metrics["ranks"]) == 61
     assert metrics["total"]["output_tokens"] == 61 * 4
 
 
-def test_seed_split_logged_under_static(tmp_path):
-    records = make_records(33)
-    inp = write_jsonl(tmp_path / "data" / "in.jsonl", records)
-    p = spmd(echo_args(tmp_path, inp, "schedule=static"), nproc=4)
-    assert p.returncode == 0, p.stderr[-3000:]
+def test_seed_split_logged_under_static(runs):
+    run = runs(4)
+    log = run.section("split")
     for r, n in enumerate([9, 8, 8, 8]):
-        assert f"Assigned {n} prompts to rank {r}\n" in p.stderr
-    check_output(tmp_path / "out" / "out.jsonl", records)
+        assert f"Assigned {n} prompts to rank {r}\n" in log
+    check_output(run.rows("split"), SPLIT, "split")
 
 
-@pytest.mark.slow
-def test_ranks_without_records_take_part_and_finish(tmp_path):
-    records = make_records(2)
-    inp = write_jsonl(tmp_path / "data" / "in.jsonl", records)
+def test_ranks_without_records_take_part_and_finish(runs):
+    run = runs(4)
+    assert run.returncode == 0, run.tail()
     for schedule in ("static", "dynamic"):
-        p = spmd(echo_args(tmp_path, inp, f"schedule={schedule}", "overwrite=true"), nproc=4)
-        assert p.returncode == 0, p.stderr[-3000:]
-        check_output(tmp_path / "out" / "out.jsonl", records)
-    assert "Assigned 0 prompts to rank 3" in spmd(echo_args(tmp_path, inp, "schedule=static", "overwrite=true"),
-                                                   nproc=4).stderr
+        check_output(run.rows(f"few_{schedule}"), FEW, f"few_{schedule}")
+    assert "Assigned 0 prompts to rank 3" in run.section("few_static")
 
 
 @pytest.mark.slow

@@ -1,8 +1,9 @@
 """The real-vLLM runs the vLLM tests share. A vLLM CPU engine takes ~25-35 s to start, so each job here is ONE run
 of a workflow whose text_prompt nodes (each one test's job) keep the rank's engine from node to node
 (spmd_dp/engines/cache.py); the engine starts again only where a node needs another one (LoRA, a pooling model).
-The tests read a node's output and its part of the log; conftest's `vllm_runs` fixture runs, once per session, the
-jobs the selected tests name in their marker (`@pytest.mark.vllm("two_ranks")`), side by side where the cores allow.
+The tests read a node's output and its part of the log; conftest starts, once per session and in the background
+while the other tests run, the jobs the selected tests name in their marker (`@pytest.mark.vllm("two_ranks")`),
+side by side where the cores allow; the vLLM tests run last.
 
 What a reader would get wrong: a node's test does not need the whole run to succeed, only its node (the run
 went past it): the last node of `two_ranks` is the kill -9 of an EngineCore, and only its own test fails if that
@@ -24,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
-from spmd_dp.testing import (REPO, clean_env, engine_core_pid, make_records, read_jsonl, running, torchrun_command,
-                             wait_until, worker_pids, write_jsonl)
+from spmd_dp.testing import (REPO, clean_env, doc_qa_records, engine_core_pid, image_bytes, make_records, read_jsonl,
+                             running, torchrun_command, wait_until, worker_pids, write_jsonl)
 
 # --- what the nodes read --------------------------------------------------------------------------------------
 
@@ -92,6 +93,71 @@ def lora_records(who: str) -> List[dict]:
            [{"id": f"base{i}", "prompt": p, "lora_adapter": None} for i, p in enumerate(PROMPTS)]
 
 
+# prefix affinity (tests/test_prefix_runs.py): a shuffled doc-QA sample whose documents' KV exceeds the cache (8
+# blocks of 128 tokens; a document is 160 tokens); `pfx_on` first, then `pfx_off` on the engine it leaves (what
+# `pfx_on` left cached can only raise pfx_off's hit rate: the comparison is the harder for it)
+PREFIX_RECORDS = doc_qa_records(12, 6, doc_len=160, question_len=8, seed=4, vocab=1000)
+PREFIX = dict(generation_options={"temperature": 0, "max_tokens": 4}, batch_size=4,
+              engine_options={"max_model_len": 256, "vllm_kwargs": {"num_gpu_blocks_override": 8}})
+IMAGE_QUESTION = "What is in the picture?"
+
+
+def tokenizer_records() -> List[dict]:
+    """Preflight's records (tests/test_preflight.py): prompts, chats and token ids of 2..80 tokens and more."""
+    rng = random.Random(7)
+    words = ["rain", "über", "naïve", "日本語", "🙂", "x", "longerword", "a"]
+    out = []
+    for i in range(120):
+        n = rng.randint(2, 40)
+        if i % 5 == 0:
+            out.append({"id": i, "messages": [{"role": "system", "content": "Be brief."},
+                                              {"role": "user", "content": " ".join(rng.choices(words, k=n))}]})
+        elif i % 7 == 0:
+            out.append({"id": i, "prompt": [rng.randint(6, 900) for _ in range(n * 2)]})
+        else:
+            out.append({"id": i, "prompt": " ".join(rng.choices(words, k=n))})
+    return out
+
+
+# preflight=true (node pf), then the same job (node pfrun): on_long_prompt=skip, max_model_len 64
+PREFLIGHT = dict(engine_options={"max_model_len": 64, "max_num_seqs": 8}, batch_size=8, on_long_prompt="skip",
+                 generation_options={"max_tokens": 16, "temperature": 0})
+
+
+def image_node(folder: Path) -> dict:
+    """A tiny Idefics3 with dummy weights (spmd_dp/models/vision.py; tests/test_images_vllm.py), images in the
+    data folder: one, two, a data: URL, none, token ids with the <image> token, token ids without it."""
+    import base64
+
+    from transformers import AutoTokenizer
+
+    from spmd_dp.models.vision import write_folder
+
+    model = folder / "idefics3-tiny"
+    write_folder("idefics3-tiny", model)
+    d = folder / "data"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "wide.png").write_bytes(image_bytes(96, 40))  # 112x47: 2x1 tiles + the global one
+    (d / "square.jpg").write_bytes(image_bytes(60, 60, "JPEG"))  # 112x112: 2x2 tiles + the global one
+    url = "data:image/png;base64," + base64.b64encode(image_bytes(96, 40, seed=3)).decode()
+    tok = AutoTokenizer.from_pretrained(model)
+    image, words = tok.convert_tokens_to_ids("<image>"), tok.encode("the weather", add_special_tokens=False)
+    records = [
+        {"id": "one", "prompt": IMAGE_QUESTION, "image": "wide.png"},
+        {"id": "two", "prompt": IMAGE_QUESTION, "image": ["wide.png", "square.jpg"]},
+        {"id": "url", "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": IMAGE_QUESTION}]}]},
+        {"id": "none", "prompt": IMAGE_QUESTION, "image": None},
+        {"id": "ids", "prompt": [image] + words, "image": "square.jpg"},  # vLLM's multi_modal_data with token ids
+        {"id": "no_placeholder", "prompt": words, "image": "square.jpg"},
+    ]
+    return node(folder, "images", records, model_name=str(model), image_field="image", chat=True,
+                return_metadata=True, on_bad_record="skip", batch_size=2,
+                generation_options={"max_tokens": 4, "temperature": 0},
+                engine_options={"max_model_len": 1024, "limit_mm_per_prompt": 2,
+                                "vllm_kwargs": {"load_format": "dummy"}})
+
+
 def node(folder: Path, name: str, records: Sequence[dict], **params) -> dict:
     write_jsonl(folder / "data" / f"{name}.jsonl", records)
     return {"id": name, "type": "text_prompt", "dependencies": [],
@@ -110,8 +176,9 @@ def workflow(folder: Path, nodes: Sequence[dict]) -> List[str]:
 
 def two_ranks(folder: Path) -> List[str]:
     """2 ranks: the OpenAI Batch file (a generate and an embed engine per rank), then one generate engine per rank
-    for greedy text, chat/token ids/n/per-record options, structured outputs and logprobs, and a kill -9 of
-    rank 1's EngineCore in the last node (`killed`; `ref`: the same records undisturbed)."""
+    for greedy text, chat/token ids/n/per-record options, structured outputs and logprobs; prefix affinity on and
+    off (a small KV cache); and a kill -9 of rank 1's EngineCore in the last node (`killed`; `ref`: the same
+    records undisturbed)."""
     kill = dict(generation_options={"temperature": 0, "max_tokens": 32, "ignore_eos": True}, batch_size=8,
                 schedule="static", engine_options=TINY)  # static: rank 1 has its half whenever its engine is up
     return workflow(folder, [
@@ -125,24 +192,29 @@ def two_ranks(folder: Path) -> List[str]:
              on_bad_record="skip", engine_options=TINY),
         node(folder, "so", structured_records(), generation_options={"temperature": 0.8, "max_tokens": 24},
              batch_size=4, return_metadata=True, schedule="static", engine_options=TINY),
+        node(folder, "pfx_on", PREFIX_RECORDS, prefix_affinity=True, **PREFIX),
+        node(folder, "pfx_off", PREFIX_RECORDS, prefix_affinity=False, **PREFIX),
         node(folder, "ref", KILL_RECORDS, **kill),
         node(folder, "killed", KILL_RECORDS, **kill),
     ])
 
 
 def one_rank_a(folder: Path) -> List[str]:
-    """1 rank: the greedy records of `two` on the same engine; LoRA: both adapters mixed, then adapter a alone."""
+    """1 rank: the greedy records of `two` on the same engine; LoRA: both adapters mixed, then adapter a alone;
+    images on a tiny vision model."""
     return workflow(folder, [
         node(folder, "one", GREEDY, generation_options=GREEDY_24, batch_size=4, engine_options=TINY),
         node(folder, "lora_mixed", lora_records("mixed"), generation_options=LORA_GREEDY, batch_size=4,
              engine_options={**LORA_ENGINE, "lora_adapters": LORAS}),
         node(folder, "lora_a", lora_records("a"), generation_options=LORA_GREEDY, batch_size=4, lora_adapter="a",
              engine_options={**LORA_ENGINE, "lora_adapters": {"a": LORAS["a"]}}),
+        image_node(folder),
     ])
 
 
 def one_rank_b(folder: Path) -> List[str]:
-    """1 rank: adapter b alone; classify, reward and score on the 1-label model; embed and score on the LM."""
+    """1 rank: adapter b alone; classify, reward and score on the 1-label model; embed and score on the LM;
+    preflight=true, then the same job (the engine kept)."""
     cls = [{"id": f"{t}{i}", "prompt": p, "task": t} for i, p in enumerate(PROMPTS) for t in ("classify", "reward")]
     cls += [{"id": f"score{i}", "prompt": PROMPTS[0], "document": d, "task": "score"} for i, d in enumerate(PROMPTS)]
     bi = [{"id": i, "prompt": PROMPTS[0], "document": d, "task": "score"} for i, d in enumerate(PROMPTS)]
@@ -153,6 +225,8 @@ def one_rank_b(folder: Path) -> List[str]:
         node(folder, "cls", cls, model_name="spmd-dp/tiny-llama-reward", task=["classify", "reward", "score"],
              batch_size=4),
         node(folder, "bi", bi, task=["embed", "score"], batch_size=4),
+        node(folder, "pf", tokenizer_records(), preflight={"enabled": True}, **PREFLIGHT),
+        node(folder, "pfrun", tokenizer_records(), **PREFLIGHT),
     ])
 
 
@@ -308,14 +382,21 @@ def run_jobs(names: Sequence[str], root: Path) -> Dict[str, Run]:
 
 
 class VllmRuns:
-    """The session's runs by job name; started on first use (conftest's fixture)."""
+    """The session's runs by job name. They start in the background as the session starts (conftest), while the
+    other tests run; a test that reads one waits for it (each job ends within 900 s)."""
 
     def __init__(self, names: Sequence[str], root: Path) -> None:
-        self.root, self.runs = root, run_jobs(names, root)
-        (root / "jobs.txt").write_text("".join(f"{r.job}: exit {r.returncode}, started at +{r.start_s}s, ran "
-                                               f"{r.wall_s}s on cores {r.cores}\n" for r in self.runs.values()))
+        self.root, self.runs = root, {}
+        self.thread = threading.Thread(target=self._run, args=(list(names),), name="vllm-jobs", daemon=True)
+        self.thread.start()
+
+    def _run(self, names: List[str]) -> None:
+        self.runs.update(run_jobs(names, self.root))
+        (self.root / "jobs.txt").write_text("".join(f"{r.job}: exit {r.returncode}, started at +{r.start_s}s, ran "
+                                                    f"{r.wall_s}s on cores {r.cores}\n" for r in self.runs.values()))
 
     def __getitem__(self, name: str) -> Run:
+        self.thread.join(timeout=900 * len(JOBS))
         if name not in self.runs:  # a test that did not name its job in its marker
             self.runs.update(run_jobs([name], self.root))
         return self.runs[name]
