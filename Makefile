@@ -1,6 +1,7 @@
 # spmd_dp on a machine without GPUs. `make run` and `make test` set everything up first.
 VENV ?= .venv
 NPROC ?= 2
+TEST_WORKERS ?= 2  # make test: pytest-xdist processes (the vLLM tests in one, the Slurm tests in one)
 PY := $(VENV)/bin/python
 
 .PHONY: setup run test test-fast clean
@@ -16,13 +17,13 @@ run: setup
 
 # Every test: pure logic, config, real torchrun over gloo, real vLLM on CPU.
 test: setup
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 # The quick tests: no real vLLM, no Slurm, none marked slow (over ~10 s) or timing-dependent (pyproject.toml's markers).
 # Still ~525 tests, many of them short torchrun runs: minutes, not one (measured: 6 CPU-minutes; 14 min on a
 # 2-core machine shared with other jobs).
 test-fast: setup
-	$(PY) -m pytest -q -m "not vllm and not slurm and not slow and not timing" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) -m "not vllm and not slurm and not slow and not timing" $(PYTEST_ARGS)
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -15,19 +15,36 @@ def records_file(tmp_path: Path) -> Path:
     return write_jsonl(tmp_path / "data" / "in.jsonl", make_records(50))
 
 
+def _in_xdist_worker(config) -> bool:
+    return hasattr(config, "workerinput")  # pytest-xdist: `make test` runs the tests in two worker processes
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(session, config, items):
-    """The vLLM tests last: their shared runs (tests/vllm_jobs.py) go on in the background meanwhile."""
-    items.sort(key=lambda item: item.get_closest_marker("vllm") is not None)  # stable: the order within stays
+    """One process alone: the vLLM tests last, their shared runs (tests/vllm_jobs.py) going on in the background
+    meanwhile. Under pytest-xdist (`-n 2 --dist loadgroup`): the vLLM tests first and in one group (one worker runs
+    the shared runs and reads them while the other takes the rest), the Slurm tests in one group (one cluster)."""
+    worker = _in_xdist_worker(config)
+    for item in items:
+        for group in ("vllm", "slurm"):
+            if worker and item.get_closest_marker(group) is not None:
+                item.add_marker(pytest.mark.xdist_group(group))
+    def vllm_last(item) -> bool:
+        is_vllm = item.get_closest_marker("vllm") is not None
+        return not is_vllm if worker else is_vllm
+
+    items.sort(key=vllm_last)  # stable: the order within stays
 
 
 @pytest.fixture(scope="session", autouse=True)
 def vllm_runs(request, tmp_path_factory):
     """The real-vLLM runs the vLLM tests share (tests/vllm_jobs.py): the jobs the selected tests name in their
     marker, @pytest.mark.vllm("two_ranks", ...), started at the session's start in the background (none if no vLLM
-    test is selected); reading one waits for it."""
+    test is selected; under xdist when the first is read); reading one waits for it."""
     names = {n for item in request.session.items for m in item.iter_markers("vllm") for n in m.args}
     if not names:
         return None
     from tests.vllm_jobs import VllmRuns
 
-    return VllmRuns(sorted(names), tmp_path_factory.mktemp("vllm"))
+    # under xdist every worker sees every test: the runs start in the worker that reads one first
+    return VllmRuns(sorted(names), tmp_path_factory.mktemp("vllm"), start=not _in_xdist_worker(request.config))

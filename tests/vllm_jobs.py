@@ -385,10 +385,11 @@ class VllmRuns:
     """The session's runs by job name. They start in the background as the session starts (conftest), while the
     other tests run; a test that reads one waits for it (each job ends within 900 s)."""
 
-    def __init__(self, names: Sequence[str], root: Path) -> None:
+    def __init__(self, names: Sequence[str], root: Path, start: bool = True) -> None:
         self.root, self.runs = root, {}
         self.thread = threading.Thread(target=self._run, args=(list(names),), name="vllm-jobs", daemon=True)
-        self.thread.start()
+        if start:
+            self.thread.start()
 
     def _run(self, names: List[str]) -> None:
         self.runs.update(run_jobs(names, self.root))
@@ -396,6 +397,8 @@ class VllmRuns:
                                                     f"{r.wall_s}s on cores {r.cores}\n" for r in self.runs.values()))
 
     def __getitem__(self, name: str) -> Run:
+        if self.thread.ident is None:  # not started yet (pytest-xdist: conftest.py)
+            self.thread.start()
         self.thread.join(timeout=900 * len(JOBS))
         if name not in self.runs:  # a test that did not name its job in its marker
             self.runs.update(run_jobs([name], self.root))
