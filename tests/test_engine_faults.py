@@ -99,8 +99,11 @@ def test_every_rank_failing_is_one_line_and_a_bounded_exit(tmp_path, records_fil
                        "engine_options.echo_fault_times=9"), nproc=3, timeout=180)
     assert time.monotonic() - t0 < 20 + 30
     assert p.returncode != 0
+    # every rank reaches the same conclusion and says it; torchrun stops the others once the first has exited, so
+    # under load a rank may be gone before it printed: one line per rank that got to print it
     lines = [ln for ln in p.stderr.splitlines() if ln.startswith("spmd_dp: ")]
-    assert len(lines) == 3 and all(ln.startswith("spmd_dp: error: no rank could keep its engine running") for ln in lines)
+    assert 1 <= len(lines) <= 3, p.stderr[-3000:]
+    assert all(ln.startswith("spmd_dp: error: no rank could keep its engine running") for ln in lines), lines
     assert "lost the other ranks" not in p.stderr and "gloo" not in p.stderr.lower()
 
 
