@@ -19,16 +19,20 @@ def _in_xdist_worker(config) -> bool:
     return hasattr(config, "workerinput")  # pytest-xdist: `make test` runs the tests in two worker processes
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+def pytest_itemcollected(item):
+    """Under pytest-xdist (`-n 2 --dist loadgroup`) the vLLM tests are one group (one worker runs their shared runs
+    and reads them while the other takes the rest), the Slurm tests another (one cluster). Here, as each test is
+    collected: xdist reads the groups in its own collection_modifyitems."""
+    if _in_xdist_worker(item.config):
+        for group in ("vllm", "slurm"):
+            if item.get_closest_marker(group) is not None:
+                item.add_marker(pytest.mark.xdist_group(group))
+
+
 def pytest_collection_modifyitems(session, config, items):
     """One process alone: the vLLM tests last, their shared runs (tests/vllm_jobs.py) going on in the background
-    meanwhile. Under pytest-xdist (`-n 2 --dist loadgroup`): the vLLM tests first and in one group (one worker runs
-    the shared runs and reads them while the other takes the rest), the Slurm tests in one group (one cluster)."""
+    meanwhile. Under pytest-xdist: the vLLM tests first (their group starts at once)."""
     worker = _in_xdist_worker(config)
-    for item in items:
-        for group in ("vllm", "slurm"):
-            if worker and item.get_closest_marker(group) is not None:
-                item.add_marker(pytest.mark.xdist_group(group))
     def vllm_last(item) -> bool:
         is_vllm = item.get_closest_marker("vllm") is not None
         return not is_vllm if worker else is_vllm
