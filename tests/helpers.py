@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import gzip
 import json
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import List
+from typing import Dict, Iterator, List
 
 import torch.distributed as dist
 
@@ -143,3 +144,34 @@ def run_loop(tmp_path, records, batch_size, engine, *overrides):
 
 def token_records(n):
     return [{"id": i, "prompt": [1] * 20} for i in range(n)]
+
+
+# S3: a real S3-protocol server on localhost (moto's standalone server, over HTTP), what the S3 tests share
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+S3_NO_METADATA = {"AWS_EC2_METADATA_DISABLED": "true", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
+                  "AWS_CONFIG_FILE": "/nonexistent"}  # no credentials from this machine's files or cloud metadata
+
+
+@contextmanager
+def s3_server(objects: Dict[str, bytes], key: str = "testing", secret: str = "testing") -> Iterator[str]:
+    """A server holding `objects` ("bucket/key": bytes); yields its endpoint URL. moto keeps its buckets per process
+    (a pytest worker runs many modules): each module names buckets of its own."""
+    import logging
+
+    import s3fs
+    from moto import server as moto_server
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        fs = s3fs.S3FileSystem(endpoint_url=endpoint, key=key, secret=secret)
+        for bucket in sorted({name.split("/", 1)[0] for name in objects}):
+            fs.mkdir(bucket)
+        for name, data in objects.items():
+            fs.pipe(name, data)
+        yield endpoint
+    finally:
+        server.stop()

@@ -16,7 +16,7 @@ from spmd_dp.prompting.prompts import PromptBuilder
 from spmd_dp.testing import (image_bytes, launch, read_jsonl, running, spmd, wait_for_batches,
                              write_image_records, write_jsonl)
 from tests.echo_jobs import run_echo_workflow
-from tests.test_bad_input import one_line
+from tests.helpers import S3_CREDENTIALS, S3_NO_METADATA, one_line, s3_server
 
 SIZES = ((64, 48), (20, 30), (96, 96))
 
@@ -259,28 +259,14 @@ def test_images_in_a_bucket_are_read_by_the_generating_ranks(data, tmp_path):
     scan does not read them; each rank reads its records' images when it generates them; a missing object is then
     a record the engine rejected, named in the errors file."""
     pytest.importorskip("s3fs")
-    moto_server = pytest.importorskip("moto.server")
-    import s3fs
-
-    from tests.test_s3 import CREDENTIALS, NO_METADATA
-
+    pytest.importorskip("moto.server")
     d, recs = data
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
-        fs = s3fs.S3FileSystem(endpoint_url=endpoint, key="testing", secret="testing")
-        fs.mkdir("pictures")
-        for r in recs[:12]:
-            fs.pipe(f"pictures/{r['image']}", (d / r["image"]).read_bytes())
+    with s3_server({f"pictures/{r['image']}": (d / r["image"]).read_bytes() for r in recs[:12]}) as endpoint:
         remote = [{**r, "image": f"s3://pictures/{r['image']}"} for r in recs[:12]]
         remote[9]["image"] = "s3://pictures/images/not-there.png"
         write_jsonl(tmp_path / "d" / "in.jsonl", remote)
         p = spmd(run_args(tmp_path, tmp_path / "d", "in.jsonl", "on_bad_record=skip", "schedule=static",
-                          f"+storage_options.endpoint_url={endpoint}"), nproc=2, env={**CREDENTIALS, **NO_METADATA})
-    finally:
-        server.stop()
+                          f"+storage_options.endpoint_url={endpoint}"), nproc=2, env={**S3_CREDENTIALS, **S3_NO_METADATA})
     assert p.returncode == 0, p.stderr[-3000:]
     rows = read_jsonl(tmp_path / "out" / "out.jsonl")
     assert [r["id"] for r in rows] == [r["id"] for i, r in enumerate(recs[:12]) if i != 9]

@@ -9,30 +9,20 @@ import os
 import pytest
 
 from spmd_dp.testing import make_records, spmd
-from tests.helpers import one_line
+from tests.helpers import S3_CREDENTIALS, S3_NO_METADATA, one_line, s3_server
 
 pytest.importorskip("s3fs")
-moto_server = pytest.importorskip("moto.server")
+pytest.importorskip("moto.server")
 
-CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-NO_METADATA = {"AWS_EC2_METADATA_DISABLED": "true", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
-               "AWS_CONFIG_FILE": "/nonexistent"}  # no credentials from this machine's files or cloud metadata
+CREDENTIALS, NO_METADATA = S3_CREDENTIALS, S3_NO_METADATA
 
 
 @pytest.fixture(scope="module")
 def bucket(tmp_path_factory):
     """s3://inputs/data/: two JSONL shards and a Parquet file of 5 row groups; the same files in a local folder."""
-    import logging
-
     import pyarrow as pa
     import pyarrow.parquet as pq
-    import s3fs
 
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
     local = tmp_path_factory.mktemp("bucket") / "data"
     local.mkdir()
     records = make_records(900, words=5)
@@ -41,12 +31,8 @@ def bucket(tmp_path_factory):
     buf = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(records[600:]), buf, row_group_size=60)
     (local / "part-2.parquet").write_bytes(buf.getvalue())
-    fs = s3fs.S3FileSystem(endpoint_url=endpoint, key="testing", secret="testing")
-    fs.mkdir("inputs")
-    for f in sorted(local.iterdir()):
-        fs.pipe(f"inputs/data/{f.name}", f.read_bytes())
-    yield endpoint, local, records
-    server.stop()
+    with s3_server({f"inputs/data/{f.name}": f.read_bytes() for f in sorted(local.iterdir())}) as endpoint:
+        yield endpoint, local, records
 
 
 def args(tmp_path, path, *extra, name="out"):

@@ -9,12 +9,12 @@ import urllib.request
 import pytest
 
 from spmd_dp.testing import launch, make_records, running, spmd
-from tests.helpers import free_port
+from tests.helpers import free_port, s3_server
 
 pytestmark = pytest.mark.slow  # a 2-rank run, a preflight, a failed run
 
 pytest.importorskip("s3fs")
-moto_server = pytest.importorskip("moto.server")
+pytest.importorskip("moto.server")
 
 KEY_ID, SECRET = "AKIDSPMDTESTKEY0001", "s3cr3t+Do/Not-Leak-42"
 NO_METADATA = {"AWS_EC2_METADATA_DISABLED": "true", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
@@ -24,23 +24,11 @@ NO_METADATA = {"AWS_EC2_METADATA_DISABLED": "true", "AWS_SHARED_CREDENTIALS_FILE
 @pytest.fixture(scope="module")
 def bucket():
     """A real S3-protocol server (moto's, on localhost) with s3://secret-inputs/data/: two JSONL shards."""
-    import logging
-
-    import s3fs
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
     records = make_records(900, words=5)
-    fs = s3fs.S3FileSystem(endpoint_url=endpoint, key=KEY_ID, secret=SECRET)
-    fs.mkdir("secret-inputs")  # moto keeps its buckets per process: test_s3 made "inputs"
-    for k in range(2):
-        fs.pipe(f"secret-inputs/data/part-{k}.jsonl", "".join(json.dumps(r) + "\n" for r in records[k * 450:(k + 1) * 450])
-                .encode())
-    yield endpoint, None, records
-    server.stop()
+    shards = {f"secret-inputs/data/part-{k}.jsonl": "".join(json.dumps(r) + "\n" for r in records[k * 450:(k + 1) * 450])
+              .encode() for k in range(2)}
+    with s3_server(shards, key=KEY_ID, secret=SECRET) as endpoint:
+        yield endpoint, None, records
 
 
 def args(tmp_path, path, *extra, name="out"):
