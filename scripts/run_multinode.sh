@@ -20,14 +20,7 @@
 # Exit code: this node's ranks' (0; 2 bad config or input; 1 a failure; 143 after a drain on SIGTERM), not
 # torchrun's own 1: torchrun runs through `python -m spmd_dp.launch.torchrun` (docs/failures.md, "Exit codes").
 set -euo pipefail
-# The interpreter: $PYTHON, else the repository's .venv (make setup), else python3; it must import spmd_dp.
-if [ -z "${PYTHON:-}" ]; then
-    PYTHON=python3
-    [ -x "$(dirname "$0")/../.venv/bin/python" ] && PYTHON="$(dirname "$0")/../.venv/bin/python"
-fi
-"$PYTHON" -c "import spmd_dp" 2>/dev/null || {
-    echo "$(basename "$0"): $PYTHON cannot import spmd_dp; activate its virtualenv (source .venv/bin/activate)" \
-         "or set PYTHON=/path/to/venv/bin/python" >&2; exit 2; }
+source "$(dirname "$0")/python.sh"  # PYTHON: the interpreter that imports spmd_dp
 MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
 MASTER_PORT="${MASTER_PORT:-29500}"
 for arg in "$@"; do  # seed 000's dp_master_ip / dp_master_port name the rendezvous
