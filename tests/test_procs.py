@@ -48,6 +48,23 @@ def test_a_workers_exit_is_left_to_its_engine():
         terminate([psutil.Process(parent.pid)], grace_s=5)
 
 
+def test_pythons_resource_tracker_is_not_an_engine_process():
+    """vLLM's first engine starts Python's multiprocessing resource tracker as a child of the rank: it ignores
+    SIGTERM, so ending it with an engine cost terminate's whole grace (then a warning at the next start)."""
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()
+    tracker = resource_tracker._resource_tracker._pid  # (CPython's own record of it: what this test checks against)
+    child = subprocess.Popen(SLEEP)
+    try:
+        pids = {p.pid for p in descendants()}
+        assert child.pid in pids and tracker not in pids
+        assert psutil.Process(tracker).ppid() == psutil.Process().pid  # it is a child here, as under a rank
+    finally:
+        child.kill()
+        child.wait()
+
+
 def test_terminate_then_kill_what_ignores_it():
     polite, stubborn = subprocess.Popen(SLEEP), subprocess.Popen(STUBBORN, stdout=subprocess.PIPE, text=True)
     assert stubborn.stdout.readline().strip() == "ready"  # its SIGTERM handler is in place

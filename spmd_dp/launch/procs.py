@@ -7,6 +7,12 @@ group when it stops or restarts a group; `terminate_children` is for our own ear
 exits (and runs without torchrun too). `descendants`, `gone` and `terminate` are how
 the engine supervisor (spmd_dp/engines/supervisor.py) finds an engine's processes
 by parent pid, notices one has died, and ends what is left of them.
+
+What a reader would get wrong: Python's multiprocessing resource tracker, which vLLM's
+first engine starts as a child of the rank, is not the engine's and is never ended
+here: it ignores SIGTERM (each ending waited the whole grace for it, then killed it,
+and the next engine start warned "resource_tracker: process died unexpectedly"), and
+it exits by itself when the rank does.
 """
 
 from __future__ import annotations
@@ -21,9 +27,22 @@ except ImportError:  # no vLLM installed either: no engine process is ever start
     psutil = None
 
 
+PYTHON_HELPERS = ("multiprocessing.resource_tracker",)  # Python's own helper processes (above): never ours to end
+
+
 def descendants() -> List["psutil.Process"]:
-    """Every process started by this one, directly or not."""
-    return psutil.Process().children(recursive=True) if psutil is not None else []
+    """Every process started by this one, directly or not, but Python's own helpers (PYTHON_HELPERS)."""
+    if psutil is None:
+        return []
+    return [p for p in psutil.Process().children(recursive=True) if not _python_helper(p)]
+
+
+def _python_helper(p: "psutil.Process") -> bool:
+    try:
+        command = " ".join(p.cmdline())
+    except psutil.Error:  # gone, or a zombie: nothing to spare
+        return False
+    return any(h in command for h in PYTHON_HELPERS)
 
 
 @dataclass(frozen=True)
