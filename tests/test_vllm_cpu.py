@@ -68,7 +68,8 @@ def test_chat_token_ids_n_and_per_record_options_on_real_vllm(vllm_runs):
 ])
 def test_seed_workflow_examples_on_real_vllm(vllm_runs, job, name):
     """The files run unchanged; on this 2-core machine the command line swaps in the embedded model, one core
-    per rank (gpus_per_dp_rank=1) and local folders for the seed's /data, /output, /prompts (vllm_jobs.seed)."""
+    per rank (gpus_per_dp_rank=1), local folders for the seed's /data, /output, /prompts and a shorter max_tokens
+    (vllm_jobs.seed)."""
     from spmd_dp.testing import REPO, read_jsonl
 
     run = vllm_runs[job]

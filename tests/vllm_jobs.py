@@ -175,10 +175,10 @@ def workflow(folder: Path, nodes: Sequence[dict]) -> List[str]:
 # --- the jobs -------------------------------------------------------------------------------------------------
 
 def two_ranks(folder: Path) -> List[str]:
-    """2 ranks: the OpenAI Batch file (a generate and an embed engine per rank), then one generate engine per rank
-    for greedy text, chat/token ids/n/per-record options, structured outputs and logprobs; prefix affinity on and
-    off (a small KV cache); and a kill -9 of rank 1's EngineCore in the last node (`killed`; `ref`: the same
-    records undisturbed)."""
+    """2 ranks: the OpenAI Batch file (a generate and an embed engine per rank); prefix affinity on and off (a
+    small KV cache); then one generate engine per rank for greedy text, chat/token ids/n/per-record options,
+    structured outputs and logprobs, and a kill -9 of rank 1's EngineCore in the last node (`killed`; `ref`: the
+    same records undisturbed). Nodes on one engine follow each other: an engine start costs ~30 s here."""
     kill = dict(generation_options={"temperature": 0, "max_tokens": 32, "ignore_eos": True}, batch_size=8,
                 schedule="static", engine_options=TINY)  # static: rank 1 has its half whenever its engine is up
     return workflow(folder, [
@@ -187,13 +187,13 @@ def two_ranks(folder: Path) -> List[str]:
         node(folder, "results", [TOO_LONG_CHAT] + BATCH, input_format="openai_batch", task=["generate", "embed"],
              schedule="static", batch_size=3, generation_options={"temperature": 0},
              engine_options={"max_model_len": 256}),
+        node(folder, "pfx_on", PREFIX_RECORDS, prefix_affinity=True, **PREFIX),
+        node(folder, "pfx_off", PREFIX_RECORDS, prefix_affinity=False, **PREFIX),
         node(folder, "two", GREEDY, generation_options=GREEDY_24, batch_size=4, engine_options=TINY),
         node(folder, "mixed", MIXED, generation_options=GREEDY_24, batch_size=4, return_metadata=True,
              on_bad_record="skip", engine_options=TINY),
         node(folder, "so", structured_records(), generation_options={"temperature": 0.8, "max_tokens": 24},
              batch_size=4, return_metadata=True, schedule="static", engine_options=TINY),
-        node(folder, "pfx_on", PREFIX_RECORDS, prefix_affinity=True, **PREFIX),
-        node(folder, "pfx_off", PREFIX_RECORDS, prefix_affinity=False, **PREFIX),
         node(folder, "ref", KILL_RECORDS, **kill),
         node(folder, "killed", KILL_RECORDS, **kill),
     ])
@@ -232,11 +232,12 @@ def one_rank_b(folder: Path) -> List[str]:
 
 def seed(file: str, *extra: str) -> Callable[[Path], List[str]]:
     """A seed workflow file, unchanged; the command line swaps in the embedded model, one core per rank
-    (gpus_per_dp_rank=1) and local folders for the seed's /data, /output, /prompts."""
+    (gpus_per_dp_rank=1), local folders for the seed's /data, /output, /prompts, and 32 tokens a record for the
+    seed's 512 (random weights write random text: only the run is checked, not what it says)."""
     def args(folder: Path) -> List[str]:
         return [f"workflow={SEED_DIR / file}", "model_name=spmd-dp/tiny-llama", "engine_options.gpus_per_dp_rank=1",
                 f"data_dir={REPO / 'examples' / 'data'}", f"output_dir={folder / 'out'}", f"prompts_dir={folder}",
-                *extra]
+                "generation_options.max_tokens=32", *extra]
     return args
 
 
