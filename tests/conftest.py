@@ -16,12 +16,12 @@ def records_file(tmp_path: Path) -> Path:
 
 
 def _in_xdist_worker(config) -> bool:
-    return hasattr(config, "workerinput")  # pytest-xdist: `make test` runs the tests in two worker processes
+    return hasattr(config, "workerinput")  # pytest-xdist: `make test` runs the tests in worker processes
 
 
 def pytest_itemcollected(item):
-    """Under pytest-xdist (`-n 2 --dist loadgroup`) the vLLM tests are one group (one worker runs their shared runs
-    and reads them while the other takes the rest), the Slurm tests another (one cluster). Here, as each test is
+    """Under pytest-xdist (`-n 4 --dist loadgroup`) the vLLM tests are one group (one worker runs their shared runs
+    and reads them while the others take the rest), the Slurm tests another (one cluster). Here, as each test is
     collected: xdist reads the groups in its own collection_modifyitems."""
     if _in_xdist_worker(item.config):
         for group in ("vllm", "slurm"):
