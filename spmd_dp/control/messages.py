@@ -45,7 +45,7 @@ class BatchDone:
     output_tokens: int = 0
     elapsed_s: float = 0.0  # claim to last finished request
     claimed_unix: float = 0.0  # wall clock of the claim (the timeline's span: claim to commit)
-    # output_mode=sharded: the part its rank wrote (spmd_dp/output/shards.py) instead of the lines: name (None: no rows),
+    # sharded output: the part its rank wrote (spmd_dp/output/shards.py) instead of the lines: name (None: no rows),
     # bytes, crc32, rows, schema (Parquet: its digest)
     part: Optional[Dict[str, Any]] = None
     # prefix affinity (start, stop are slots of the record order): the input position of each line or shard row,
