@@ -2,7 +2,7 @@
 VENV ?= .venv
 NPROC ?= 2
 TEST_WORKERS ?= 4  # make test: pytest-xdist processes (the vLLM tests in one, the Slurm tests in one); 4 on 2 cores:
-                   # the tests wait on runs and timeouts, and 2 left the cores idle ~23 % of the time
+                   # the tests wait on runs and timeouts, and 2 left the cores idle ~24 % of the time
 PY := $(VENV)/bin/python
 
 .PHONY: setup run test test-fast clean
