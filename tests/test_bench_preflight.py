@@ -16,7 +16,8 @@ pytestmark = pytest.mark.slow  # a benchmark end to end (~30 s)
 
 def test_the_benchmark_runs_preflight_then_the_run_and_tabulates_them(tmp_path):
     p = subprocess.run([sys.executable, "-m", "scripts.bench", "preflight", "--suite", "echo", "--out", str(tmp_path),
-                        "--prompts", "600", "--ns", "2"], cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=900)
+                        "--prompts", "600", "--ns", "2"],
+                       cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert [(r["workload"], r["ranks"]) for r in rows] == [("uniform", 2), ("skewed", 2)]
