@@ -2,6 +2,7 @@
 what one rank writes, every rank reads in one round trip; each rank's change counts once however often it is said;
 the end and the release; the note a rank leaves when it exits."""
 
+import time
 from datetime import timedelta
 
 import pytest
@@ -95,3 +96,17 @@ def test_the_note_a_rank_leaves_when_it_exits():
     assert b0.note(1) is None  # it left without a word
     b1.leave_note("record id='r7' (batch 3): prompt too long")
     assert b0.note(1) == "record id='r7' (batch 3): prompt too long"
+
+
+def test_a_rank_that_leaves_waits_until_every_rank_stops_on_its_line():
+    """ControlPlane.leaving: the leaving rank counts itself, the others count when they read its lost line; the
+    wait is bounded."""
+    b = boards(3)
+    b[1].heard()
+    b[1].lost("rank 1 exited: its reason")
+    t0 = time.monotonic()
+    assert not b[1].wait_heard(0.2) and time.monotonic() - t0 < 2  # nobody else has read it: bounded
+    assert b[0].read().lost == ["rank 1 exited: its reason"]
+    b[0].heard()
+    b[2].heard()
+    assert b[1].wait_heard(0.2)

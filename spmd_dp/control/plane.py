@@ -25,7 +25,9 @@ batch does not grow with the number of ranks (docs/scale.md: it did, with a per-
   ends when that peer says goodbye at the end, or fails as soon as its process is gone (gloo sees the
   connection close: kill -9, the OOM killer, a lost node). The watcher names it, with the reason the
   peer left in the store if it left on an error of its own (`leaving`), on the board: every rank stops
-  with that line. A send to rank 0 fails the same way when rank 0 is gone.
+  with that line. A rank leaving on its own error puts that line on the board itself and waits (bounded)
+  until the others have read it before it exits: under torchrun its exit stops them. A send to rank 0
+  fails the same way when rank 0 is gone.
 - Last-resort watchdog of its rank: the generation loop bounds each engine step itself
   (spmd_dp/engines/supervisor.py), so a loop that has not gone round for `batch_timeout` +
   STUCK_GRACE_S is stuck elsewhere; the rank then fails, and if the loop does not react, the process
@@ -59,6 +61,8 @@ STUCK_GRACE_S = 30.0  # a rank whose generation loop does not react to its own f
 READS_PER_S = 2000.0  # the board's reads a second, all ranks together (poll_s = world / READS_PER_S)
 MESSAGES_PER_S = 250.0  # messages to rank 0 a second, all ranks together (flush_s = world / MESSAGES_PER_S)
 GOODBYE_WAIT_S = 10.0  # at the end, how long rank 0 waits for every rank to have read the end
+LEAVE_WAIT_S = 5.0  # a rank leaving on its own error waits this long at most for the others to read why
+LEAVE_GRACE_S = 1.0  # ... then this long for them to say it (torchrun stops them once this rank has exited)
 HEARTBEAT_S = 5.0  # every rank sends a heartbeat this often (or every 4 flushes): rank 0's live status
 DONE = 1  # a message's flag: the sender's last
 RESUME = "rerun with the same output_dir (or torchrun --max-restarts) to resume"
@@ -90,6 +94,7 @@ class ControlPlane(threading.Thread):
         self.peer = (group.rank + 1) % group.world  # the rank this one watches
         self.ending = False  # the end is agreed: a peer that goes now is no loss
         self.drain_said = False
+        self.heard = False  # this rank stops on a lost line (another's, or its own: leaving)
         # what this thread did, for the metrics (docs/scale.md)
         self.stats = {"messages": 0, "handler_calls": 0, "handler_s": 0.0, "board_reads": 0, "control_cpu_s": 0.0,
                       "receive_cpu_s": 0.0, "poll_s": self.poll_s}
@@ -214,6 +219,7 @@ class ControlPlane(threading.Thread):
         self.stats["board_reads"] += 1
         self.peers.view = view
         if view.lost:
+            self._heard()  # the rank that left waits for every rank to have read it (leaving)
             raise PeerLost(f"rank {self.group.rank} stops: {view.lost[0]}; {RESUME}")
         drain = self.peers.drain
         if view.drains and not drain.requested:
@@ -274,7 +280,9 @@ class ControlPlane(threading.Thread):
 
     def leaving(self, error: BaseException) -> None:
         """This rank leaves the run on an error of its own: say why, for the others to report (best effort,
-        bounded). Not for a peer's exit, a drain or bad input (every rank has those)."""
+        bounded). Not for a peer's exit, a drain or bad input (every rank has those). The line goes on the board
+        at once, and this rank waits (LEAVE_WAIT_S) until every other one has read it, then LEAVE_GRACE_S: once
+        it exits, torchrun stops the others, and they should have said their line by then."""
         if isinstance(error, (PeerLost, Drained, UsageError)):
             return
         text = str(error).strip()
@@ -283,8 +291,18 @@ class ControlPlane(threading.Thread):
             reason = f"{type(error).__name__}: {reason}" if reason else type(error).__name__
         try:
             self.board.leave_note(reason)
+            if self.group.world > 1 and not self.ending:
+                self._heard()  # (every rank may be leaving at once: each counts itself)
+                self.board.lost(f"rank {self.group.rank} exited: {reason}")
+                if self.board.wait_heard(LEAVE_WAIT_S):
+                    time.sleep(LEAVE_GRACE_S)
         except Exception as e:  # the store may be gone with rank 0
             logger.debug("could not leave a note in the store: %s", e)
+
+    def _heard(self) -> None:
+        if not self.heard:
+            self.heard = True
+            self.board.heard()
 
     # -- this rank stuck -------------------------------------------------------------------------------
     def _check_heartbeat(self) -> None:
