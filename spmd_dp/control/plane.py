@@ -282,7 +282,8 @@ class ControlPlane(threading.Thread):
         """This rank leaves the run on an error of its own: say why, for the others to report (best effort,
         bounded). Not for a peer's exit, a drain or bad input (every rank has those). The line goes on the board
         at once, and this rank waits (LEAVE_WAIT_S) until every other one has read it, then LEAVE_GRACE_S: once
-        it exits, torchrun stops the others, and they should have said their line by then."""
+        it exits, torchrun stops the others, and they should have said their line by then. Not after Ctrl-C: a
+        second one means now."""
         if isinstance(error, (PeerLost, Drained, UsageError)):
             return
         text = str(error).strip()
@@ -291,7 +292,7 @@ class ControlPlane(threading.Thread):
             reason = f"{type(error).__name__}: {reason}" if reason else type(error).__name__
         try:
             self.board.leave_note(reason)
-            if self.group.world > 1 and not self.ending:
+            if self.group.world > 1 and not self.ending and not isinstance(error, KeyboardInterrupt):
                 self._heard()  # (every rank may be leaving at once: each counts itself)
                 self.board.lost(f"rank {self.group.rank} exited: {reason}")
                 if self.board.wait_heard(LEAVE_WAIT_S):
