@@ -14,9 +14,6 @@ from tests.helpers import S3_CREDENTIALS, S3_NO_METADATA, one_line, s3_server
 pytest.importorskip("s3fs")
 pytest.importorskip("moto.server")
 
-CREDENTIALS, NO_METADATA = S3_CREDENTIALS, S3_NO_METADATA
-
-
 @pytest.fixture(scope="module")
 def bucket(tmp_path_factory):
     """s3://inputs/data/: two JSONL shards and a Parquet file of 5 row groups; the same files in a local folder."""
@@ -43,7 +40,7 @@ def args(tmp_path, path, *extra, name="out"):
 def test_a_bucket_of_shards_gives_the_output_of_the_same_files_on_disk(bucket, tmp_path):
     endpoint, local, records = bucket
     remote = spmd(args(tmp_path, "s3://inputs/data/", f"+storage_options.endpoint_url={endpoint}", name="s3"),
-                  nproc=2, env={**CREDENTIALS, **NO_METADATA})
+                  nproc=2, env={**S3_CREDENTIALS, **S3_NO_METADATA})
     assert remote.returncode == 0, remote.stderr[-3000:]
     assert "input: 3 files (jsonl, parquet" in remote.stderr and "s3://inputs/data/part-2.parquet" in remote.stderr
     for r in (0, 1):  # each rank read its share from the server
@@ -61,18 +58,18 @@ def test_no_credentials_unreachable_storage_and_a_missing_bucket_are_one_line(bu
     endpoint, _, _ = bucket
     for k in [k for k in os.environ if k.startswith("AWS_")]:
         monkeypatch.delenv(k)
-    p = spmd(args(tmp_path, "s3://inputs/data/", f"+storage_options.endpoint_url={endpoint}"), env=NO_METADATA)
+    p = spmd(args(tmp_path, "s3://inputs/data/", f"+storage_options.endpoint_url={endpoint}"), env=S3_NO_METADATA)
     assert p.returncode == 2
     line = one_line(p)
     assert line.startswith("spmd_dp: input error: s3://inputs/data/: no credentials") and \
         "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY" in line, line
     p = spmd(args(tmp_path, "s3://inputs/data/*.jsonl", "+storage_options.endpoint_url=http://127.0.0.1:9"),
-             env={**CREDENTIALS, **NO_METADATA}, timeout=120)
+             env={**S3_CREDENTIALS, **S3_NO_METADATA}, timeout=120)
     assert p.returncode == 2
     line = one_line(p)
     assert "s3://inputs/data/*.jsonl: cannot reach the storage" in line and "storage_options.endpoint_url" in line
     p = spmd(args(tmp_path, "s3://no-such-bucket/data/*.jsonl", f"+storage_options.endpoint_url={endpoint}"),
-             env={**CREDENTIALS, **NO_METADATA})
+             env={**S3_CREDENTIALS, **S3_NO_METADATA})
     assert p.returncode == 2
     assert "s3://no-such-bucket/data/*.jsonl does not exist" in one_line(p)
     assert not (tmp_path / "out" / "out.jsonl").exists()

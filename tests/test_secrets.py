@@ -9,7 +9,7 @@ import urllib.request
 import pytest
 
 from spmd_dp.testing import launch, make_records, running, spmd
-from tests.helpers import free_port, s3_server
+from tests.helpers import S3_NO_METADATA, free_port, s3_server  # (credentials from storage_options only)
 
 pytestmark = pytest.mark.slow  # a 2-rank run, a preflight, a failed run
 
@@ -17,16 +17,14 @@ pytest.importorskip("s3fs")
 pytest.importorskip("moto.server")
 
 KEY_ID, SECRET = "AKIDSPMDTESTKEY0001", "s3cr3t+Do/Not-Leak-42"
-NO_METADATA = {"AWS_EC2_METADATA_DISABLED": "true", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
-               "AWS_CONFIG_FILE": "/nonexistent"}  # credentials from storage_options only
 
 
 @pytest.fixture(scope="module")
 def bucket():
     """A real S3-protocol server (moto's, on localhost) with s3://secret-inputs/data/: two JSONL shards."""
     records = make_records(900, words=5)
-    shards = {f"secret-inputs/data/part-{k}.jsonl": "".join(json.dumps(r) + "\n" for r in records[k * 450:(k + 1) * 450])
-              .encode() for k in range(2)}
+    shards = {f"secret-inputs/data/part-{k}.jsonl":
+              "".join(json.dumps(r) + "\n" for r in records[k * 450:(k + 1) * 450]).encode() for k in range(2)}
     with s3_server(shards, key=KEY_ID, secret=SECRET) as endpoint:
         yield endpoint, None, records
 
@@ -59,7 +57,8 @@ def test_a_storage_secret_is_in_no_file_and_no_log_line(bucket, tmp_path, monkey
     port = free_port()
     scraped = ""
     with running(launch(args(tmp_path, "s3://secret-inputs/data/", *given, f"metrics_port={port}",
-                             "engine_options.echo_delay_s=0.01"), nproc=2, env=NO_METADATA, log=tmp_path / "run.log")) as p:
+                             "engine_options.echo_delay_s=0.01"),
+                        nproc=2, env=S3_NO_METADATA, log=tmp_path / "run.log")) as p:
         while p.poll() is None and not scraped:
             try:
                 scraped = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
@@ -70,11 +69,12 @@ def test_a_storage_secret_is_in_no_file_and_no_log_line(bucket, tmp_path, monkey
     assert (tmp_path / "out" / "out.jsonl").read_text().count("\n") == len(records)  # the key was used: it read S3
     config = (tmp_path / "out" / "out.config.yaml").read_text()
     assert "secret: '***'" in config and "key: '***'" in config and f"endpoint_url: {endpoint}" in config
-    pre = spmd(args(tmp_path, "s3://secret-inputs/data/", *given, "preflight=true", name="pre"), nproc=2, env=NO_METADATA)
+    pre = spmd(args(tmp_path, "s3://secret-inputs/data/", *given, "preflight=true", name="pre"), nproc=2,
+               env=S3_NO_METADATA)
     assert pre.returncode == 0 and "spmd_dp preflight of pre" in pre.stdout, pre.stderr[-3000:]
-    bad = spmd(args(tmp_path, "s3://secret-inputs/nothing-here/*.jsonl", *given, name="bad"), env=NO_METADATA)
+    bad = spmd(args(tmp_path, "s3://secret-inputs/nothing-here/*.jsonl", *given, name="bad"), env=S3_NO_METADATA)
     assert bad.returncode == 2 and "nothing-here/*.jsonl does not exist" in bad.stderr
-    job = spmd(["--cfg", "job", *args(tmp_path, "s3://secret-inputs/data/", *given)], env=NO_METADATA)
+    job = spmd(["--cfg", "job", *args(tmp_path, "s3://secret-inputs/data/", *given)], env=S3_NO_METADATA)
     assert job.returncode == 0 and "secret: '***'" in job.stdout
     no_secret_in(tmp_path, {"run's output": (tmp_path / "run.log").read_text(), "metrics": scraped,
                             "preflight's stdout": pre.stdout, "preflight's stderr": pre.stderr,
