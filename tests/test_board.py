@@ -105,8 +105,8 @@ def test_a_rank_that_leaves_waits_until_every_rank_stops_on_its_line():
     b[1].heard()
     b[1].lost("rank 1 exited: its reason")
     t0 = time.monotonic()
-    assert not b[1].wait_heard(0.2) and time.monotonic() - t0 < 2  # nobody else has read it: bounded
+    assert not b[1].wait_heard(timedelta(seconds=0.2)) and time.monotonic() - t0 < 2  # nobody else read it: bounded
     assert b[0].read().lost == ["rank 1 exited: its reason"]
     b[0].heard()
     b[2].heard()
-    assert b[1].wait_heard(0.2)
+    assert b[1].wait_heard(timedelta(seconds=0.2))

@@ -11,7 +11,7 @@ What the ranks must know about each other, kept where no collective over all ran
   returned/n  batches handed back (spmd_dp/control/claims.py)         idle ranks look for them when it grows
   drain/n     drain/<i> = "<signal> <rank>"                    a drain reaches every rank
   lost/n      lost/<i> = the line naming a rank that left      every rank stops with that line
-  heard       ranks stopping on a lost line (or leaving)       the rank that left waits for all of them
+  heard       ranks stopping on a lost line (or leaving)       the last sets `all_heard`: the leaving rank waits
   end         1 once rank 0 has every rank's last message      the end agreement
   left        ranks that have read the end                     the last sets `released`: every rank leaves then
 
@@ -23,8 +23,8 @@ No torch here: the store is duck-typed (`add`, `set`, `get`, `multi_get`, `wait`
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field, replace
+from datetime import timedelta
 from typing import Dict, List, Optional, Tuple
 
 from spmd_dp.control.messages import RankState
@@ -100,17 +100,18 @@ class Board:
         self.store.set(f"lost/{i}", line)
 
     def heard(self) -> None:
-        """This rank stops on a lost line: another rank's, or its own (it leaves on an error)."""
-        self.store.add("heard", 1)
+        """This rank stops on a lost line: another rank's, or its own (it leaves on an error). The last one to do so
+        sets `all_heard` (as `left` sets `released`)."""
+        if self.store.add("heard", 1) >= self.world:
+            self.store.set("all_heard", "1")
 
-    def wait_heard(self, timeout_s: float) -> bool:
+    def wait_heard(self, timeout: timedelta) -> bool:
         """Until every rank stops on a lost line (bounded): whether they all do."""
-        deadline = time.monotonic() + timeout_s
-        while self.store.add("heard", 0) < self.world:
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.05)
-        return True
+        try:
+            self.store.wait(["all_heard"], timeout)
+            return True
+        except Exception:  # the store's timeout (or the store gone with rank 0): leave anyway
+            return False
 
     # -- rank 0 -----------------------------------------------------------------------------------
     def committed(self, n: int) -> None:

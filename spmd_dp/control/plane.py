@@ -295,7 +295,7 @@ class ControlPlane(threading.Thread):
             if self.group.world > 1 and not self.ending and not isinstance(error, KeyboardInterrupt):
                 self._heard()  # (every rank may be leaving at once: each counts itself)
                 self.board.lost(f"rank {self.group.rank} exited: {reason}")
-                if self.board.wait_heard(LEAVE_WAIT_S):
+                if self.board.wait_heard(timedelta(seconds=LEAVE_WAIT_S)):
                     time.sleep(LEAVE_GRACE_S)
         except Exception as e:  # the store may be gone with rank 0
             logger.debug("could not leave a note in the store: %s", e)
