@@ -83,7 +83,7 @@ def scan_node(node: Node, group, scanners: Optional[Scanners]) -> ScanResult:
 
 def open_node(node: Node, group, rank0, scanners: Optional[Scanners]
               ) -> Tuple[Optional[InputIndex], Optional[RecordOrder], WorkOrder]:
-    """Every rank: scan a share of the input (merged over `group`, a spmd_dp.control.comm.Group) in its scanners,
+    """Every rank: scan a share of the input (merged over `group`, spmd_dp/control/comm.py's group) in its scanners,
     then rank 0 (`rank0`, None elsewhere) opens the journal; the WorkOrder is rank 0's, on every rank. The record
     order (spmd_dp/inputs/order.py) says which records a span of the WorkOrder's slots holds."""
     try:

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Sequence
@@ -19,7 +20,7 @@ from typing import Sequence
 from spmd_dp.config import RunConfig
 from spmd_dp.control.board import Board
 from spmd_dp.control.claims import Claims, make_batches
-from spmd_dp.control.comm import Group, rendezvous, substore
+from spmd_dp.control.comm import group as make_group, rendezvous, substore
 from spmd_dp.control.drain import Drain
 from spmd_dp.control.messages import RankState, RankStats
 from spmd_dp.control.outbox import Outbox
@@ -80,7 +81,7 @@ def run(cfgs: Sequence[RunConfig]) -> int:
                 run_node(node, world, substore(store, f"job{i}"), keep)
             world.drain.stop_before(after.cfg.name if after is not None else None)
     finally:
-        world.drain.restore()
+        world.drain.restore(failing=sys.exc_info()[0] is not None)
         world.engines.close()
     return 0
 
@@ -88,7 +89,7 @@ def run(cfgs: Sequence[RunConfig]) -> int:
 def run_node(node: Node, world: World, store, keep_engine: bool) -> None:
     """One workflow node on the world: `store` is its namespace (its groups, claim counters and board)."""
     cfg, plan = node.cfg, node.plan
-    group = Group(substore(store, "setup"), plan.rank, plan.world_size, world.timeout, plan.is_rank0)
+    group = make_group(substore(store, "setup"), plan.rank, plan.world_size, world.timeout, plan.is_rank0)
     plan.device.apply()
     os.environ["VLLM_PORT"] = str(plan.vllm_port)
     logger.info("%s", plan.describe())
@@ -121,7 +122,7 @@ def run_node(node: Node, world: World, store, keep_engine: bool) -> None:
         claims = Claims(work, batches, cfg.schedule, plan.rank, plan.world_size)  # logs a static share
         outbox = Outbox(Board(work, plan.rank, plan.world_size, plan.is_rank0), plan.rank)
         peers = Peers(plan.rank, plan.world_size, outbox, world.drain)
-        control = ControlPlane(Group(substore(store, "control"), plan.rank, plan.world_size, world.timeout,
+        control = ControlPlane(make_group(substore(store, "control"), plan.rank, plan.world_size, world.timeout,
                                      plan.is_rank0, lazy=True),
                                outbox, peers, rank0.handle if rank0 else None, cfg.batch_timeout)
         control.start()

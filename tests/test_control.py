@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from spmd_dp.control.board import Board
-from spmd_dp.control.comm import Group
+from spmd_dp.control.gloo import Group
 from spmd_dp.control.plane import ControlPlane
 from spmd_dp.errors import RunFailure
 from spmd_dp.control.messages import BatchDone, RankState, RankStats

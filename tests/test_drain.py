@@ -57,6 +57,11 @@ def test_drain_handler_first_ctrl_c_drains_second_stops():
         quiet = Drain(5.0).install()
         quiet.restore()  # no drain: the previous handlers come back
         assert signal.getsignal(signal.SIGTERM) == slurm._handle
+        failing = Drain(5.0).install()
+        failing.restore(failing=True)  # a failing rank: torchrun's SIGTERM must not end it before it says why
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+        assert signal.getsignal(signal.SIGTERM) == failing._handle and not failing.requested  # and no drain starts
     finally:
         for sig, old in saved.items():
             signal.signal(sig, old)

@@ -5,7 +5,7 @@ import json
 from spmd_dp.config import load_config
 from spmd_dp.engines.base import Completion
 from spmd_dp.control.messages import BatchDone, RankStats
-from spmd_dp.inputs import LocalGroup
+from spmd_dp.control.local import LocalGroup
 from spmd_dp.node import Node, open_node
 from spmd_dp.output.files import json_line
 from spmd_dp.output.rows import output_row

@@ -177,7 +177,7 @@ def _agree_worker(rank, world, store_path):
 
     import torch.distributed as dist
 
-    from spmd_dp.control.comm import Group
+    from spmd_dp.control.gloo import Group
 
     group = Group(dist.FileStore(store_path, world), rank, world, timedelta(seconds=60), is_rank0=rank == 0)
     agreed = group.min(0.5 if rank == 1 else 0.9)

@@ -30,6 +30,7 @@ class Drain:
         self.signum = 0
         self.since = 0.0
         self._sigints = 0
+        self.leaving = False  # the run is over (drained or failing): a signal starts nothing
         self._old: Dict[int, object] = {}
 
     def install(self) -> "Drain":
@@ -38,10 +39,12 @@ class Drain:
             self._old[sig] = signal.signal(sig, self._handle)
         return self
 
-    def restore(self) -> None:
-        """The signals' previous handlers, unless the run drained: then a second SIGTERM (torchrun's, as a peer
-        exits first) must not kill the rank before it has said what was committed."""
-        if self.requested:
+    def restore(self, failing: bool = False) -> None:
+        """The signals' previous handlers, unless the run drained or is failing: a SIGTERM then (torchrun's, sent
+        as soon as a peer exits) must not kill the rank before it has said what was committed or why it stops.
+        Such a signal does nothing any more (the rank is on its way out); a second Ctrl-C still stops it."""
+        if self.requested or failing:
+            self.leaving = True
             return
         for sig, old in self._old.items():
             signal.signal(sig, old)
@@ -56,7 +59,7 @@ class Drain:
 
     def request(self, signum: int, why: str) -> None:
         """Start draining (once): this rank got a signal, or a peer did (why names it)."""
-        if self.why is not None:
+        if self.why is not None or self.leaving:
             return
         self.why, self.signum, self.since = why, signum, time.monotonic()
         again = " (Ctrl-C again to stop at once)" if signum == signal.SIGINT and "rank" not in why else ""

@@ -45,16 +45,19 @@ import sys
 import threading
 import time
 from datetime import timedelta
-from typing import Callable, List, Optional, Set
+from typing import TYPE_CHECKING, Callable, List, Optional, Set, Union
 
 from spmd_dp.control.board import View
-from spmd_dp.control.comm import Group
 from spmd_dp.errors import Drained, PeerLost, RunFailure, UsageError
 from spmd_dp.log import logger
 from spmd_dp.control.messages import BEAT, Message, RankEvent, RankStats, decode, encode
 from spmd_dp.control.outbox import Outbox
 from spmd_dp.control.peers import Peers
 from spmd_dp.launch.procs import terminate_children
+
+if TYPE_CHECKING:  # a world of one imports no torch (spmd_dp/control/comm.py)
+    from spmd_dp.control.gloo import Group
+    from spmd_dp.control.local import LocalGroup
 
 MAX_MESSAGE_BYTES = 8 << 20  # a rank sends at most this much in one message (more goes in the next)
 STUCK_GRACE_S = 30.0  # a rank whose generation loop does not react to its own failure exits after this
@@ -73,7 +76,7 @@ Handler = Callable[[List[Message]], int]
 class ControlPlane(threading.Thread):
     """Streams each rank's outbox to rank 0's handler; keeps the outbox's view of the peers; ends when all are done."""
 
-    def __init__(self, group: Group, outbox: Outbox, peers: Peers, handler: Optional[Handler],
+    def __init__(self, group: Union["Group", "LocalGroup"], outbox: Outbox, peers: Peers, handler: Optional[Handler],
                  batch_timeout: float = 600.0, tick_s: float = 0.2) -> None:
         """handler: rank 0's (it receives every rank's messages, returns how many batches it newly committed);
         None on the other ranks. The board is the outbox's."""

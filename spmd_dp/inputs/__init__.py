@@ -18,8 +18,8 @@ line is one, valid or not, so a position never depends on validation.
 
 from spmd_dp.inputs.index import InputIndex, read_batch
 from spmd_dp.inputs.records import BadRecord, RecordSpec
-from spmd_dp.inputs.scan import LocalGroup, ScanResult, scan_input, shared_scan
+from spmd_dp.inputs.scan import ScanResult, scan_input, shared_scan
 from spmd_dp.inputs.sources import InputFile, locations
 
-__all__ = ["BadRecord", "InputFile", "InputIndex", "LocalGroup", "RecordSpec", "ScanResult", "locations",
+__all__ = ["BadRecord", "InputFile", "InputIndex", "RecordSpec", "ScanResult", "locations",
            "read_batch", "scan_input", "shared_scan"]

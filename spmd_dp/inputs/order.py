@@ -186,7 +186,7 @@ def build(n: int, payloads: List[bytes], whole: bool, mode: Any) -> RecordOrder:
 
 def shared_order(group, n: int, payload: Optional[bytes], whole: bool, mode: Any) -> RecordOrder:
     """Every rank: its keys to rank 0 (payload; None: keys were not taken, prefix_affinity=false), rank 0 builds
-    the order, every rank gets it. group: spmd_dp.control.comm.Group, or scan.LocalGroup."""
+    the order, every rank gets it. group: spmd_dp/control/comm.py's group."""
     if payload is None:
         return RecordOrder(n, stats={"keyed": 0, "off": True})
     gathered = group.gather_bytes(payload)

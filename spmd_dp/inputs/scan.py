@@ -15,8 +15,8 @@
      bad record in input order, and how many more); with skip, every rank learns their
      positions and rank 0 their details (the errors file).
 Every step ends in a collective that carries each rank's error, so all ranks fail
-together, with the same line, and none waits for a peer that has given up. `LocalGroup`
-is a world of one (`scan_input`: tests, tools).
+together, with the same line, and none waits for a peer that has given up. `scan_input` scans in a world of
+one (spmd_dp/control/local.py's LocalGroup: tests, tools).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from spmd_dp.control.local import LocalGroup
 from spmd_dp.errors import RunFailure, UsageError
 from spmd_dp.inputs import jsonl, tables
 from spmd_dp.inputs.duplicates import KeyList, find_duplicates, outgoing
@@ -62,27 +63,6 @@ class ScanResult:
     seconds: float = 0.0
     notes: List[str] = field(default_factory=list)
     order: Optional[RecordOrder] = None  # the order records are generated in (spmd_dp/inputs/order.py)
-
-
-class LocalGroup:
-    """The collectives of a world of one."""
-
-    rank, world, is_rank0 = 0, 1, True
-
-    def broadcast_json(self, obj: Any, src: int = 0) -> Any:
-        return obj
-
-    def broadcast_bytes(self, data: Optional[bytes], src: int = 0) -> bytes:
-        return data or b""
-
-    def all_gather_bytes(self, data: bytes) -> List[bytes]:
-        return [data]
-
-    def alltoall_bytes(self, chunks: Sequence[bytes]) -> List[bytes]:
-        return list(chunks)
-
-    def gather_bytes(self, data: bytes, dst: int = 0) -> List[bytes]:
-        return [data]
 
 
 def plan_pieces(files: Sequence[InputFile]) -> List[Piece]:
@@ -178,7 +158,7 @@ def _check_schemas(files: Sequence[InputFile], schemas: Dict[int, Dict[str, str]
 def shared_scan(locs: Sequence[str], input_format: str, spec: RecordSpec, offset_every: int, skip_bad: bool = False,
                 group: Any = None, storage_options: Optional[Dict[str, Any]] = None, scanners: Any = None,
                 order_mode: Any = "auto") -> ScanResult:
-    """The shared scan (see the module's docstring). group: spmd_dp.control.comm.Group, or LocalGroup() for one rank;
+    """The shared scan (see the module's docstring). group: spmd_dp/control/comm.py's group (None: a world of one);
     scanners: scanners.Scanners that scan this rank's pieces (else this thread does); order_mode: prefix_affinity
     (auto or true: with spec.prompt_key set, spmd_dp/inputs/order.py)."""
     group = group or LocalGroup()

@@ -20,7 +20,7 @@ from datetime import timedelta
 import numpy as np
 
 from spmd_dp.control.claims import balanced_split
-from spmd_dp.control.comm import Group, substore
+from spmd_dp.control.comm import group as make_group, substore
 from spmd_dp.control.messages import RankStats
 from spmd_dp.engines.starting import EngineStart
 from spmd_dp.errors import UsageError
@@ -41,7 +41,7 @@ def preflight_node(node: Node, world, store) -> None:
     """`world`: run.py's World (its engines, the collectives' bound); `store`: the node's namespace."""
     cfg, plan = node.cfg, node.plan
     t_start = time.monotonic()
-    group = Group(substore(store, "setup"), plan.rank, plan.world_size, world.timeout, plan.is_rank0)
+    group = make_group(substore(store, "setup"), plan.rank, plan.world_size, world.timeout, plan.is_rank0)
     plan.device.apply()
     os.environ["VLLM_PORT"] = str(plan.vllm_port)
     stats = RankStats(plan.rank)
