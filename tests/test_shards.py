@@ -17,7 +17,7 @@ from spmd_dp.errors import RunFailure
 from spmd_dp.output.journal import Journal
 from spmd_dp.control.messages import BatchDone
 from spmd_dp.config import load_config
-from spmd_dp.inputs import LocalGroup
+from spmd_dp.control.local import LocalGroup
 from spmd_dp.output.paths import OutputPaths
 from spmd_dp.output.shards import ShardWriter, finish_shards
 from spmd_dp.output.sink import Output
