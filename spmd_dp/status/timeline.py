@@ -118,10 +118,7 @@ def _rate(h: History, t0: float, t1: float, bins: int = 200) -> Tuple[List[float
 
 
 def draw(h: History, out: Path, title: Optional[str] = None) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: no backend, no global state (and less to import)
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
@@ -134,8 +131,8 @@ def draw(h: History, out: Path, title: Optional[str] = None) -> Path:
     t1 = max(ends)
     world = max(max(rows) + 1, max((r.get("world", 0) for r in h.runs), default=0))
     height = min(max(2.2, 0.32 * world + 1.2), 11.0)
-    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(12, height + 2.6), sharex=True,
-                                  gridspec_kw={"height_ratios": [height, 2.2]})
+    fig = Figure(figsize=(12, height + 2.6))
+    ax, ax2 = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [height, 2.2]})
     for r, rw in rows.items():
         y = r - 0.38
         ax.broken_barh([(s - t0, w) for s, w in rw["start"]], (y, 0.76), facecolors=COLORS["start"], hatch="///",
@@ -204,6 +201,5 @@ def draw(h: History, out: Path, title: Optional[str] = None) -> Path:
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp.png")
     fig.savefig(tmp, dpi=110)
-    plt.close(fig)
     tmp.replace(out)
     return out
