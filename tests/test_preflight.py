@@ -17,7 +17,7 @@ from spmd_dp.prompting.options import sampling_kwargs
 from spmd_dp.prompting.prompts import PromptBuilder
 from spmd_dp.testing import echo_args, spmd, write_jsonl
 from tests.helpers import one_line
-from tests.vllm_jobs import PREFLIGHT, tokenizer_records
+from tests.vllm_jobs import PREFLIGHT, PREFLIGHT_SCALE, tokenizer_records
 
 LIMIT, MAX_TOKENS = 40, 8
 
@@ -168,16 +168,18 @@ def test_vllm_preflight_counts_what_the_engine_then_skips(vllm_runs):
     from spmd_dp.models.embedded import resolve_model
 
     run = vllm_runs["one_rank_b"]
-    assert PREFLIGHT["engine_options"]["max_model_len"] == 64 and PREFLIGHT["on_long_prompt"] == "skip"
+    limit, out = PREFLIGHT["engine_options"]["max_model_len"], PREFLIGHT["generation_options"]["max_tokens"]
+    assert PREFLIGHT["on_long_prompt"] == "skip"
     assert run.finished("pf"), run.tail()
     assert sorted(x.name for x in run.out.glob("pf.*")) == ["pf.preflight.json"]  # nothing else of node pf
     r = json.loads((run.out / "pf.preflight.json").read_text())
-    records = tokenizer_records()
+    records = tokenizer_records(PREFLIGHT_SCALE)
     tok = AutoTokenizer.from_pretrained(resolve_model("spmd-dp/tiny-llama"))
     truth = [true_tokens(tok, x) for x in records]
-    skipped = {records[i]["id"] for i, n in enumerate(truth) if n >= 64}
+    skipped = {records[i]["id"] for i, n in enumerate(truth) if n >= limit}
+    assert 10 < len(skipped) < 100  # the file crosses the limit
     assert r["context"]["actions"]["skipped"] == len(skipped) and r["context"]["not_fitting"] == \
-        sum(1 for n in truth if n + 16 > 64)
+        sum(1 for n in truth if n + out > limit)
     assert r["calibration"]["ranks"][0]["records"] > 0 and r["projection"]["generation_s"] > 0
     errors = run.rows("pfrun", "errors.jsonl")
     assert {e["key"] for e in errors} == skipped  # what vLLM's own renderer found too long

@@ -13,9 +13,9 @@ from spmd_dp.engines.quiet import KNOWN_HARMLESS
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(3600)]
 
 
-@pytest.mark.vllm("one_rank_a", "two_ranks")
+@pytest.mark.vllm("one_rank_b", "two_ranks")
 def test_two_ranks_equal_one_rank_greedy(vllm_runs):
-    one, two = vllm_runs["one_rank_a"], vllm_runs["two_ranks"]
+    one, two = vllm_runs["one_rank_b"], vllm_runs["two_ranks"]
     a, b = one.rows("one"), two.rows("two")
     assert [r["id"] for r in a] == [r["id"] for r in GREEDY] == [r["id"] for r in b]
     assert all(x["one"] for x in a), "every record got text"

@@ -102,13 +102,14 @@ PREFIX = dict(generation_options={"temperature": 0, "max_tokens": 4}, batch_size
 IMAGE_QUESTION = "What is in the picture?"
 
 
-def tokenizer_records() -> List[dict]:
-    """Preflight's records (tests/test_preflight.py): prompts, chats and token ids of 2..80 tokens and more."""
+def tokenizer_records(scale: int = 1) -> List[dict]:
+    """Preflight's records (tests/test_preflight.py): prompts, chats and token ids of 2..80 tokens and more (x scale:
+    a context of 64 tokens x scale cuts across them)."""
     rng = random.Random(7)
     words = ["rain", "über", "naïve", "日本語", "🙂", "x", "longerword", "a"]
     out = []
     for i in range(120):
-        n = rng.randint(2, 40)
+        n = rng.randint(2, 40) * scale
         if i % 5 == 0:
             out.append({"id": i, "messages": [{"role": "system", "content": "Be brief."},
                                               {"role": "user", "content": " ".join(rng.choices(words, k=n))}]})
@@ -119,9 +120,11 @@ def tokenizer_records() -> List[dict]:
     return out
 
 
-# preflight=true (node pf), then the same job (node pfrun): on_long_prompt=skip, max_model_len 64
-PREFLIGHT = dict(engine_options={"max_model_len": 64, "max_num_seqs": 8}, batch_size=8, on_long_prompt="skip",
+# preflight=true (node pf), then the same job (node pfrun): on_long_prompt=skip, on the TINY engine (max_model_len
+# 128) that node `one` starts before them, over tokenizer_records(PREFLIGHT_SCALE): some fit, some do not
+PREFLIGHT = dict(engine_options=TINY, batch_size=8, on_long_prompt="skip",
                  generation_options={"max_tokens": 16, "temperature": 0})
+PREFLIGHT_SCALE = MAX_MODEL_LEN // 64
 
 
 def image_node(folder: Path) -> dict:
@@ -200,10 +203,8 @@ def two_ranks(folder: Path) -> List[str]:
 
 
 def one_rank_a(folder: Path) -> List[str]:
-    """1 rank: the greedy records of `two` on the same engine; LoRA: both adapters mixed, then adapter a alone;
-    images on a tiny vision model."""
+    """1 rank: LoRA: both adapters mixed, then adapter a alone; images on a tiny vision model."""
     return workflow(folder, [
-        node(folder, "one", GREEDY, generation_options=GREEDY_24, batch_size=4, engine_options=TINY),
         node(folder, "lora_mixed", lora_records("mixed"), generation_options=LORA_GREEDY, batch_size=4,
              engine_options={**LORA_ENGINE, "lora_adapters": LORAS}),
         node(folder, "lora_a", lora_records("a"), generation_options=LORA_GREEDY, batch_size=4, lora_adapter="a",
@@ -213,8 +214,8 @@ def one_rank_a(folder: Path) -> List[str]:
 
 
 def one_rank_b(folder: Path) -> List[str]:
-    """1 rank: adapter b alone; classify, reward and score on the 1-label model; embed and score on the LM;
-    preflight=true, then the same job (the engine kept)."""
+    """1 rank: adapter b alone; classify, reward and score on the 1-label model; embed and score on the LM; then
+    one generate engine (TINY) for the greedy records of `two`, preflight=true, and the same job without it."""
     cls = [{"id": f"{t}{i}", "prompt": p, "task": t} for i, p in enumerate(PROMPTS) for t in ("classify", "reward")]
     cls += [{"id": f"score{i}", "prompt": PROMPTS[0], "document": d, "task": "score"} for i, d in enumerate(PROMPTS)]
     bi = [{"id": i, "prompt": PROMPTS[0], "document": d, "task": "score"} for i, d in enumerate(PROMPTS)]
@@ -225,8 +226,9 @@ def one_rank_b(folder: Path) -> List[str]:
         node(folder, "cls", cls, model_name="spmd-dp/tiny-llama-reward", task=["classify", "reward", "score"],
              batch_size=4),
         node(folder, "bi", bi, task=["embed", "score"], batch_size=4),
-        node(folder, "pf", tokenizer_records(), preflight={"enabled": True}, **PREFLIGHT),
-        node(folder, "pfrun", tokenizer_records(), **PREFLIGHT),
+        node(folder, "one", GREEDY, generation_options=GREEDY_24, batch_size=4, engine_options=TINY),
+        node(folder, "pf", tokenizer_records(PREFLIGHT_SCALE), preflight={"enabled": True}, **PREFLIGHT),
+        node(folder, "pfrun", tokenizer_records(PREFLIGHT_SCALE), **PREFLIGHT),
     ])
 
 
@@ -277,7 +279,8 @@ JOBS = {job.name: job for job in [
     Job("two_ranks", 2, two_ranks, during=kill_engine_core),
     Job("one_rank_a", None, one_rank_a),
     Job("one_rank_b", None, one_rank_b),
-    # seed 000's first example: one text_prompt node; the input comes from the command line
+    # seed 000's first example: one text_prompt node (data_parallel_size 2 in the file); the input comes from the
+    # command line
     Job("seed_single_node", 2, seed("seed_single_node.json", "input_data_path=dataset.jsonl",
                                     "engine_options.max_model_len=2048")),
     # seed 000's complete example: load -> parallel_generation (data_parallel_size 4 in the file: 2 ranks here)
