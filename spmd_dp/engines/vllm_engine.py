@@ -36,11 +36,6 @@ from spmd_dp.models.embedded import is_embedded, resolve_model
 
 POOLING_RUNNER = {"embed": "embed", "classify": "classify", "reward": "classify", "score": "auto"}  # -> convert
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's MaxLoRARanks
-# vLLM CPU 0.32's worker process does not exit when its EngineCore shuts down (nor on SIGTERM): vLLM waits its 5 s,
-# then kills both, at every close (measured: 5.0 s each, nothing in flight). spmd_dp closes an engine only when what
-# it generated is committed or will be generated again on resume, so a CPU engine gets 1 s. GPU engines keep vLLM's
-# own wait: they exit by themselves (measured on an H100: at once), and a GPU's teardown is worth its time.
-CPU_CLOSE_GRACE_S = 1.0
 
 
 def lora_rank(adapters: Dict[str, str]) -> int:
@@ -136,7 +131,6 @@ class VllmEngine:
         except Exception as e:  # vLLM raises many types at start (OOM, bad config, ...)
             raise EngineStartError(f"vLLM failed to start: {type(e).__name__}: {_first_line(e)}") from e
         self.engine = self.llm.llm_engine
-        self.close_grace_s = CPU_CLOSE_GRACE_S if device_slice.kind == "cpu" else None  # None: vLLM's own
         self.capacity = int(self.engine.vllm_config.scheduler_config.max_num_seqs)
         cache = self.engine.vllm_config.cache_config
         self.kv_tokens = int(cache.num_gpu_blocks * cache.block_size) if cache.num_gpu_blocks else None
@@ -338,7 +332,7 @@ class VllmEngine:
     def close(self) -> None:
         core = getattr(self.engine, "engine_core", None)
         if core is not None:
-            core.shutdown(**({} if self.close_grace_s is None else {"timeout": self.close_grace_s}))
+            core.shutdown()
 
 
 def float32_list(tensor) -> List[float]:
