@@ -20,7 +20,7 @@ from typing import Sequence
 from spmd_dp.config import RunConfig
 from spmd_dp.control.board import Board
 from spmd_dp.control.claims import Claims, make_batches
-from spmd_dp.control.comm import group as make_group, rendezvous, substore
+from spmd_dp.control.comm import make_group, rendezvous, substore
 from spmd_dp.control.drain import Drain
 from spmd_dp.control.messages import RankState, RankStats
 from spmd_dp.control.outbox import Outbox
@@ -123,7 +123,7 @@ def run_node(node: Node, world: World, store, keep_engine: bool) -> None:
         outbox = Outbox(Board(work, plan.rank, plan.world_size, plan.is_rank0), plan.rank)
         peers = Peers(plan.rank, plan.world_size, outbox, world.drain)
         control = ControlPlane(make_group(substore(store, "control"), plan.rank, plan.world_size, world.timeout,
-                                     plan.is_rank0, lazy=True),
+                                          plan.is_rank0, lazy=True),
                                outbox, peers, rank0.handle if rank0 else None, cfg.batch_timeout)
         control.start()
         engine = starting.result()

@@ -11,7 +11,7 @@ from datetime import timedelta
 import pytest
 import torch.distributed as dist
 
-from spmd_dp.control.comm import group, substore
+from spmd_dp.control.comm import make_group, substore
 from spmd_dp.control.local import LocalGroup, LocalStore
 from spmd_dp.testing import REPO, echo_args, make_records, read_jsonl, write_jsonl
 
@@ -54,7 +54,7 @@ def test_a_wait_ends_when_another_thread_sets_the_key(kind):
 
 
 def test_a_group_of_one_returns_what_it_gave():
-    g = group(LocalStore(), 0, 1, timedelta(seconds=1), is_rank0=True)
+    g = make_group(LocalStore(), 0, 1, timedelta(seconds=1), is_rank0=True)
     assert isinstance(g, LocalGroup) and (g.rank, g.world, g.is_rank0) == (0, 1, True)
     assert g.all_gather_ints([3, 4]) == [[3, 4]] and g.min(2.5) == 2.5
     assert g.broadcast_json({"a": [1]}) == {"a": [1]} and g.broadcast_bytes(None) == b"" == g.broadcast_bytes(b"")

@@ -32,7 +32,7 @@ def substore(store, prefix: str):
     return gloo.substore(store, prefix)
 
 
-def group(store, rank: int, world: int, timeout: timedelta, is_rank0: bool, lazy: bool = False):
+def make_group(store, rank: int, world: int, timeout: timedelta, is_rank0: bool, lazy: bool = False):
     """The world's ranks as one group over `store` (gloo.Group's calls; lazy: see there)."""
     if world == 1:
         return LocalGroup()

@@ -20,7 +20,7 @@ from datetime import timedelta
 import numpy as np
 
 from spmd_dp.control.claims import balanced_split
-from spmd_dp.control.comm import group as make_group, substore
+from spmd_dp.control.comm import make_group, substore
 from spmd_dp.control.messages import RankStats
 from spmd_dp.engines.starting import EngineStart
 from spmd_dp.errors import UsageError
