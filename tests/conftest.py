@@ -4,6 +4,7 @@ only, tests/helpers.py."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -19,25 +20,41 @@ def _in_xdist_worker(config) -> bool:
     return hasattr(config, "workerinput")  # pytest-xdist: `make test` runs the tests in worker processes
 
 
+def _group(item) -> Optional[str]:
+    """The xdist group of a test: the vLLM tests are one (one worker runs their shared runs and reads them while
+    the others take the rest), the Slurm tests another (one cluster); the tests of a module that share a
+    module-scoped fixture (most often one shared run, tests/echo_jobs.py) one per module, since a worker builds
+    such a fixture for itself: spread over 4 workers, a shared run of 16 ranks ran up to 4 times."""
+    for group in ("vllm", "slurm"):
+        if item.get_closest_marker(group) is not None:
+            return group
+    defs = item._fixtureinfo.name2fixturedefs  # every fixture the test uses, directly or through another
+    if any(d[-1].scope == "module" for d in defs.values() if d):
+        return item.module.__name__
+    return None
+
+
 def pytest_itemcollected(item):
-    """Under pytest-xdist (`-n 4 --dist loadgroup`) the vLLM tests are one group (one worker runs their shared runs
-    and reads them while the others take the rest), the Slurm tests another (one cluster). Here, as each test is
-    collected: xdist reads the groups in its own collection_modifyitems."""
+    """Under pytest-xdist (`-n 4 --dist loadgroup`) a test of a group runs in the worker that runs the group
+    (_group). Here, as each test is collected: xdist reads the groups in its own collection_modifyitems."""
     if _in_xdist_worker(item.config):
-        for group in ("vllm", "slurm"):
-            if item.get_closest_marker(group) is not None:
-                item.add_marker(pytest.mark.xdist_group(group))
+        group = _group(item)
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
 
 
 def pytest_collection_modifyitems(session, config, items):
     """One process alone: the vLLM tests last, their shared runs (tests/vllm_jobs.py) going on in the background
-    meanwhile. Under pytest-xdist: the vLLM tests first (their group starts at once)."""
+    meanwhile. Under pytest-xdist: the vLLM tests first (their group starts at once), then the other groups (a
+    group runs in one worker: started late, it would end late), then the rest."""
     worker = _in_xdist_worker(config)
-    def vllm_last(item) -> bool:
+    def order(item):
         is_vllm = item.get_closest_marker("vllm") is not None
-        return not is_vllm if worker else is_vllm
+        if not worker:
+            return is_vllm
+        return not is_vllm, _group(item) is None
 
-    items.sort(key=vllm_last)  # stable: the order within stays
+    items.sort(key=order)  # stable: the order within stays
 
 
 @pytest.fixture(scope="session", autouse=True)
