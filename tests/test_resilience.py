@@ -10,27 +10,40 @@ from pathlib import Path
 import pytest
 
 from spmd_dp.testing import (echo_args, expected_rows, journal_batches, launch, make_records, read_jsonl, spmd,
-                             wait_for_batches, worker_pids, write_jsonl)
+                             wait_for_batches, wait_until, worker_pids, write_jsonl)
 from tests.echo_jobs import echo_node, run_echo_workflow
 
 
 @pytest.mark.slow
 @pytest.mark.timing
-@pytest.mark.parametrize("victim_rank,kill_after", [(0, 2), (1, 8), (2, 4)], ids=["rank0", "rank1", "rank2"])
-def test_kill_9_a_rank_mid_run_and_torchrun_restarts_it(tmp_path, victim_rank, kill_after):
-    """Each rank of three, rank 0 (the writer) among them, killed once `kill_after` of the 40 batches are
-    committed: mid-run."""
+def test_kill_9_a_rank_mid_run_and_torchrun_restarts_it(tmp_path):
+    """Each rank of three killed in turn, rank 0 (the writer) first, once its group has committed 2 batches of its
+    own (mid-run: 40 batches in all): one run under --max-restarts=3 that torchrun restarts three times, each
+    group resuming from the journal the one before left."""
     records = make_records(240, words=6)
     inp = write_jsonl(tmp_path / "data" / "in.jsonl", records)
     args = echo_args(tmp_path, inp, "batch_size=6", "engine_options.echo_delay_s=0.01")
-    proc = launch(args, nproc=3, torchrun_args=["--max-restarts=1"])
-    wait_for_batches(tmp_path / "out" / "out.journal.jsonl", kill_after, proc)
-    pids = worker_pids(proc.pid)
-    assert victim_rank in pids, f"workers: {pids}"
-    os.kill(pids[victim_rank], signal.SIGKILL)
+    journal = tmp_path / "out" / "out.journal.jsonl"
+    proc = launch(args, nproc=3, torchrun_args=["--max-restarts=3"])
+    killed: set = set()  # every worker pid killed so far: the next victim is in the group torchrun started after
+    committed = 0  # batches in the journal when the last kill landed (the group killed may add one more)
+    for victim_rank in (0, 2, 1):
+        def ready() -> bool:
+            pids = worker_pids(proc.pid)
+            return len(pids) == 3 and not killed & set(pids.values()) and journal_batches(journal) >= committed + 2
+        assert wait_until(ready, 120, proc), f"rank {victim_rank}: {journal_batches(journal)} batches, " \
+                                             f"workers {worker_pids(proc.pid)}, torchrun exit {proc.poll()}"
+        pid = worker_pids(proc.pid)[victim_rank]
+        os.kill(pid, signal.SIGKILL)
+        killed.add(pid)
+        committed = journal_batches(journal) + 1
     out, _ = proc.communicate(timeout=240)
     assert proc.returncode == 0, out[-4000:]
-    assert "resuming:" in out  # the restarted group found the journal
+    assert out.count("resuming:") == 3, out[-4000:]  # each restarted group found the journal
+    # the survivors saw their peer go and left at once: torchrun never had to SIGKILL them after its 30 s (ranks
+    # 0 and 1 waited for a dead rank 2 when the pair it watched was never connected: gloo.Group.hello)
+    assert "forcefully exiting via 9" not in out, out[-4000:]
+    assert "rank 1 stops: rank 2 left without a word" in out, out[-4000:]
     assert read_jsonl(tmp_path / "out" / "out.jsonl") == expected_rows(records)
 
 

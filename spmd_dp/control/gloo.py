@@ -51,7 +51,7 @@ def substore(store, prefix: str):
 
 
 # tags of the point-to-point messages of the control group (spmd_dp/control/plane.py)
-HEADER, PAYLOAD, WATCH = 1, 2, 3
+HEADER, PAYLOAD, WATCH, HELLO = 1, 2, 3, 4
 LONG_WAIT = timedelta(days=30)  # a wait that ends when the peer speaks or its process is gone, not on a clock
 
 
@@ -117,6 +117,16 @@ class Group:
         src = work._source_rank()
         size, flags = header.tolist()
         return src, self.recv_bytes(size, src, PAYLOAD).result() if size else b"", flags
+
+    def hello(self, watcher: int, peer: int) -> None:
+        """Connect the ring before the watch: a lazy group connects a pair of ranks on its first message, and the
+        pair of a rank and the one it watches carries none until the goodbye. A watch on a pair never connected
+        does not see its peer's process go (kill -9 of rank 2 of 3 left ranks 0 and 1 waiting, 5 runs in 8), so
+        each rank says hello to its watcher and hears the hello of the rank it watches (bounded by the group's
+        timeout)."""
+        sent = self.pg.send([torch.zeros(1, dtype=torch.int64)], watcher, HELLO)
+        self.pg.recv([torch.empty(1, dtype=torch.int64)], peer, HELLO).wait()
+        sent.wait()
 
     def watch(self, peer: int) -> None:
         """Wait for `peer`'s goodbye; raises at once when its process is gone (gloo sees its connection close)."""

@@ -23,7 +23,8 @@ batch does not grow with the number of ranks (docs/scale.md: it did, with a per-
   all is committed, sets `end` on the board; each rank leaves when it reads it.
 - A rank that leaves: each rank watches the next one on a ring (r watches r + 1) with a receive that
   ends when that peer says goodbye at the end, or fails as soon as its process is gone (gloo sees the
-  connection close: kill -9, the OOM killer, a lost node). The watcher names it, with the reason the
+  connection close: kill -9, the OOM killer, a lost node). The control group connects a pair of ranks on
+  its first message, so the ring's pairs are connected first (a hello each way, Group.hello). The watcher names it, with the reason the
   peer left in the store if it left on an error of its own (`leaving`), on the board: every rank stops
   with that line. A rank leaving on its own error puts that line on the board itself and waits (bounded)
   until the others have read it before it exits: under torchrun its exit stops them. A send to rank 0
@@ -242,6 +243,7 @@ class ControlPlane(threading.Thread):
     def _watch_peer(self) -> None:
         """Wait for the next rank's goodbye; if its process goes first, name it on the board."""
         try:
+            self.group.hello((self.group.rank - 1) % self.group.world, self.peer)
             self.group.watch(self.peer)
         except BaseException as e:
             if self.ending:
