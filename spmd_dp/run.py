@@ -141,6 +141,8 @@ def run_node(node: Node, world: World, store, keep_engine: bool) -> None:
         if rank0:
             rank0.finish(world.drain, control.stats)
     except (Exception, KeyboardInterrupt) as e:
+        if starting is not None:
+            starting.abandon()  # nothing of the engine's start after this rank's error line
         if control is not None:
             control.leaving(e)  # for the other ranks to say why this one left
         if rank0:

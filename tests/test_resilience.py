@@ -25,18 +25,18 @@ def test_kill_9_a_rank_mid_run_and_torchrun_restarts_it(tmp_path):
     args = echo_args(tmp_path, inp, "batch_size=6", "engine_options.echo_delay_s=0.01")
     journal = tmp_path / "out" / "out.journal.jsonl"
     proc = launch(args, nproc=3, torchrun_args=["--max-restarts=3"])
-    killed: set = set()  # every worker pid killed so far: the next victim is in the group torchrun started after
-    committed = 0  # batches in the journal when the last kill landed (the group killed may add one more)
+    previous: set = set()  # the pids of the group killed last: the next victim is in the group torchrun starts next
     for victim_rank in (0, 2, 1):
-        def ready() -> bool:
+        def new_group() -> bool:
             pids = worker_pids(proc.pid)
-            return len(pids) == 3 and not killed & set(pids.values()) and journal_batches(journal) >= committed + 2
-        assert wait_until(ready, 120, proc), f"rank {victim_rank}: {journal_batches(journal)} batches, " \
-                                             f"workers {worker_pids(proc.pid)}, torchrun exit {proc.poll()}"
-        pid = worker_pids(proc.pid)[victim_rank]
-        os.kill(pid, signal.SIGKILL)
-        killed.add(pid)
-        committed = journal_batches(journal) + 1
+            return len(pids) == 3 and not previous & set(pids.values())
+        assert wait_until(new_group, 120, proc), f"rank {victim_rank}: no new group (torchrun exit {proc.poll()})"
+        start = journal_batches(journal)  # the group has resumed (and said so) once it commits batches of its own
+        assert wait_until(lambda: journal_batches(journal) >= start + 2, 120, proc), \
+            f"rank {victim_rank}: {journal_batches(journal)} batches (torchrun exit {proc.poll()})"
+        pids = worker_pids(proc.pid)
+        os.kill(pids[victim_rank], signal.SIGKILL)
+        previous = set(pids.values())
     out, _ = proc.communicate(timeout=240)
     assert proc.returncode == 0, out[-4000:]
     assert out.count("resuming:") == 3, out[-4000:]  # each restarted group found the journal

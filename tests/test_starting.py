@@ -1,6 +1,7 @@
 """The engine starting in a thread while the input is scanned (spmd_dp/engines/starting.py): the caller goes on while
 it starts, `result()` hands over the engine or the start's error in the caller's thread, and `stop()` ends an engine
-still starting, its processes included (in a process of its own: stop ends every process the caller started)."""
+still starting, its processes included (in a process of its own: stop ends every process the caller started), and
+`abandon()` (the rank stops on an error) ends it too, after which the start says nothing."""
 
 import json
 import subprocess
@@ -24,9 +25,9 @@ class Gate(EngineCache):
         super().__init__()
         self.gate = threading.Event()
 
-    def start(self, *args):
+    def start(self, *args, **kwargs):
         assert self.gate.wait(10)
-        return super().start(*args)
+        return super().start(*args, **kwargs)
 
 
 def test_the_caller_goes_on_while_the_engine_starts():
@@ -43,7 +44,7 @@ def test_the_caller_goes_on_while_the_engine_starts():
 
 def test_the_starts_error_is_raised_in_the_caller():
     class Broken(EngineCache):
-        def start(self, *args):
+        def start(self, *args, **kwargs):
             raise MemoryError("no room for the KV cache")
 
     start = EngineStart(Broken(), load_config([]), DeviceSlice("cpu", (), 1), 0, None, RankStats(0))
@@ -60,7 +61,7 @@ from spmd_dp.engines.starting import EngineStart
 from spmd_dp.launch.devices import DeviceSlice
 
 class Starting(EngineCache):  # as vLLM's start: an engine process, waited for
-    def start(self, *args):
+    def start(self, *args, **kwargs):
         self.proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
         self.code = self.proc.wait()
         raise RuntimeError("engine process exited during start")
@@ -81,3 +82,39 @@ def test_stop_ends_an_engine_still_starting():
     assert p.returncode == 0, p.stderr[-2000:]
     got = json.loads(p.stdout.splitlines()[-1])
     assert got == {"pid_left": False, "thread_alive": False}  # its process ended (SIGTERM), and so did the start
+
+
+ABANDON_WHILE_STARTING = r"""
+import subprocess, sys, threading, time
+from spmd_dp.config import load_config
+from spmd_dp.control.messages import RankStats
+from spmd_dp.engines.cache import EngineCache
+from spmd_dp.engines.starting import EngineStart
+from spmd_dp.launch.devices import DeviceSlice
+from spmd_dp.log import setup_logging
+
+setup_logging()
+class Slow(EngineCache):  # an engine process, then the echo engine's start (which logs 'Worker rank 0 is ready')
+    def start(self, *args, **kwargs):
+        self.proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        self.proc.wait()
+        return super().start(*args, **kwargs)
+
+cache = Slow()
+start = EngineStart(cache, load_config(["inference_engine=echo"]), DeviceSlice("cpu", (), 1), 0, None, RankStats(0))
+while not hasattr(cache, "proc"):
+    time.sleep(0.01)
+start.abandon()
+print("alive" if start._thread.is_alive() else "ended", file=sys.stderr, flush=True)
+print("spmd_dp: input error: the rank's last line", file=sys.stderr, flush=True)
+time.sleep(0.5)
+"""
+
+
+def test_abandon_ends_a_start_and_the_error_line_is_the_last():
+    p = subprocess.run([sys.executable, "-c", ABANDON_WHILE_STARTING], cwd=REPO, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    lines = p.stderr.strip().splitlines()
+    assert lines[-2:] == ["ended", "spmd_dp: input error: the rank's last line"], p.stderr[-2000:]
+    assert "is ready" not in p.stderr  # the start ran on after its process ended, and said nothing

@@ -6,7 +6,7 @@ import json
 import threading
 import time
 from dataclasses import asdict
-from typing import Optional
+from typing import Callable, Optional
 
 from spmd_dp.config import task_list
 from spmd_dp.engines import build_engine
@@ -28,10 +28,11 @@ class EngineCache:
         self.engine: Optional[SupervisedEngine] = None
         self.closing: Optional[threading.Thread] = None
 
-    def start(self, cfg, device, rank: int, kv_budget: Optional[float], stats) -> Optional[SupervisedEngine]:
+    def start(self, cfg, device, rank: int, kv_budget: Optional[float], stats,
+              quiet: Callable[[], bool] = lambda: False) -> Optional[SupervisedEngine]:
         """This rank's engine for the node (kept from the previous node when it is the same), supervised (a
         dead one is restarted on the slice), or None if it cannot start: the rank then stays in the control
-        plane with no work, and the others do its share."""
+        plane with no work, and the others do its share. quiet(): the rank has stopped meanwhile (say nothing)."""
         key = engine_key(cfg, device.ids)
         kept = self.engine is not None and self.key == key
         t0 = time.monotonic()
@@ -44,12 +45,14 @@ class EngineCache:
                 self.key = key
             except EngineStartError as e:
                 stats.engine_failed = str(e)
-                logger.error("engine failed to start on rank %d: %s; this rank takes no work", rank, e)
+                if not quiet():
+                    logger.error("engine failed to start on rank %d: %s; this rank takes no work", rank, e)
                 return None
             finally:
                 stats.engine_start_s = round(time.monotonic() - t0, 3)
-        logger.info("Worker rank %d is ready (engine %s in %.1fs)", rank, "kept" if kept else "started",
-                    stats.engine_start_s)
+        if not quiet():
+            logger.info("Worker rank %d is ready (engine %s in %.1fs)", rank, "kept" if kept else "started",
+                        stats.engine_start_s)
         self.engine.stall_s = cfg.batch_timeout
         return self.engine
 

@@ -4,7 +4,7 @@
 `result()` waits for it. When the node turns out to have nothing to run (its output is
 complete already), `stop()` ends an engine still starting: its processes are terminated
 (the thread's vLLM start then fails and the thread ends) and one already up is closed.
-On bad input the rank exits 2 and its exit path (spmd_dp/__main__.py) ends them the same way.
+On bad input `abandon()` ends a start still under way the same way, and the start logs nothing more.
 """
 
 from __future__ import annotations
@@ -24,13 +24,14 @@ class EngineStart:
         self.engines = engines
         self._engine: Optional[Engine] = None
         self._error: Optional[BaseException] = None
+        self.abandoned = False  # the rank stopped on an error: the start says nothing more
         self._thread = threading.Thread(target=self._run, args=(cfg, device, rank, kv_budget, stats),
                                         name="spmd_dp-engine-start", daemon=True)
         self._thread.start()
 
     def _run(self, cfg, device, rank, kv_budget, stats) -> None:
         try:
-            self._engine = self.engines.start(cfg, device, rank, kv_budget, stats)
+            self._engine = self.engines.start(cfg, device, rank, kv_budget, stats, quiet=lambda: self.abandoned)
         except BaseException as e:  # handed to result(), in the rank's main thread
             self._error = e
 
@@ -40,6 +41,15 @@ class EngineStart:
         if self._error is not None:
             raise self._error
         return self._engine
+
+    def abandon(self) -> None:
+        """The rank stops on an error (bad input found by the scan, ...): end a start still under way, bounded,
+        before the rank's error line, so that the line is the rank's last ("Worker rank 0 is ready" came after
+        it when the echo engine started as the scan failed)."""
+        self.abandoned = True
+        if self._thread.is_alive():
+            terminate_children()
+            self._thread.join(STOP_WAIT_S)
 
     def stop(self) -> None:
         """Nothing to run: end the engine, starting or started."""

@@ -109,6 +109,9 @@ def preflight_node(node: Node, world, store) -> None:
         atomic_write(node.output.paths.preflight, [json.dumps(report, indent=1).encode() + b"\n"])
         print(summary(report), flush=True)
         logger.info("preflight: wrote %s", node.output.paths.preflight)
+    except BaseException:
+        starting.abandon()  # nothing of the engine's start after this rank's error line
+        raise
     finally:
         scanners.close()
         if index is not None:
