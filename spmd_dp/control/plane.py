@@ -24,11 +24,11 @@ batch does not grow with the number of ranks (docs/scale.md: it did, with a per-
 - A rank that leaves: each rank watches the next one on a ring (r watches r + 1) with a receive that
   ends when that peer says goodbye at the end, or fails as soon as its process is gone (gloo sees the
   connection close: kill -9, the OOM killer, a lost node). The control group connects a pair of ranks on
-  its first message, so the ring's pairs are connected first (a hello each way, Group.hello). The watcher names it, with the reason the
-  peer left in the store if it left on an error of its own (`leaving`), on the board: every rank stops
-  with that line. A rank leaving on its own error puts that line on the board itself and waits (bounded)
-  until the others have read it before it exits: under torchrun its exit stops them. A send to rank 0
-  fails the same way when rank 0 is gone.
+  its first message, so the ring's pairs are connected first (a hello each way, Group.hello). The watcher
+  names it, with the reason the peer left in the store if it left on an error of its own (`leaving`), on
+  the board: every rank stops with that line. A rank leaving on its own error puts that line on the board
+  itself and waits (bounded) until the others have read it before it exits: under torchrun its exit stops
+  them. A send to rank 0 fails the same way when rank 0 is gone.
 - Last-resort watchdog of its rank: the generation loop bounds each engine step itself
   (spmd_dp/engines/supervisor.py), so a loop that has not gone round for `batch_timeout` +
   STUCK_GRACE_S is stuck elsewhere; the rank then fails, and if the loop does not react, the process
