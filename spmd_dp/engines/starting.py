@@ -4,7 +4,8 @@
 `result()` waits for it. When the node turns out to have nothing to run (its output is
 complete already), `stop()` ends an engine still starting: its processes are terminated
 (the thread's vLLM start then fails and the thread ends) and one already up is closed.
-On bad input `abandon()` ends a start still under way the same way, and the start logs nothing more.
+When the rank stops on an error, `abandon()` silences the start (it logs nothing more) and the rank's exit path
+(spmd_dp/__main__.py) ends its processes.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from spmd_dp.log import logger
 from spmd_dp.launch.procs import terminate_children
 
 STOP_WAIT_S = 60.0
+ABANDON_WAIT_S = 0.2
 
 
 class EngineStart:
@@ -43,13 +45,12 @@ class EngineStart:
         return self._engine
 
     def abandon(self) -> None:
-        """The rank stops on an error (bad input found by the scan, ...): end a start still under way, bounded,
-        before the rank's error line, so that the line is the rank's last ("Worker rank 0 is ready" came after
-        it when the echo engine started as the scan failed)."""
+        """The rank stops on an error (bad input found by the scan, ...): the start says nothing more, so the
+        rank's error line stays its last ("Worker rank 0 is ready" came after it when the echo engine started
+        as the scan failed). Not waited for beyond ABANDON_WAIT_S (a start that is just saying it is ready): the
+        rank exits at once, and its exit path (spmd_dp/__main__.py) ends the engine's processes."""
         self.abandoned = True
-        if self._thread.is_alive():
-            terminate_children()
-            self._thread.join(STOP_WAIT_S)
+        self._thread.join(ABANDON_WAIT_S)
 
     def stop(self) -> None:
         """Nothing to run: end the engine, starting or started."""
