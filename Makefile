@@ -16,7 +16,7 @@ run: setup
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(VENV)/bin/torchrun --nproc-per-node=$(NPROC) --rdzv-endpoint=localhost:0 \
 	    --rdzv-backend=c10d -m spmd_dp $(ARGS)
 
-# Every test: pure logic, config, real torchrun over gloo, real vLLM on CPU (11-12 min measured on 2 cores, 98 % busy: CPU-bound).
+# Every test: pure logic, config, real torchrun over gloo, real vLLM on CPU (about 10 min measured on 2 cores, CPU-bound).
 test: setup
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
