@@ -1,7 +1,7 @@
 """The engine starting in a thread while the input is scanned (spmd_dp/engines/starting.py): the caller goes on while
 it starts, `result()` hands over the engine or the start's error in the caller's thread, and `stop()` ends an engine
 still starting, its processes included (in a process of its own: stop ends every process the caller started), and
-`abandon()` (the rank stops on an error) ends it too, after which the start says nothing."""
+`abandon()` (the rank stops on an error) returns at once, after which the start says nothing."""
 
 import json
 import subprocess
